@@ -1,0 +1,186 @@
+"""``build_engines``: checkpoint in, engine directory out.
+
+A build exports every graph of the contract into a staging directory inside the
+target, gives each file a content-addressed name (``backbone_1-<sha12>.onnx``), moves
+the files in beside whatever an earlier build left there, and then replaces
+``manifest.json`` atomically — the single commit point. A build that dies before that
+leaves the previous build loadable and untouched; files of the previous build that
+the new manifest no longer names are removed only after the commit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ecar_export import checkpoint, export, presets
+from ecar_export.model import ECAR
+from runtime import manifest as manifest_io
+from runtime.errors import BackendUnavailableError, ECARError, InvalidRequestError, OutputError
+from runtime.fileio import sha256_file
+from runtime.graphs import graph_specs
+
+Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
+MAX_BATCH_LIMIT = 4096
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> tensorrt where TensorRT imports and a GPU is present, else onnxruntime."""
+    if backend == "onnxruntime":
+        return backend
+    if backend in ("tensorrt", "auto"):
+        if importlib.util.find_spec("tensorrt") is not None and _gpu_present():
+            return "tensorrt"
+        if backend == "tensorrt":
+            raise BackendUnavailableError(
+                "TensorRT is not available here (the 'tensorrt' package is not importable "
+                "or no NVIDIA GPU is visible); "
+                "install the 'tensorrt' extra on a GPU machine, or use --backend onnxruntime"
+            )
+        return "onnxruntime"
+    raise InvalidRequestError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
+
+
+def _gpu_present() -> bool:
+    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]:
+    """The model to build and the sha256 that identifies its weights."""
+    if isinstance(source, ECAR):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(source.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(source.config.to_json().encode())
+        return source.eval(), digest.hexdigest()
+    path = Path(source) if source is not None else presets.checkpoint_path(presets.DEMO)
+    model = checkpoint.load(path)
+    return model, sha256_file(path)
+
+
+def toolchain_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in ("ecar-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon", "polygraphy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["tensorrt"] = None
+    return versions
+
+
+def build_engines(
+    model_or_checkpoint_path: ECAR | str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] = "engines",
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    max_batch: int = 8,
+    fuse_flow_loop: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Export (and, for TensorRT, compile) every graph; returns the manifest's path."""
+    if precision not in manifest_io.PRECISIONS:
+        raise InvalidRequestError(f"unknown precision '{precision}': use fp32, fp16 or int8")
+    if precision != "fp32":
+        raise ECARError(f"precision '{precision}' is not yet supported by this version; build with --precision fp32")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise InvalidRequestError(f"--max-batch must be an integer in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
+    chosen = resolve_backend(backend)
+    if chosen == "tensorrt":
+        raise BackendUnavailableError(
+            "the TensorRT builder is not available in this version; use --backend onnxruntime"
+        )
+    model, weights_digest = load_model(model_or_checkpoint_path)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out '{out}' exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
+        ) from None
+    try:
+        graphs_data = _export_all(model, staging, out, precision, fuse_flow_loop, progress)
+        manifest = {
+            "format": manifest_io.FORMAT,
+            "format_version": manifest_io.FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "model": model.config.to_dict(),
+            "schedule": _schedule_summary(model),
+            "precision": precision,
+            "backend": chosen,
+            "fuse_flow_loop": fuse_flow_loop,
+            "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
+            "checkpoint_sha256": weights_digest,
+            "opset": export.OPSET,
+            "toolchain": toolchain_versions(),
+            "graphs": graphs_data,
+        }
+        previous = _previous_files(out)
+        path = manifest_io.write(out, manifest)
+        current = {entry["file"] for entry in graphs_data.values()}
+        for stale in previous - current:
+            (out / stale).unlink(missing_ok=True)
+        return path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_all(
+    model: ECAR, staging: Path, out: Path, precision: str, fused: bool, progress: Progress | None
+) -> dict[str, dict[str, object]]:
+    specs = graph_specs(model.config, fused)
+    result: dict[str, dict[str, object]] = {}
+    torch.set_grad_enabled(False)
+    for done, spec in enumerate(specs):
+        if progress:
+            progress(spec.name, done, len(specs))
+        temp = staging / f"{spec.name}.onnx"
+        export.export_graph(model, spec, temp)
+        digest = sha256_file(temp)
+        name = f"{spec.name}-{digest[:12]}.onnx"
+        os.replace(temp, out / name)
+        result[spec.name] = {
+            **spec.to_dict(),
+            "file": name,
+            "sha256": digest,
+            "precision": precision,
+            "builder": {
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "opset": export.OPSET,
+                "constant_folding": "polygraphy",
+                "cleanup": "onnx-graphsurgeon",
+            },
+        }
+    if progress:
+        progress("done", len(specs), len(specs))
+    return result
+
+
+def _previous_files(out: Path) -> set[str]:
+    try:
+        old = manifest_io.load(out, verify_files=False)
+    except ECARError:
+        return set()
+    return {entry.file for entry in old.graphs.values()} | {e.plan_file for e in old.graphs.values() if e.plan_file}
+
+
+def _schedule_summary(model: ECAR) -> dict[str, object]:
+    return {
+        "scales": list(model.config.scales),
+        "window_bounds": list(model.config.window_bounds),
+        "steps": list(model.config.steps),
+        "start_times": [st.t_start for st in model.stages],
+    }

@@ -1,0 +1,104 @@
+"""ECAR checkpoints: safetensors files with the model config in their metadata.
+
+Loading never unpickles anything: pickle and ``torch.save`` archives are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ecar_export.model import ECAR
+from runtime.config import ECARConfig
+from runtime.errors import CheckpointError, ConfigError
+from runtime.fileio import atomic_path
+
+FORMAT = "ecar-checkpoint"
+FORMAT_VERSION = "1"
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
+
+
+def save(model: ECAR, path: str | os.PathLike[str]) -> Path:
+    """Write the model's weights and config to ``path`` atomically."""
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    target = Path(path)
+    with atomic_path(target) as temp:
+        save_file(state, str(temp), metadata=metadata)
+    return target
+
+
+def read_config(path: str | os.PathLike[str]) -> ECARConfig:
+    """The config stored in a checkpoint, without loading its tensors."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
+    return _config_from(path, metadata)
+
+
+def load(path: str | os.PathLike[str]) -> ECAR:
+    """Build an :class:`ECAR` from a checkpoint, refusing anything that does not fit it exactly."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            config = _config_from(path, handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
+    model = ECAR(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"'{path}' lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"'{path}' holds unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all)")
+    for name, reference in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise CheckpointError(
+                f"'{path}': tensor '{name}' has shape {tuple(tensor.shape)}, the config needs {tuple(reference.shape)}"
+            )
+        if tensor.dtype != reference.dtype:
+            raise CheckpointError(f"'{path}': tensor '{name}' is {tensor.dtype}, expected {reference.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"'{path}': tensor '{name}' holds NaN or infinite values")
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist or is not a file; pass --checkpoint PATH to a .safetensors file"
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
+        raise CheckpointError(
+            f"'{path}' looks like a pickle / torch.save file; only safetensors checkpoints are accepted "
+            "(pickles can run arbitrary code, so they are never loaded)"
+        )
+    return path
+
+
+def _config_from(path: Path, metadata: dict[str, str]) -> ECARConfig:
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is a safetensors file but not an ECAR checkpoint (no '{FORMAT}' metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{path}' has checkpoint format version {metadata.get('format_version')!r}; "
+            f"this toolchain reads {FORMAT_VERSION}"
+        )
+    try:
+        return ECARConfig.from_json(metadata.get("config", ""))
+    except ConfigError as exc:
+        raise CheckpointError(f"'{path}' carries an invalid model config: {exc}") from None

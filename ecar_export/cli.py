@@ -1,0 +1,255 @@
+"""``ecar-export``: train the demo, evaluate models, sample grids (and, later, build engines)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar
+
+app = typer.Typer(
+    help="Export ECAR image generators: train the demo model, evaluate checkpoints, sample image grids.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _group(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    """Export ECAR image generators."""
+
+
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="ECAR .safetensors checkpoint (default: the bundled ecar-digits demo)."),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", help="A named preset instead of a checkpoint: ecar-digits, ecar-b, ecar-l, ecar-digits-s1."
+    ),
+]
+LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated class labels, e.g. 3,1,4.")]
+PerClassOpt = Annotated[int | None, typer.Option("--per-class", help="N samples of every class.")]
+SeedOpt = Annotated[int, typer.Option(help="Noise seed: sample i uses key (seed, i).")]
+CfgOpt = Annotated[float | None, typer.Option(help="Guidance weight (default: the model's cfg_scale).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _model(checkpoint: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
+    from ecar_export import checkpoint as ckpt
+    from ecar_export import presets
+    from runtime.errors import InvalidRequestError
+
+    if checkpoint is not None and preset is not None:
+        raise InvalidRequestError("--checkpoint and --preset exclude each other; give one of them")
+    if preset is not None:
+        return presets.load(preset)
+    return ckpt.load(checkpoint if checkpoint is not None else presets.checkpoint_path(presets.DEMO))
+
+
+@app.command("sample")
+@fail_on_ecar_errors
+def sample_cmd(
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    labels: LabelsOpt = None,
+    per_class: PerClassOpt = None,
+    seed: SeedOpt = 0,
+    cfg: CfgOpt = None,
+    out: Annotated[Path, typer.Option(help="Output directory for the PNGs.")] = Path("out"),
+) -> None:
+    """Sample with the torch reference model: grid.png (captioned by class) plus one PNG per sample."""
+    from runtime.images import to_uint8, write_outputs
+
+    model = _model(checkpoint, preset)
+    label_list = parse_labels(labels, per_class, model.config.num_classes)
+    result = model.sample(label_list, seed=seed, cfg=cfg)
+    grid, _ = write_outputs(to_uint8(result.images.numpy()), label_list, out)
+    sys.stdout.write(f"{grid}\n")
+
+
+@app.command("build")
+@fail_on_ecar_errors
+def build_cmd(
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8.")] = "fp32",
+    backend: Annotated[
+        str, typer.Option(help="auto (TensorRT where importable and a GPU is present) | onnxruntime | tensorrt.")
+    ] = "auto",
+    out: Annotated[Path, typer.Option(help="Engine directory to write (replaced atomically).")] = Path("engines"),
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.")] = 8,
+    fuse_flow_loop: Annotated[
+        bool, typer.Option("--fuse-flow-loop", help="Also export each stage's Euler loop unrolled into one graph.")
+    ] = False,
+) -> None:
+    """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
+    from ecar_export.build import build_engines, resolve_backend
+
+    model = _model(checkpoint, preset)
+    chosen = resolve_backend(backend)
+    console().print(f"backend: {chosen}" + (" (auto)" if backend == "auto" else ""))
+    with progress_bar() as bar:
+        task = bar.add_task("exporting", total=None)
+
+        def report(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"exporting {name}")
+
+        path = build_engines(
+            model,
+            out,
+            precision=precision,
+            backend=chosen,
+            max_batch=max_batch,
+            fuse_flow_loop=fuse_flow_loop,
+            progress=report,
+        )
+    sys.stdout.write(f"{path.parent}\n")
+    console().print(f"wrote {path}")
+
+
+@app.command("check")
+@fail_on_ecar_errors
+def check_cmd(
+    engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
+        "engines"
+    ),
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    batch: Annotated[int, typer.Option(help="Batch size of the random test inputs.")] = 2,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random inputs (default: fresh).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare every graph of a build with the torch model on fresh random inputs (polygraphy Comparator)."""
+    import json
+
+    from rich.table import Table
+
+    from ecar_export.check import check_build
+
+    model = _model(checkpoint, preset)
+    results, used_seed = check_build(engine_dir, model, batch=batch, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps({"seed": used_seed, "graphs": [vars(r) for r in results]}, indent=2) + "\n")
+    else:
+        table = Table(title=f"{engine_dir} vs torch (input seed {used_seed})")
+        for column in ("graph", "file", "sha256", "max abs", "cosine", "result"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(
+                r.graph,
+                r.file,
+                "ok" if r.sha_ok else "MISMATCH",
+                f"{r.max_abs:.3g}",
+                f"{r.cosine:.7f}",
+                "pass" if r.ok else f"FAIL{': ' + r.error if r.error else ''}",
+            )
+        Console(highlight=False).print(table)
+    failed = [r.graph for r in results if not r.ok]
+    if failed:
+        console().print(f"check failed for: {', '.join(failed)}")
+        raise SystemExit(1)
+
+
+@app.command("eval")
+@fail_on_ecar_errors
+def eval_cmd(
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    engine_dir: Annotated[
+        Path | None, typer.Option("--engine-dir", help="Evaluate a built engine directory instead of a checkpoint.")
+    ] = None,
+    per_class: Annotated[int, typer.Option("--per-class", help="Samples per class.")] = 50,
+    seed: SeedOpt = 0,
+    cfg: CfgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Class accuracy and Fréchet distance of generated digits (classifier trained on held-out real digits)."""
+    import json
+
+    from ecar_export.evaluate import evaluate
+
+    sampler, source = _eval_sampler(checkpoint, preset, engine_dir, cfg)
+    with progress_bar() as bar:
+        task = bar.add_task("sampling", total=per_class * 10)
+        result = evaluate(
+            sampler, per_class=per_class, seed=seed, progress=lambda done, total: bar.update(task, completed=done)
+        )
+    if as_json:
+        sys.stdout.write(json.dumps({"source": source, **result.to_dict()}, indent=2) + "\n")
+        return
+    Console(highlight=False).print(
+        f"{source}: {result.samples} samples\n"
+        f"  class accuracy     {100 * result.accuracy:.1f} %   (classifier on real training digits: "
+        f"{100 * result.classifier_accuracy_on_real:.1f} %)\n"
+        f"  Fréchet distance   {result.frechet_distance:.3f}   (real-data floor: {result.frechet_floor:.3f})"
+    )
+
+
+def _eval_sampler(checkpoint: Path | None, preset: str | None, engine_dir: Path | None, cfg: float | None):  # type: ignore[no-untyped-def]
+    from runtime.errors import InvalidRequestError
+
+    if engine_dir is not None:
+        if checkpoint is not None or preset is not None:
+            raise InvalidRequestError("--engine-dir excludes --checkpoint / --preset")
+        from runtime.pipeline import Pipeline
+
+        pipe = Pipeline.from_dir(engine_dir)
+
+        def run_engines(labels: list[int], seeds: list[int]):  # type: ignore[no-untyped-def]
+            return pipe.generate_many(labels, seed=seeds, cfg=cfg).images
+
+        return run_engines, f"engines {engine_dir} ({pipe.backend.name}, {pipe.manifest.precision})"
+    from runtime.images import to_uint8
+
+    model = _model(checkpoint, preset)
+
+    def run_torch(labels: list[int], seeds: list[int]):  # type: ignore[no-untyped-def]
+        return to_uint8(model.sample(labels, seed=seeds, cfg=cfg).images.numpy())
+
+    return run_torch, f"torch {checkpoint or preset or 'ecar-digits (bundled)'}"
+
+
+@app.command("train-demo")
+@fail_on_ecar_errors
+def train_demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the trained checkpoint.")] = Path(
+        "ecar-digits.safetensors"
+    ),
+    steps: Annotated[int, typer.Option(help="ECAR optimisation steps.")] = 1300,
+    tokenizer_steps: Annotated[int, typer.Option(help="Autoencoder optimisation steps.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice in training.")] = 0,
+) -> None:
+    """Train the ecar-digits demo (tokenizer, then ECAR) on scikit-learn's digits, deterministically."""
+    from ecar_export import checkpoint, presets
+    from ecar_export.train import TrainSettings, train_demo
+
+    settings = TrainSettings(seed=seed, steps=steps, tokenizer_steps=tokenizer_steps)
+    with progress_bar() as bar:
+        tasks = {
+            "tokenizer": bar.add_task("tokenizer", total=settings.tokenizer_steps),
+            "ecar": bar.add_task("ecar", total=settings.steps),
+        }
+
+        def report(phase: str, step: int, total: int, loss: float) -> None:
+            bar.update(tasks[phase], completed=step, description=f"{phase} loss {loss:.4f}")
+
+        model = train_demo(presets.architecture(presets.DEMO), settings, report)
+    checkpoint.save(model, out)
+    console().print(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The ECAR model: tokenizer + autoregressive backbone + per-token flow head (DESIGN §3).
+
+``stage_forward``, ``flow_step`` and ``decode_tokens`` are exactly the three graphs of
+DESIGN §4; the samplers below are written in terms of them, so the exported graphs
+and the torch reference cannot drift apart. All schedule arithmetic comes from
+:mod:`runtime.schedule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ecar_export.model.backbone import Backbone
+from ecar_export.model.flow_head import FlowHead
+from ecar_export.model.tokenizer import Tokenizer
+from runtime import graphs, schedule
+from runtime.config import ECARConfig
+from runtime.errors import InvalidRequestError
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # float [B, ch, H, W] in [0, 1]
+    latents: torch.Tensor  # float [B, N_S, C]: the final token grid (model scale), the decoder's input
+
+
+class ECAR(nn.Module):
+    def __init__(self, config: ECARConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = Tokenizer(config)
+        self.backbone = Backbone(config)
+        self.head = FlowHead(config)
+        self.stages = schedule.stages(config)
+        full = config.latent_size
+        for st in self.stages:
+            self.register_buffer(f"down_{st.index}", _f32(schedule.down_matrix(full, st.grid)), persistent=False)
+            if st.prev_grid is not None:
+                self.register_buffer(f"up_{st.index}", _f32(st.up()), persistent=False)
+                self.register_buffer(f"fresh_{st.index}", _f32(st.fresh()), persistent=False)
+
+    def _matrix(self, kind: str, stage: int) -> torch.Tensor:
+        matrix = getattr(self, f"{kind}_{stage}")
+        assert isinstance(matrix, torch.Tensor)
+        return matrix
+
+    # ------------------------------------------------------------ latent layout
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, ch, H, W] in [0, 1] -> scaled latent tokens [B, N_S, C]."""
+        latents = self.tokenizer.encode(images) * self.config.latent_scale
+        return latents.flatten(2).transpose(1, 2)
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ``decoder`` graph: tokens [B, N_S, C] -> images [B, ch, H, W] in [0, 1]."""
+        side, channels = self.config.latent_size, self.config.latent_channels
+        latents = tokens.transpose(1, 2).reshape(-1, channels, side, side)
+        return self.tokenizer.decode(latents * (1.0 / self.config.latent_scale))
+
+    # --------------------------------------------------------- exported graphs
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class conditioning of the 2B guidance rows: the labels, then the null class."""
+        null = torch.full_like(labels, self.config.null_class)
+        return self.backbone.class_embed(torch.cat([labels, null]))
+
+    def stage_forward(
+        self,
+        stage: int,
+        labels: torch.Tensor,
+        prev: torch.Tensor | None,
+        noise: torch.Tensor,
+        past: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``backbone_s`` graph: -> z [2B, N_s, D], start state x = P_s [B, N_s, C], present KV."""
+        st = self.stages[stage]
+        cond = self.condition(labels)
+        if prev is None:
+            z, present = self.backbone.forward_stage(stage, cond, None, None)
+            return z, noise, present
+        up, fresh = self._matrix("up", stage), self._matrix("fresh", stage)
+        start = schedule.renoise(prev, noise, up, fresh, st.factor, st.tau_prev)
+        upsampled = up @ prev
+        z, present = self.backbone.forward_stage(stage, cond, torch.cat([upsampled, upsampled]), past)
+        return z, start, present
+
+    def flow_step(
+        self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``flow_step`` graph: x [M, C], z [2M, D] (cond rows, then uncond) -> x after one Euler step."""
+        u = self.head(torch.cat([x, x]), z, t).reshape(2, -1, x.shape[-1])
+        return schedule.euler_step(x, schedule.guide(u[0], u[1], cfg), dt)
+
+    # ---------------------------------------------------------------- training
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, head_repeats: int = 4) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.encode_tokens(images)
+        return self.training_loss_tokens(tokens, labels, head_repeats)
+
+    def training_loss_tokens(self, tokens: torch.Tensor, labels: torch.Tensor, head_repeats: int = 4) -> torch.Tensor:
+        """Flow-matching loss of all stages in one block-causal sequence (teacher forcing)."""
+        rows = tokens.shape[0]
+        drop = torch.rand(rows) < self.config.class_dropout
+        cond = self.backbone.class_embed(torch.where(drop, self.config.null_class, labels))
+        starts: list[torch.Tensor] = []
+        ends: list[torch.Tensor] = []
+        upsampled: list[torch.Tensor | None] = []
+        eps: torch.Tensor | None = None
+        clean_prev: torch.Tensor | None = None
+        for st in self.stages:
+            clean = self._matrix("down", st.index) @ tokens
+            eta = torch.randn_like(clean)
+            if eps is None or clean_prev is None:
+                eps, up = eta, None
+                upsampled.append(None)
+                starts.append(schedule.start_state(None, eps, None, st.t_start))
+            else:
+                up = self._matrix("up", st.index)
+                eps = schedule.chain_noise(eps, eta, up, self._matrix("fresh", st.index), st.factor)
+                upsampled.append(up @ ends[-1])
+                starts.append(schedule.start_state(clean_prev, eps, up, st.t_start))
+            ends.append(schedule.end_state(clean, eps, st.tau))
+            clean_prev = clean
+        z = self.backbone.forward_prefix(cond, upsampled)
+        losses = []
+        for st, start, end in zip(self.stages, starts, ends):
+            lo, hi = self.backbone.offsets[st.index], self.backbone.offsets[st.index + 1]
+            lam = torch.rand(head_repeats, rows, 1, 1)
+            x_t = schedule.interpolate(start, end, lam)  # [R, B, N_s, C]
+            t = st.t_start - lam * (st.t_start - st.tau)
+            target = schedule.velocity(start, end, st.t_start, st.tau).expand_as(x_t)
+            z_s = z[:, lo:hi].expand(head_repeats, -1, -1, -1)
+            u = self.head(
+                x_t.reshape(-1, x_t.shape[-1]),
+                z_s.reshape(-1, z_s.shape[-1]),
+                t.expand(-1, -1, hi - lo, 1).reshape(-1),
+            )
+            losses.append(torch.mean((u - target.reshape(u.shape)) ** 2))
+        return torch.stack(losses).mean()
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        seed: int | Sequence[int] = 0,
+        cfg: float | None = None,
+        use_cache: bool = True,
+    ) -> SampleResult:
+        """Generate images; noise per sample from :func:`runtime.schedule.draw_noise`.
+
+        ``use_cache=False`` recomputes the whole prefix under the block-causal mask at
+        every stage instead of using the KV cache (a slow path that proves the fast one).
+        """
+        label_tensor = self._check_labels(labels)
+        rows = label_tensor.shape[0]
+        noise = schedule.draw_noise(self.config, schedule.noise_keys(seed, rows))
+        weights = schedule.cfg_weights(self.config, cfg)
+        channels, width = self.config.latent_channels, self.config.width
+        past: torch.Tensor | None = None
+        prev: torch.Tensor | None = None
+        ends: list[torch.Tensor] = []
+        for st in self.stages:
+            eta = torch.from_numpy(noise[st.index])
+            if use_cache:
+                z, x, past = self.stage_forward(st.index, label_tensor, prev, eta, past)
+            else:
+                z, x = self._stage_forward_uncached(st.index, label_tensor, ends, eta)
+            flat_x, flat_z = x.reshape(-1, channels), z.reshape(-1, width)
+            cfg_t = torch.tensor([weights[st.index]], dtype=torch.float32)
+            for t, dt in graphs.stage_times(self.config, st.index + 1):
+                flat_x = self.flow_step(flat_x, flat_z, _scalar(t), _scalar(dt), cfg_t)
+            prev = flat_x.reshape(rows, st.tokens, channels)
+            ends.append(prev)
+        assert prev is not None
+        return SampleResult(images=self.decode_tokens(prev), latents=prev)
+
+    def _stage_forward_uncached(
+        self, stage: int, labels: torch.Tensor, ends: list[torch.Tensor], noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self.condition(labels)
+        upsampled: list[torch.Tensor | None] = [None]
+        for s in range(1, stage + 1):
+            up = self._matrix("up", s) @ ends[s - 1]
+            upsampled.append(torch.cat([up, up]))
+        lo = self.backbone.offsets[stage]
+        z = self.backbone.forward_prefix(cond, upsampled)[:, lo:]
+        if stage == 0:
+            return z, noise
+        st = self.stages[stage]
+        start = schedule.renoise(
+            ends[-1], noise, self._matrix("up", stage), self._matrix("fresh", stage), st.factor, st.tau_prev
+        )
+        return z, start
+
+    def _check_labels(self, labels: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else list(labels)
+        if not values:
+            raise InvalidRequestError("labels must not be empty")
+        for value in values:
+            if (
+                isinstance(value, (bool, np.bool_))
+                or not isinstance(value, (int, np.integer))
+                or not 0 <= value < self.config.num_classes
+            ):
+                raise InvalidRequestError(
+                    f"label {value!r} is invalid: labels are integers in [0, {self.config.num_classes - 1}]"
+                )
+        return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
+def _f32(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float32)

@@ -1,0 +1,96 @@
+"""Named model presets: the bundled trained demo and random-initialised paper-scale architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.config import ECARConfig
+from runtime.errors import ConfigError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEMO = "ecar-digits"
+
+_CONFIGS: dict[str, ECARConfig] = {
+    # Trained demo: 16×16 grey digits, conv tokenizer to 8×8×4 latents, four stages.
+    "ecar-digits": ECARConfig(),
+    # The DiT-style single-stage baseline of the demo: one window [1, 0] at full resolution,
+    # the same total number of flow steps (16).
+    "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,)),
+    # Paper-scale architectures (random init, for export and benchmarks): 256×256 RGB,
+    # 16×16×16 latents, scales 1, 2, 4, 8, 16.
+    "ecar-b": ECARConfig(
+        name="ecar-b",
+        image_size=256,
+        image_channels=3,
+        latent_size=16,
+        latent_channels=16,
+        tokenizer_width=64,
+        scales=(1, 2, 4, 8, 16),
+        steps=(4, 4, 4, 4, 4),
+        width=768,
+        depth=12,
+        heads=12,
+        head_width=768,
+        head_depth=6,
+        num_classes=1000,
+        cfg_scale=4.0,
+    ),
+    "ecar-l": ECARConfig(
+        name="ecar-l",
+        image_size=256,
+        image_channels=3,
+        latent_size=16,
+        latent_channels=16,
+        tokenizer_width=64,
+        scales=(1, 2, 4, 8, 16),
+        steps=(4, 4, 4, 4, 4),
+        width=1024,
+        depth=24,
+        heads=16,
+        head_width=1024,
+        head_depth=8,
+        num_classes=1000,
+        cfg_scale=4.0,
+    ),
+}
+TRAINED = {DEMO: WEIGHTS_DIR / f"{DEMO}.safetensors"}
+
+
+def names() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+def architecture(name: str) -> ECARConfig:
+    """The preset's config as written here, before training (latent_scale still 1)."""
+    try:
+        return _CONFIGS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(names())}") from None
+
+
+def config(name: str) -> ECARConfig:
+    """The config of any preset; for a trained preset, the one stored with its weights."""
+    if name in TRAINED and TRAINED[name].is_file():
+        from ecar_export import checkpoint
+
+        return checkpoint.read_config(TRAINED[name])
+    return architecture(name)
+
+
+def checkpoint_path(name: str) -> Path:
+    if name not in TRAINED:
+        raise ConfigError(f"preset '{name}' has no trained weights; trained presets: {', '.join(TRAINED)}")
+    return TRAINED[name]
+
+
+def load(name: str):  # type: ignore[no-untyped-def]
+    """A preset as a model: trained weights where the preset has them, a seeded random init otherwise."""
+    import torch
+
+    from ecar_export import checkpoint
+    from ecar_export.model import ECAR
+
+    if name in TRAINED:
+        return checkpoint.load(checkpoint_path(name))
+    torch.manual_seed(0)
+    return ECAR(config(name)).eval()

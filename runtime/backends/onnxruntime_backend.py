@@ -1,0 +1,82 @@
+"""ONNX Runtime backend: one InferenceSession per graph, created once and shared by all threads.
+
+CPUExecutionProvider by default; with ``device="cuda"`` (or ``"auto"`` where
+onnxruntime-gpu is installed) the CUDA / TensorRT execution providers. ORT silently
+falls back to the CPU when a GPU provider cannot start, so the providers a session
+actually uses are checked, not the ones requested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import BackendUnavailableError, EngineError
+from runtime.manifest import Manifest
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+        raise BackendUnavailableError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+    return onnxruntime
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for ``device`` in {"cpu", "cuda", "auto"}."""
+    available = _ort().get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("cuda", "auto"):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if device == "cuda":
+            raise BackendUnavailableError(
+                "ONNX Runtime has no CUDAExecutionProvider here: install the 'gpu' extra (onnxruntime-gpu, "
+                "in place of onnxruntime) on a machine with an NVIDIA GPU, or use device 'cpu'"
+            )
+        return ["CPUExecutionProvider"]
+    raise BackendUnavailableError(f"unknown ONNX Runtime device '{device}': use cpu, cuda or auto")
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+        ort = _ort()
+        providers = choose_providers(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions: dict[str, Any] = {}
+        self.output_names: dict[str, list[str]] = {}
+        for name, entry in manifest.graphs.items():
+            path = manifest.path(entry.file)
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as exc:  # ORT raises its own exception types for bad models
+                raise EngineError(f"ONNX Runtime cannot load graph '{name}' from '{path}': {exc}") from None
+            used = session.get_providers()
+            if used[0] != providers[0]:
+                raise BackendUnavailableError(
+                    f"ONNX Runtime fell back to {used[0]} for graph '{name}' although {providers[0]} was requested; "
+                    "check the CUDA / cuDNN installation or use device 'cpu'"
+                )
+            self.sessions[name] = session
+            self.output_names[name] = entry.spec.output_names()
+        self.providers = providers
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(self.sessions[graph].run(self.output_names[graph], feeds))
+        except KeyError:
+            raise EngineError(f"this build has no graph '{graph}'") from None
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "providers": self.providers, "onnxruntime": _ort().__version__}

@@ -1,0 +1,199 @@
+"""The model configuration: every architectural and sampling choice of an ECAR model.
+
+The config travels with the weights (checkpoint metadata) and with the engines
+(manifest), so it is plain data: a frozen dataclass with a JSON round trip and a
+validation that names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.errors import ConfigError
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class ECARConfig:
+    """Architecture, latent layout and sampling schedule of one ECAR model.
+
+    Defaults describe the bundled ``ecar-digits`` demo model.
+    """
+
+    name: str = "ecar-digits"
+    # images and the tokenizer (a small convolutional autoencoder)
+    image_size: int = 16
+    image_channels: int = 1
+    latent_size: int = 8
+    latent_channels: int = 4
+    latent_scale: float = 1.0
+    tokenizer_width: int = 32
+    # stages: token grid side per stage, window boundaries tau_0 = 1 > ... > tau_S = 0, Euler steps
+    scales: tuple[int, ...] = (1, 2, 4, 8)
+    window_bounds: tuple[float, ...] = ()
+    steps: tuple[int, ...] = (4, 4, 4, 4)
+    # autoregressive backbone
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # per-token flow head
+    head_width: int = 128
+    head_depth: int = 3
+    # conditioning and guidance
+    num_classes: int = 10
+    cfg_scale: float = 2.0
+    cfg_schedule: str = "constant"
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("scales", "window_bounds", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if not self.window_bounds and isinstance(self.scales, tuple) and self.scales:
+            count = len(self.scales)
+            object.__setattr__(self, "window_bounds", tuple(1.0 - s / count for s in range(count + 1)))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_stages(self) -> int:
+        return len(self.scales)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def tokens_per_stage(self) -> tuple[int, ...]:
+        return tuple(r * r for r in self.scales)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens_per_stage)
+
+    @property
+    def tokenizer_factor(self) -> int:
+        return self.image_size // self.latent_size
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise bad("name", "must be a non-empty string")
+        positive_ints = (
+            "image_size",
+            "image_channels",
+            "latent_size",
+            "latent_channels",
+            "tokenizer_width",
+            "width",
+            "depth",
+            "heads",
+            "head_width",
+            "head_depth",
+            "num_classes",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "must be a positive integer")
+        if self.image_channels not in (1, 3):
+            raise bad("image_channels", "must be 1 (grey) or 3 (RGB)")
+        factor, rest = divmod(self.image_size, self.latent_size)
+        if rest or factor < 1 or factor & (factor - 1):
+            raise bad("latent_size", "image_size / latent_size must be a power of two (1, 2, 4, ...)")
+        for name in ("latent_scale", "mlp_ratio", "cfg_scale", "class_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.latent_scale <= 0:
+            raise bad("latent_scale", "must be positive")
+        if self.mlp_ratio <= 0:
+            raise bad("mlp_ratio", "must be positive")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise bad("class_dropout", "must lie in [0, 1)")
+        if self.width % self.heads:
+            raise bad("heads", f"must divide width ({self.width})")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise bad("cfg_schedule", f"must be one of {', '.join(CFG_SCHEDULES)}")
+        self._validate_stages()
+
+    def _validate_stages(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        scales, bounds, steps = self.scales, self.window_bounds, self.steps
+        if not isinstance(scales, tuple) or not scales:
+            raise bad("scales", "must be a non-empty list of token-grid sides")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in scales):
+            raise bad("scales", "every scale must be a positive integer")
+        for previous, current in zip(scales, scales[1:]):
+            if current <= previous or current % previous:
+                raise bad("scales", "each scale must be a larger integer multiple of the one before")
+        if scales[-1] != self.latent_size:
+            raise bad("scales", f"the last scale must equal latent_size ({self.latent_size})")
+        if not isinstance(bounds, tuple) or len(bounds) != len(scales) + 1:
+            raise bad("window_bounds", f"needs {len(scales) + 1} values (one more than stages)")
+        if any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) for b in bounds):
+            raise bad("window_bounds", "every bound must be a finite number")
+        if bounds[0] != 1.0 or bounds[-1] != 0.0:
+            raise bad("window_bounds", "must start at 1.0 (noise) and end at 0.0 (data)")
+        if any(later >= earlier for earlier, later in zip(bounds, bounds[1:])):
+            raise bad("window_bounds", "must be strictly decreasing")
+        if not isinstance(steps, tuple) or len(steps) != len(scales):
+            raise bad("steps", f"needs one Euler step count per stage ({len(scales)})")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
+            raise bad("steps", "every stage needs a positive integer number of steps")
+
+    # ---------------------------------------------------------------- JSON I/O
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("scales", "window_bounds", "steps"):
+            data[name] = list(data[name])
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ECARConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        values = dict(data)
+        for name in ("scales", "window_bounds", "steps"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ECARConfig:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"model config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ECARConfig:
+        """A copy with ``changes``; new scales without new window_bounds get the uniform default."""
+        if "scales" in changes and "window_bounds" not in changes:
+            changes["window_bounds"] = ()
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,41 @@
+"""One exception hierarchy for the whole toolchain.
+
+Every error a user can cause (a wrong path, a corrupt file, a bad argument) is an
+:class:`ECARError`; the CLIs turn these into a one-paragraph message and a non-zero
+exit code instead of a traceback. Errors in a caller's arguments are also
+``ValueError``s so that plain Python callers can catch them the usual way.
+"""
+
+from __future__ import annotations
+
+
+class ECARError(Exception):
+    """Base class of every error the toolchain reports to its user."""
+
+
+class ConfigError(ECARError, ValueError):
+    """A model configuration field is invalid; the message names the field."""
+
+
+class CheckpointError(ECARError):
+    """A checkpoint file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class ManifestError(ECARError):
+    """An engine directory's manifest is missing, malformed or does not match its files."""
+
+
+class EngineError(ECARError):
+    """A graph or engine file cannot be loaded or run."""
+
+
+class BackendUnavailableError(ECARError):
+    """The requested inference backend is not installed or has no usable device."""
+
+
+class InvalidRequestError(ECARError, ValueError):
+    """Arguments of a generate call (labels, seeds, cfg, batch size) are invalid."""
+
+
+class OutputError(ECARError):
+    """Results could not be written where the user asked."""

@@ -1,0 +1,225 @@
+"""``Pipeline``: chain the stage graphs and drive the flow head's Euler loop (DESIGN §5).
+
+The pipeline holds no per-request state, so one instance serves any number of
+threads; backends create their sessions once, at load time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime import manifest as manifest_io
+from runtime import schedule
+from runtime.backends import Backend
+from runtime.errors import BackendUnavailableError, InvalidRequestError
+from runtime.graphs import stage_times
+from runtime.images import to_uint8
+from runtime.manifest import Manifest
+
+StageCallback = Callable[[int, int], None]  # (stages done, stages in all)
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, per graph, in backend calls, and for the whole request."""
+
+    stages: list[float] = field(default_factory=list)
+    graphs: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    decoder: float = 0.0
+    total: float = 0.0
+
+    @property
+    def backend(self) -> float:
+        return float(sum(self.graphs.values()))
+
+    @property
+    def overhead(self) -> float:
+        """Wall time outside backend calls (noise, reshapes, bookkeeping)."""
+        return max(0.0, self.total - self.backend)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "total_s": self.total,
+            "backend_s": self.backend,
+            "overhead_s": self.overhead,
+            "stages_s": list(self.stages),
+            "decoder_s": self.decoder,
+            "graphs_s": dict(self.graphs),
+            "graph_calls": dict(self.calls),
+        }
+
+
+@dataclass
+class GenerateResult:
+    images: np.ndarray  # uint8 [B, H, W, ch]
+    latents: np.ndarray  # float32 [B, N_S, C], the decoder's input
+    timings: Timings
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self.manifest = manifest
+        self.config = manifest.config
+        self.backend = backend
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto") -> Pipeline:
+        """Load an engine directory. ``backend``: "onnxruntime", "tensorrt" or "auto".
+
+        "auto" takes TensorRT plans where the build has them and TensorRT can run here,
+        else ONNX Runtime (on CUDA where onnxruntime-gpu is installed, else on the CPU).
+        """
+        manifest = manifest_io.load(path)
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise BackendUnavailableError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
+        if backend == "tensorrt" or (backend == "auto" and manifest.backend == "tensorrt" and _tensorrt_usable()):
+            if manifest.backend != "tensorrt":
+                raise BackendUnavailableError(
+                    f"'{path}' holds no TensorRT plans (built for {manifest.backend}); "
+                    "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
+                )
+            raise BackendUnavailableError("the TensorRT runtime backend is not available in this version")
+        from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return cls(manifest, OnnxRuntimeBackend(manifest, device=device))
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest.max_batch
+
+    # ------------------------------------------------------------------ API
+    def generate(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        seed: int | Sequence[int] = 0,
+        cfg: float | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> GenerateResult:
+        """Generate one batch (at most ``max_batch`` samples)."""
+        label_array = self._check_labels(labels)
+        if len(label_array) > self.max_batch:
+            raise InvalidRequestError(
+                f"batch of {len(label_array)} exceeds this build's profile (max batch {self.max_batch}); "
+                "split the request or rebuild with a larger --max-batch"
+            )
+        keys = schedule.noise_keys(seed, len(label_array))
+        return self._run(label_array, keys, cfg, on_stage)
+
+    def generate_many(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        seed: int | Sequence[int] = 0,
+        cfg: float | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> GenerateResult:
+        """Any number of samples, run in batches of ``max_batch``; images equal one big ``generate``."""
+        label_array = self._check_labels(labels)
+        keys = schedule.noise_keys(seed, len(label_array))
+        results = []
+        for start in range(0, len(label_array), self.max_batch):
+            stop = start + self.max_batch
+            results.append(self._run(label_array[start:stop], keys[start:stop], cfg, None))
+            if on_batch:
+                on_batch(min(stop, len(label_array)), len(label_array))
+        timings = Timings()
+        for result in results:
+            timings.total += result.timings.total
+            timings.decoder += result.timings.decoder
+            for name, seconds in result.timings.graphs.items():
+                timings.graphs[name] += seconds
+                timings.calls[name] += result.timings.calls[name]
+            for index, seconds in enumerate(result.timings.stages):
+                if index < len(timings.stages):
+                    timings.stages[index] += seconds
+                else:
+                    timings.stages.append(seconds)
+        return GenerateResult(
+            np.concatenate([r.images for r in results]), np.concatenate([r.latents for r in results]), timings
+        )
+
+    # ------------------------------------------------------------- internals
+    def _check_labels(self, labels: Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(labels, (str, bytes)):
+            raise InvalidRequestError(f"labels must be a list of integers, got {labels!r}")
+        values = list(labels.tolist() if isinstance(labels, np.ndarray) else labels)
+        if not values:
+            raise InvalidRequestError("labels must not be empty; give at least one class label")
+        classes = self.config.num_classes
+        for value in values:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidRequestError(
+                    f"label {value!r} is not an integer; labels are integers in [0, {classes - 1}]"
+                )
+            if not 0 <= int(value) < classes:
+                raise InvalidRequestError(
+                    f"label {int(value)} is out of range; this model knows classes 0..{classes - 1}"
+                )
+        return np.asarray(values, dtype=np.int64)
+
+    def _call(self, timings: Timings, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        outputs = self.backend.run(graph, feeds)
+        timings.graphs[graph] += time.perf_counter() - start
+        timings.calls[graph] += 1
+        return outputs
+
+    def _run(
+        self,
+        labels: np.ndarray,
+        keys: list[tuple[int, int]],
+        cfg: float | None,
+        on_stage: StageCallback | None,
+    ) -> GenerateResult:
+        begin = time.perf_counter()
+        timings = Timings()
+        config = self.config
+        weights = schedule.cfg_weights(config, cfg)
+        noise = schedule.draw_noise(config, keys)
+        rows, channels, width = len(labels), config.latent_channels, config.width
+        prev: np.ndarray | None = None
+        past: np.ndarray | None = None
+        for index, tokens in enumerate(config.tokens_per_stage):
+            stage_begin = time.perf_counter()
+            stage = index + 1
+            feeds = {"labels": labels, "noise": noise[index]}
+            if prev is not None and past is not None:
+                feeds["prev"], feeds["past_kv"] = prev, past
+            z, x, past = self._call(timings, f"backbone_{stage}", feeds)
+            flat_x, flat_z = x.reshape(rows * tokens, channels), z.reshape(2 * rows * tokens, width)
+            cfg_in = np.array([weights[index]], dtype=np.float32)
+            if self.manifest.fuse_flow_loop:
+                (flat_x,) = self._call(timings, f"flow_loop_{stage}", {"x": flat_x, "z": flat_z, "cfg": cfg_in})
+            else:
+                for t, dt in stage_times(config, stage):
+                    feeds = {
+                        "x": flat_x,
+                        "z": flat_z,
+                        "t": np.array([t], np.float32),
+                        "dt": np.array([dt], np.float32),
+                        "cfg": cfg_in,
+                    }
+                    (flat_x,) = self._call(timings, "flow_step", feeds)
+            prev = flat_x.reshape(rows, tokens, channels)
+            timings.stages.append(time.perf_counter() - stage_begin)
+            if on_stage:
+                on_stage(stage, config.num_stages)
+        assert prev is not None
+        decode_begin = time.perf_counter()
+        (image,) = self._call(timings, "decoder", {"x": prev})
+        images = to_uint8(image)
+        timings.decoder = time.perf_counter() - decode_begin
+        timings.total = time.perf_counter() - begin
+        return GenerateResult(images, prev, timings)
+
+
+def _tensorrt_usable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None

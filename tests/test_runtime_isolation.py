@@ -1,0 +1,88 @@
+"""DESIGN §2: ``runtime`` never imports torch. Checked in fresh interpreters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_importing_runtime_does_not_import_torch() -> None:
+    result = run_python(
+        """
+        import sys
+        import runtime, runtime.schedule, runtime.config, runtime.errors
+        assert runtime.schedule.draw_noise is not None
+        loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+        print("TORCH_MODULES", loaded)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TORCH_MODULES []" in result.stdout, result.stdout
+
+
+def test_check_detects_torch_when_it_is_imported() -> None:
+    # the probe above can fail: the same probe after importing the torch side reports torch
+    result = run_python(
+        """
+        import sys
+        import runtime, ecar_export.model
+        print("TORCH_MODULES", "torch" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TORCH_MODULES True" in result.stdout, result.stdout
+
+
+def test_runtime_works_with_torch_blocked() -> None:
+    result = run_python(
+        """
+        import importlib.abc
+        import sys
+
+        class BlockTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError(f"torch is blocked in this test ({name})")
+                return None
+
+        sys.meta_path.insert(0, BlockTorch())
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the torch block does not work")
+
+        import numpy as np
+        import runtime
+        from runtime import schedule
+        from runtime.config import ECARConfig
+
+        config = ECARConfig(image_size=8, latent_size=4, scales=(1, 2, 4), steps=(2, 2, 2))
+        noise = schedule.draw_noise(config, schedule.noise_keys(7, 2))
+        assert [n.shape for n in noise] == [(2, 1, 4), (2, 4, 4), (2, 16, 4)], [n.shape for n in noise]
+        assert all(n.dtype == np.float32 for n in noise)
+        assert float(np.std(noise[2])) > 0.5
+        assert len(schedule.stages(config)) == 3
+        assert runtime.ECARConfig is ECARConfig
+        print("RUNTIME_OK")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RUNTIME_OK" in result.stdout, result.stdout
