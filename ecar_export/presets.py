@@ -12,10 +12,10 @@ DEMO = "ecar-digits"
 
 _CONFIGS: dict[str, ECARConfig] = {
     # Trained demo: 16×16 grey digits, conv tokenizer to 8×8×4 latents, four stages.
-    "ecar-digits": ECARConfig(),
+    "ecar-digits": ECARConfig(cfg_scale=1.5),
     # The DiT-style single-stage baseline of the demo: one window [1, 0] at full resolution,
     # the same total number of flow steps (16).
-    "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,)),
+    "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,), cfg_scale=1.5),
     # Paper-scale architectures (random init, for export and benchmarks): 256×256 RGB,
     # 16×16×16 latents, scales 1, 2, 4, 8, 16.
     "ecar-b": ECARConfig(

@@ -19,12 +19,12 @@ Progress = Callable[[str, int, int, float], None]  # phase, step, total, loss
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    tokenizer_steps: int = 600
+    tokenizer_steps: int = 500
     tokenizer_batch: int = 128
     tokenizer_lr: float = 2e-3
     latent_noise: float = 0.1
     latent_penalty: float = 1e-3
-    steps: int = 1300
+    steps: int = 1000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100

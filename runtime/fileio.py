@@ -26,6 +26,9 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputError(f"cannot write '{target}': {exc.strerror or exc}; choose a writable location") from None
     os.close(handle)
     temp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
     try:
         yield temp
         _fsync(temp)
