@@ -143,12 +143,12 @@ def _export_all(
 ) -> dict[str, dict[str, object]]:
     specs = graph_specs(model.config, fused)
     result: dict[str, dict[str, object]] = {}
-    torch.set_grad_enabled(False)
     for done, spec in enumerate(specs):
         if progress:
             progress(spec.name, done, len(specs))
         temp = staging / f"{spec.name}.onnx"
-        export.export_graph(model, spec, temp)
+        with torch.no_grad():
+            export.export_graph(model, spec, temp)
         digest = sha256_file(temp)
         name = f"{spec.name}-{digest[:12]}.onnx"
         os.replace(temp, out / name)

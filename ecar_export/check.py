@@ -9,6 +9,7 @@ the sha256 the manifest recorded.
 from __future__ import annotations
 
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,10 @@ def _torch_runner(model: ECAR, spec: GraphSpec) -> Any:
             return meta
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-            return OrderedDict(export.run_torch(model, spec, feed_dict))
+            start = time.perf_counter()
+            outputs = OrderedDict(export.run_torch(model, spec, feed_dict))
+            self.inference_time = time.perf_counter() - start
+            return outputs
 
         def deactivate_impl(self) -> None:
             pass

@@ -43,16 +43,26 @@ CfgOpt = Annotated[float | None, typer.Option(help="Guidance weight (default: th
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
-def _model(checkpoint: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
-    from ecar_export import checkpoint as ckpt
+def _model_source(checkpoint: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
+    """A checkpoint path where the model has one (so builds record the file's sha256), else the model."""
     from ecar_export import presets
     from runtime.errors import InvalidRequestError
 
     if checkpoint is not None and preset is not None:
         raise InvalidRequestError("--checkpoint and --preset exclude each other; give one of them")
-    if preset is not None:
-        return presets.load(preset)
-    return ckpt.load(checkpoint if checkpoint is not None else presets.checkpoint_path(presets.DEMO))
+    if checkpoint is not None:
+        return checkpoint
+    name = preset if preset is not None else presets.DEMO
+    if name in presets.TRAINED:
+        return presets.checkpoint_path(name)
+    return presets.load(name)
+
+
+def _model(checkpoint: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
+    from ecar_export import checkpoint as ckpt
+
+    source = _model_source(checkpoint, preset)
+    return ckpt.load(source) if isinstance(source, Path) else source
 
 
 @app.command("sample")
@@ -94,7 +104,7 @@ def build_cmd(
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
     from ecar_export.build import build_engines, resolve_backend
 
-    model = _model(checkpoint, preset)
+    source = _model_source(checkpoint, preset)
     chosen = resolve_backend(backend)
     console().print(f"backend: {chosen}" + (" (auto)" if backend == "auto" else ""))
     with progress_bar() as bar:
@@ -104,7 +114,7 @@ def build_cmd(
             bar.update(task, completed=done, total=total, description=f"exporting {name}")
 
         path = build_engines(
-            model,
+            source,
             out,
             precision=precision,
             backend=chosen,
@@ -224,8 +234,8 @@ def train_demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Where to write the trained checkpoint.")] = Path(
         "ecar-digits.safetensors"
     ),
-    steps: Annotated[int, typer.Option(help="ECAR optimisation steps.")] = 1300,
-    tokenizer_steps: Annotated[int, typer.Option(help="Autoencoder optimisation steps.")] = 600,
+    steps: Annotated[int, typer.Option(help="ECAR optimisation steps.")] = 1000,
+    tokenizer_steps: Annotated[int, typer.Option(help="Autoencoder optimisation steps.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of every random choice in training.")] = 0,
 ) -> None:
     """Train the ecar-digits demo (tokenizer, then ECAR) on scikit-learn's digits, deterministically."""

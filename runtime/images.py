@@ -30,7 +30,7 @@ def grid_image(images: np.ndarray, labels: Sequence[int] | None = None, columns:
 
     count, height, width, channels = images.shape
     zoom = zoom or max(1, 64 // max(height, width))
-    columns = columns or min(count, 10)
+    columns = columns or _row_length(labels, count)
     rows = -(-count // columns)
     caption = 12 if labels is not None else 0
     pad = 2
@@ -46,6 +46,22 @@ def grid_image(images: np.ndarray, labels: Sequence[int] | None = None, columns:
         if labels is not None:
             draw.text((x0 + 1, y0), str(labels[index]), fill=0 if mode == "L" else (0, 0, 0))
     return canvas
+
+
+def _row_length(labels: Sequence[int] | None, count: int) -> int:
+    """One row per class when the labels come in equal runs (``--per-class N``), else rows of 10."""
+    if labels is not None and count > 1:
+        runs, run = [], 1
+        for previous, current in zip(labels, labels[1:]):
+            if current == previous:
+                run += 1
+            else:
+                runs.append(run)
+                run = 1
+        runs.append(run)
+        if len(runs) > 1 and len(set(runs)) == 1 and 1 < runs[0] <= 32:
+            return runs[0]
+    return min(count, 10)
 
 
 def save_png(image, path: str | os.PathLike[str]) -> Path:  # type: ignore[no-untyped-def]

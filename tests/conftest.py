@@ -5,9 +5,15 @@ Everything here is sized to run in milliseconds on a CPU: tests build many model
 
 from __future__ import annotations
 
+import os
+import secrets
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +73,145 @@ def tiny_config() -> Callable[..., ECARConfig]:
 @pytest.fixture
 def perturbed_model() -> Callable[..., Any]:
     return make_perturbed_model
+
+
+# --------------------------------------------------------------------------------------------
+# Engine builds shared by the export / runtime tests (test_pipeline_parity, test_check).
+#
+# Builds cost seconds each, so every (config, max_batch, fuse) is built once per session and
+# shared read-only; tests that modify a build copy its directory first.
+# --------------------------------------------------------------------------------------------
+
+# Random-init configs that differ in stage count, scale factors (2 and 3), widths, heads,
+# latent channels, image channels, class counts, steps, windows and guidance schedules.
+ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-1-2-4": {},
+    "rgb-1-3-6-linear-cfg": {
+        "name": "rgb-1-3-6",
+        "image_size": 12,
+        "image_channels": 3,
+        "latent_size": 6,
+        "latent_channels": 3,
+        "scales": (1, 3, 6),
+        "steps": (1, 2, 3),
+        "width": 48,
+        "heads": 4,
+        "depth": 1,
+        "head_width": 24,
+        "head_depth": 2,
+        "num_classes": 7,
+        "cfg_scale": 3.0,
+        "cfg_schedule": "linear",
+    },
+    "two-stage-2-6": {
+        "name": "two-stage-2-6",
+        "image_size": 12,
+        "latent_size": 6,
+        "latent_channels": 2,
+        "scales": (2, 6),
+        "window_bounds": (1.0, 0.4, 0.0),
+        "steps": (3, 2),
+        "width": 24,
+        "heads": 3,
+        "depth": 3,
+        "mlp_ratio": 3.0,
+        "head_width": 16,
+        "num_classes": 5,
+    },
+    "single-stage": {
+        "name": "single-stage",
+        "latent_channels": 5,
+        "scales": (4,),
+        "steps": (3,),
+        "width": 16,
+        "heads": 1,
+        "depth": 1,
+        "num_classes": 3,
+        "cfg_scale": 1.5,
+    },
+}
+TINY_MAX_BATCH = 5
+DEMO_MAX_BATCH = 8
+
+
+def demo_checkpoint_present() -> bool:
+    from ecar_export import presets
+
+    return presets.checkpoint_path(presets.DEMO).is_file()
+
+
+needs_demo = pytest.mark.skipif(not demo_checkpoint_present(), reason="bundled checkpoint missing")
+
+
+@dataclass
+class Build:
+    """One built engine directory and the torch model it was built from."""
+
+    key: str
+    model: Any
+    dir: Path
+    max_batch: int
+    fuse_flow_loop: bool
+
+
+def engine_model(key: str) -> Any:
+    """The torch model of an engine config key ("demo" is the bundled trained checkpoint)."""
+    if key == "demo":
+        from ecar_export import presets
+
+        return presets.load(presets.DEMO).eval()
+    seed = sorted(ENGINE_CONFIGS).index(key) + 1
+    return make_perturbed_model(make_tiny_config(**ENGINE_CONFIGS[key]), seed=seed)
+
+
+def build_model(model: Any, out: Path, **options: Any) -> Path:
+    """``build_engines`` that also asserts the build leaves torch's global grad mode as it found it."""
+    from ecar_export.build import build_engines
+
+    grad = torch.is_grad_enabled()
+    path = build_engines(model, out, **options)
+    assert torch.is_grad_enabled() == grad, "build_engines changed torch's grad mode"
+    return path
+
+
+class BuildCache:
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self.factory = factory
+        self.builds: dict[tuple[str, bool], Build] = {}
+        self.models: dict[str, Any] = {}
+
+    def model(self, key: str) -> Any:
+        if key not in self.models:
+            self.models[key] = engine_model(key)
+        return self.models[key]
+
+    def get(self, key: str, fuse_flow_loop: bool = False) -> Build:
+        """The build of ``key`` (max batch 8 for the demo, 5 for tiny configs), made on first use."""
+        if (key, fuse_flow_loop) not in self.builds:
+            model = self.model(key)
+            max_batch = DEMO_MAX_BATCH if key == "demo" else TINY_MAX_BATCH
+            out = self.factory.mktemp(f"engines-{key}{'-fused' if fuse_flow_loop else ''}")
+            build_model(model, out, max_batch=max_batch, fuse_flow_loop=fuse_flow_loop)
+            self.builds[key, fuse_flow_loop] = Build(key, model, out, max_batch, fuse_flow_loop)
+        return self.builds[key, fuse_flow_loop]
+
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory: pytest.TempPathFactory) -> BuildCache:
+    return BuildCache(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh randomness: a new base seed every session (ECAR_TEST_SEED=... reproduces a run), one
+# generator per test derived from it and the test's id.
+# --------------------------------------------------------------------------------------------
+SESSION_SEED = int(os.environ.get("ECAR_TEST_SEED") or secrets.randbits(32))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random test inputs: ECAR_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])

@@ -1,0 +1,96 @@
+"""The FP16 recipe: float16 compute with float32 graph inputs/outputs and fp32 islands.
+
+Conversion uses ONNX Runtime's maintained converter
+(``onnxruntime.transformers.float16.convert_float_to_float16``); this module only decides
+which nodes stay in float32. Kept in float32 (see README "Precision" for the measurements):
+
+* ``LayerNormalization`` and ``Softmax`` — normalisation statistics and attention weights;
+* the time embedding — every node computed from the flow time ``t`` alone (the ×1000
+  sinusoid's arguments lose their fractional part in fp16);
+* the sampler's state — the Euler update and guidance mix (``x - dt·u``), renoising and
+  every other elementwise op on the path into a state output (``x``, ``x_next``,
+  ``x_end``), back to the last matrix product, so the integration accumulates in fp32;
+* the grid resampling matrices (``up_s`` / ``fresh_s`` / ``down_s``) and their products.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+FP32_OPS = ("LayerNormalization", "Softmax")
+# inputs whose whole forward closure stays fp32 (scalars of the schedule)
+FP32_SOURCES = ("t", "dt", "cfg")
+# outputs that carry the sampler's state; elementwise producers of these stay fp32
+STATE_OUTPUTS = ("x", "x_next", "x_end")
+# ops that end the backward walk from a state output (the heavy compute stays fp16)
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
+RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
+
+
+def fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes the recipe keeps in float32."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    static = initializers | constants
+    producers = {out: node for node in graph.node for out in node.output}
+    keep: set[str] = set()
+
+    # 1. forward closure of the schedule scalars: nodes whose dynamic inputs all derive from them
+    derived = {name for name in FP32_SOURCES if any(i.name == name for i in graph.input)}
+    for node in graph.node:  # nodes are topologically sorted
+        dynamic = [i for i in node.input if i and i not in static]
+        if dynamic and all(i in derived for i in dynamic):
+            keep.add(node.name)
+            derived.update(node.output)
+
+    # 2. backward walk from each state output through elementwise / shape ops
+    stack = [o.name for o in graph.output if o.name in STATE_OUTPUTS]
+    seen: set[str] = set()
+    while stack:
+        tensor = stack.pop()
+        node = producers.get(tensor)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in COMPUTE_OPS and not _uses_resampling(node, initializers):
+            continue
+        keep.add(node.name)
+        stack.extend(i for i in node.input if i and i not in static)
+
+    # 3. products with the resampling matrices
+    for node in graph.node:
+        if node.op_type in FP32_OPS or _uses_resampling(node, initializers):
+            keep.add(node.name)
+    return sorted(keep)
+
+
+def _uses_resampling(node: onnx.NodeProto, initializers: set[str]) -> bool:
+    return any(i in initializers and i.startswith(RESAMPLING_PREFIXES) for i in node.input)
+
+
+def convert(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP16 copy of an fp32 graph, float32 at its inputs and outputs."""
+    from onnxruntime.transformers import float16
+
+    _name_unnamed_nodes(model)
+    blocked = fp32_nodes(model)
+    converted = float16.convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
+        node_block_list=blocked,
+    )
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    used = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)

@@ -1,0 +1,106 @@
+"""``ecar-export check``: every graph of a build against the torch model on fresh random inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BuildCache, make_perturbed_model
+from typer.testing import CliRunner
+
+from ecar_export import check, checkpoint
+from ecar_export.check import check_build
+from ecar_export.cli import app
+from runtime import manifest as manifest_io
+from runtime.graphs import backbone_spec
+
+TINY = "tiny-1-2-4"
+MIN_COSINE = 0.99999
+
+
+def test_torch_runner_reports_inference_time(tiny_config, perturbed_model, rng: np.random.Generator):
+    model = perturbed_model(tiny_config())
+    spec = backbone_spec(model.config, 2)
+    runner = check._torch_runner(model, spec)
+    runner.activate()
+    try:
+        runner.infer(spec.sample_inputs(model.config, 2, rng))
+        assert runner.last_inference_time() is not None
+    finally:
+        runner.deactivate()
+
+
+def fresh_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**32))
+
+
+@pytest.fixture(scope="module")
+def swapped(build_cache: BuildCache, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of the tiny build whose backbone_2 file holds backbone_3's bytes, and the model's checkpoint."""
+    build = build_cache.get(TINY)
+    root = tmp_path_factory.mktemp("swapped") / "engines"
+    shutil.copytree(build.dir, root)
+    graphs = manifest_io.load(root).graphs
+    shutil.copyfile(root / graphs["backbone_3"].file, root / graphs["backbone_2"].file)
+    ckpt = checkpoint.save(build.model, root.parent / "tiny.safetensors")
+    return root, ckpt
+
+
+def test_fresh_build_passes_check(build_cache: BuildCache, rng: np.random.Generator):
+    build = build_cache.get(TINY)
+    seed = fresh_seed(rng)
+    results, used = check_build(build.dir, build.model, seed=seed)
+    assert used == seed
+    assert [r.graph for r in results] == list(manifest_io.load(build.dir).graphs)
+    for r in results:
+        assert r.ok and r.sha_ok and r.error is None, r
+        assert r.cosine >= MIN_COSINE, r
+        assert math.isfinite(r.max_abs) and r.max_abs <= 1e-3, r
+
+
+def test_check_fails_against_a_different_model(build_cache: BuildCache, rng: np.random.Generator):
+    # the numeric comparison itself can fail: the same files checked against other weights
+    build = build_cache.get(TINY)
+    other = make_perturbed_model(build.model.config, seed=4321)
+    results, _ = check_build(build.dir, other, seed=fresh_seed(rng))
+    by_name = {r.graph: r for r in results}
+    assert all(r.sha_ok for r in results)  # the files are intact; their numbers are not this model's
+    for name in ("backbone_1", "backbone_2", "backbone_3", "flow_step", "decoder"):
+        assert not by_name[name].ok, by_name[name]
+
+
+def test_swapped_graph_file_fails_only_that_graph(swapped: tuple[Path, Path], build_cache: BuildCache, rng):
+    root, _ = swapped
+    results, _ = check_build(root, build_cache.get(TINY).model, seed=fresh_seed(rng))
+    by_name = {r.graph: r for r in results}
+    assert not by_name["backbone_2"].ok and not by_name["backbone_2"].sha_ok
+    others = [r for r in results if r.graph != "backbone_2"]
+    assert len(others) == len(results) - 1
+    for r in others:
+        assert r.ok and r.sha_ok and r.cosine >= MIN_COSINE, r
+
+
+def test_check_cli_passes_an_intact_build(build_cache: BuildCache, swapped: tuple[Path, Path], rng):
+    _, ckpt = swapped  # the tiny model's checkpoint; the intact build is the shared one
+    args = ["check", "--engine-dir", str(build_cache.get(TINY).dir), "--checkpoint", str(ckpt)]
+    result = CliRunner().invoke(app, [*args, "--seed", str(fresh_seed(rng))])
+    assert result.exit_code == 0, result.output
+    assert "check failed" not in result.output
+
+
+def test_check_cli_exits_nonzero_and_names_the_swapped_graph(swapped: tuple[Path, Path], rng):
+    root, ckpt = swapped
+    args = ["check", "--engine-dir", str(root), "--checkpoint", str(ckpt), "--seed", str(fresh_seed(rng))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert "check failed for: backbone_2\n" in result.output, result.output
+    assert "Traceback" not in result.output
+
+    as_json = CliRunner().invoke(app, [*args, "--json"])
+    assert as_json.exit_code != 0
+    payload = json.loads(as_json.stdout)
+    assert [g["graph"] for g in payload["graphs"] if not g["ok"]] == ["backbone_2"]
