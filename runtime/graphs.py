@@ -157,3 +157,18 @@ def stage_times(config: ECARConfig, stage: int) -> list[tuple[float, float]]:
     """(t, dt) of each Euler step of a 1-based stage, as the samplers feed them (float32)."""
     times = schedule.stages(config)[stage - 1].times
     return [(float(np.float32(t)), float(np.float32(t - t_next))) for t, t_next in zip(times, times[1:])]
+
+
+def profile_shapes(
+    spec: GraphSpec, min_batch: int, opt_batch: int, max_batch: int
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shape of every input for an optimisation profile over the batch range.
+
+    Flow graphs' token axis M spans batch × tokens: the smallest stage at ``min_batch``, the
+    largest stage at ``opt_batch`` / ``max_batch`` (``flow_step`` serves every stage).
+    """
+    tokens = spec.tokens_per_row or (1,)
+    low = spec.dims(min_batch, min(tokens))
+    opt = spec.dims(opt_batch, max(tokens))
+    high = spec.dims(max_batch, max(tokens))
+    return {t.name: (t.concrete(low), t.concrete(opt), t.concrete(high)) for t in spec.inputs}
