@@ -91,8 +91,8 @@ def build_engines(
     """Export (and, for TensorRT, compile) every graph; returns the manifest's path."""
     if precision not in manifest_io.PRECISIONS:
         raise InvalidRequestError(f"unknown precision '{precision}': use fp32, fp16 or int8")
-    if precision != "fp32":
-        raise ECARError(f"precision '{precision}' is not yet supported by this version; build with --precision fp32")
+    if precision == "int8":
+        raise ECARError("precision 'int8' is not yet supported by this version; build with --precision fp32 or fp16")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise InvalidRequestError(f"--max-batch must be an integer in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
     chosen = resolve_backend(backend)
@@ -141,14 +141,22 @@ def build_engines(
 def _export_all(
     model: ECAR, staging: Path, out: Path, precision: str, fused: bool, progress: Progress | None
 ) -> dict[str, dict[str, object]]:
+    """Export every graph in fp32, apply the precision recipe, move the results into ``out``."""
     specs = graph_specs(model.config, fused)
+    fp32_dir = staging / "fp32"
+    fp32_dir.mkdir()
+    for done, spec in enumerate(specs):
+        if progress:
+            progress(f"export {spec.name}", done, 2 * len(specs))
+        with torch.no_grad():
+            export.export_graph(model, spec, fp32_dir / f"{spec.name}.onnx")
     result: dict[str, dict[str, object]] = {}
     for done, spec in enumerate(specs):
         if progress:
-            progress(spec.name, done, len(specs))
+            progress(f"{precision} {spec.name}", len(specs) + done, 2 * len(specs))
+        source = fp32_dir / f"{spec.name}.onnx"
         temp = staging / f"{spec.name}.onnx"
-        with torch.no_grad():
-            export.export_graph(model, spec, temp)
+        recipe = _apply_recipe(source, temp, precision)
         digest = sha256_file(temp)
         name = f"{spec.name}-{digest[:12]}.onnx"
         os.replace(temp, out / name)
@@ -162,11 +170,36 @@ def _export_all(
                 "opset": export.OPSET,
                 "constant_folding": "polygraphy",
                 "cleanup": "onnx-graphsurgeon",
+                **recipe,
             },
         }
     if progress:
-        progress("done", len(specs), len(specs))
+        progress("done", 2 * len(specs), 2 * len(specs))
     return result
+
+
+def _apply_recipe(source: Path, target: Path, precision: str) -> dict[str, object]:
+    """Write the ``precision`` version of the fp32 graph ``source`` to ``target``; returns its recipe record."""
+    if precision == "fp32":
+        os.replace(source, target)
+        return {"recipe": "fp32"}
+    if precision == "fp16":
+        import onnx
+
+        from ecar_export.precision import fp16
+
+        fp32_graph = onnx.load(str(source))
+        kept = fp16.fp32_nodes(fp32_graph)
+        onnx.save_model(fp16.convert(fp32_graph), str(target))
+        return {
+            "recipe": "fp16",
+            "converter": "onnxruntime.transformers.float16",
+            "fp32_nodes": len(kept),
+            "fp32_ops": list(fp16.FP32_OPS),
+        }
+    raise ECARError(
+        f"precision '{precision}' is not yet supported by this version; build with --precision fp32 or fp16"
+    )
 
 
 def _previous_files(out: Path) -> set[str]:

@@ -152,6 +152,7 @@ class Build:
     dir: Path
     max_batch: int
     fuse_flow_loop: bool
+    precision: str = "fp32"
 
 
 def engine_model(key: str) -> Any:
@@ -177,7 +178,7 @@ def build_model(model: Any, out: Path, **options: Any) -> Path:
 class BuildCache:
     def __init__(self, factory: pytest.TempPathFactory) -> None:
         self.factory = factory
-        self.builds: dict[tuple[str, bool], Build] = {}
+        self.builds: dict[tuple[str, bool, str], Build] = {}
         self.models: dict[str, Any] = {}
 
     def model(self, key: str) -> Any:
@@ -185,15 +186,15 @@ class BuildCache:
             self.models[key] = engine_model(key)
         return self.models[key]
 
-    def get(self, key: str, fuse_flow_loop: bool = False) -> Build:
+    def get(self, key: str, fuse_flow_loop: bool = False, precision: str = "fp32") -> Build:
         """The build of ``key`` (max batch 8 for the demo, 5 for tiny configs), made on first use."""
-        if (key, fuse_flow_loop) not in self.builds:
+        if (key, fuse_flow_loop, precision) not in self.builds:
             model = self.model(key)
             max_batch = DEMO_MAX_BATCH if key == "demo" else TINY_MAX_BATCH
-            out = self.factory.mktemp(f"engines-{key}{'-fused' if fuse_flow_loop else ''}")
-            build_model(model, out, max_batch=max_batch, fuse_flow_loop=fuse_flow_loop)
-            self.builds[key, fuse_flow_loop] = Build(key, model, out, max_batch, fuse_flow_loop)
-        return self.builds[key, fuse_flow_loop]
+            out = self.factory.mktemp(f"engines-{key}{'-fused' if fuse_flow_loop else ''}-{precision}")
+            build_model(model, out, max_batch=max_batch, fuse_flow_loop=fuse_flow_loop, precision=precision)
+            self.builds[key, fuse_flow_loop, precision] = Build(key, model, out, max_batch, fuse_flow_loop, precision)
+        return self.builds[key, fuse_flow_loop, precision]
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,60 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
         op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
         node_block_list=blocked,
     )
+    _drop_cast_round_trips(converted)
+    converted = _toposort(converted)
     onnx.checker.check_model(converted)
     return converted
+
+
+def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
+    """Remove fp32 -> fp16 -> fp32 Cast pairs the converter puts between two fp32 regions.
+
+    With ``keep_io_types`` the converter casts every float input to fp16 first; fp32 nodes
+    that read it then cast it back, which would round the sampler's state (``x``, noise,
+    ``prev``) to fp16. Consumers of such a pair read the original fp32 tensor instead.
+    """
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    replace: dict[str, str] = {}
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        inner = producers.get(node.input[0])
+        if cast_to(inner) == onnx.TensorProto.FLOAT16:
+            assert inner is not None
+            source = inner.input[0]
+            source_node = producers.get(source)
+            # the source must itself be fp32: a graph input, or an fp32 tensor (not another cast to fp16)
+            if source_node is None or cast_to(source_node) != onnx.TensorProto.FLOAT16:
+                replace[node.output[0]] = source
+    if not replace:
+        return
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in replace:
+                node.input[index] = replace[name]
+    for name, source in replace.items():
+        if name in outputs:  # keep the graph output's name: route it through an Identity
+            graph.node.append(onnx.helper.make_node("Identity", [source], [name], name=f"{name}_fp32_identity"))
+            producer = producers[name]
+            producer.output[0] = f"{name}_unused_round_trip"
+
+
+def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter appends its Cast nodes out of order; restore a topological order."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
 
 
 def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
