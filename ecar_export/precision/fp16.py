@@ -27,8 +27,12 @@ COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
 
 
-def fp32_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes the recipe keeps in float32."""
+# the recipe's fp32 islands, each switchable for measurements (benchmarks/fp16_recipe.py)
+PARTS = ("ops", "time", "state", "resampling")
+
+
+def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[str]:
+    """Names of the nodes the recipe keeps in float32 (``parts`` selects the islands)."""
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
@@ -37,7 +41,8 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
     keep: set[str] = set()
 
     # 1. forward closure of the schedule scalars: nodes whose dynamic inputs all derive from them
-    derived = {name for name in FP32_SOURCES if any(i.name == name for i in graph.input)}
+    sources = FP32_SOURCES if "time" in parts else ()
+    derived = {name for name in sources if any(i.name == name for i in graph.input)}
     for node in graph.node:  # nodes are topologically sorted
         dynamic = [i for i in node.input if i and i not in static]
         if dynamic and all(i in derived for i in dynamic):
@@ -45,7 +50,7 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
             derived.update(node.output)
 
     # 2. backward walk from each state output through elementwise / shape ops
-    stack = [o.name for o in graph.output if o.name in STATE_OUTPUTS]
+    stack = [o.name for o in graph.output if o.name in STATE_OUTPUTS] if "state" in parts else []
     seen: set[str] = set()
     while stack:
         tensor = stack.pop()
@@ -53,14 +58,16 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
         if node is None or node.name in seen:
             continue
         seen.add(node.name)
-        if node.op_type in COMPUTE_OPS and not _uses_resampling(node, initializers):
+        if node.op_type in COMPUTE_OPS and not ("resampling" in parts and _uses_resampling(node, initializers)):
             continue
         keep.add(node.name)
         stack.extend(i for i in node.input if i and i not in static)
 
     # 3. products with the resampling matrices
     for node in graph.node:
-        if node.op_type in FP32_OPS or _uses_resampling(node, initializers):
+        if ("ops" in parts and node.op_type in FP32_OPS) or (
+            "resampling" in parts and _uses_resampling(node, initializers)
+        ):
             keep.add(node.name)
     return sorted(keep)
 
@@ -69,16 +76,16 @@ def _uses_resampling(node: onnx.NodeProto, initializers: set[str]) -> bool:
     return any(i in initializers and i.startswith(RESAMPLING_PREFIXES) for i in node.input)
 
 
-def convert(model: onnx.ModelProto) -> onnx.ModelProto:
+def convert(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> onnx.ModelProto:
     """An FP16 copy of an fp32 graph, float32 at its inputs and outputs."""
     from onnxruntime.transformers import float16
 
     _name_unnamed_nodes(model)
-    blocked = fp32_nodes(model)
+    blocked = fp32_nodes(model, parts)
     converted = float16.convert_float_to_float16(
         model,
         keep_io_types=True,
-        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
+        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + (list(FP32_OPS) if "ops" in parts else []),
         node_block_list=blocked,
     )
     _drop_cast_round_trips(converted)
