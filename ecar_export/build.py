@@ -5,19 +5,23 @@ target, gives each file a content-addressed name (``backbone_1-<sha12>.onnx``), 
 the files in beside whatever an earlier build left there, and then replaces
 ``manifest.json`` atomically — the single commit point. A build that dies before that
 leaves the previous build loadable and untouched; files of the previous build that
-the new manifest no longer names are removed only after the commit.
+the new manifest no longer names are removed only after the commit. One build at a time
+may write into a directory (an advisory lock); graphs whose build key is unchanged since
+the previous build are reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ from runtime.graphs import graph_specs
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
 MAX_BATCH_LIMIT = 4096
+RECIPE_VERSION = 1  # bump when export or a precision recipe changes what a graph file holds
 
 
 def resolve_backend(backend: str) -> str:
@@ -87,8 +92,13 @@ def build_engines(
     max_batch: int = 8,
     fuse_flow_loop: bool = False,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> Path:
-    """Export (and, for TensorRT, compile) every graph; returns the manifest's path."""
+    """Export (and, for TensorRT, compile) every graph; returns the manifest's path.
+
+    Graphs whose build key (weights, config, precision, opset, tool versions, builder
+    options) matches the previous build in ``out_dir`` are reused unless ``force``.
+    """
     if precision not in manifest_io.PRECISIONS:
         raise InvalidRequestError(f"unknown precision '{precision}': use fp32, fp16 or int8")
     if precision == "int8":
@@ -106,54 +116,128 @@ def build_engines(
         raise OutputError(f"--out '{out}' exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     except OSError as exc:
         raise OutputError(
             f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
         ) from None
+    with _build_lock(out):
+        for leftover in out.glob(".staging-*"):  # from builds that were killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        except OSError as exc:
+            raise OutputError(f"cannot write engines into '{out}': {exc.strerror or exc}") from None
+        try:
+            toolchain = toolchain_versions()
+            keys = {
+                spec.name: _graph_key(spec.to_dict(), spec.name, weights_digest, model, precision, toolchain)
+                for spec in graph_specs(model.config, fuse_flow_loop)
+            }
+            reusable = {} if force else _reusable_graphs(out, keys)
+            graphs_data = _export_all(model, staging, out, precision, fuse_flow_loop, keys, reusable, progress)
+            manifest = {
+                "format": manifest_io.FORMAT,
+                "format_version": manifest_io.FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "model": model.config.to_dict(),
+                "schedule": _schedule_summary(model),
+                "precision": precision,
+                "backend": chosen,
+                "fuse_flow_loop": fuse_flow_loop,
+                "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
+                "checkpoint_sha256": weights_digest,
+                "opset": export.OPSET,
+                "toolchain": toolchain,
+                "graphs": graphs_data,
+            }
+            previous = _previous_files(out)
+            path = manifest_io.write(out, manifest)
+            current = {str(entry["file"]) for entry in graphs_data.values()}
+            for stale in previous - current:
+                (out / stale).unlink(missing_ok=True)
+            return path
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One build at a time per engine directory (an advisory lock the OS drops if we die)."""
+    import fcntl
+
     try:
-        graphs_data = _export_all(model, staging, out, precision, fuse_flow_loop, progress)
-        manifest = {
-            "format": manifest_io.FORMAT,
-            "format_version": manifest_io.FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "model": model.config.to_dict(),
-            "schedule": _schedule_summary(model),
-            "precision": precision,
-            "backend": chosen,
-            "fuse_flow_loop": fuse_flow_loop,
-            "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
-            "checkpoint_sha256": weights_digest,
-            "opset": export.OPSET,
-            "toolchain": toolchain_versions(),
-            "graphs": graphs_data,
-        }
-        previous = _previous_files(out)
-        path = manifest_io.write(out, manifest)
-        current = {entry["file"] for entry in graphs_data.values()}
-        for stale in previous - current:
-            (out / stale).unlink(missing_ok=True)
-        return path
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        handle = open(out / ".build.lock", "a+b")  # noqa: SIM115 - held for the whole build
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"another build is writing into '{out}'; wait for it or choose another --out") from None
+        yield
+
+
+def _graph_key(
+    contract: dict[str, object], name: str, weights: str, model: ECAR, precision: str, tools: dict[str, str | None]
+) -> str:
+    """Everything a graph file depends on, hashed: equal keys mean an identical graph."""
+    payload = {
+        "graph": name,
+        "contract": contract,
+        "weights": weights,
+        "config": model.config.to_dict(),
+        "precision": precision,
+        "opset": export.OPSET,
+        "tools": tools,
+        "recipe_version": RECIPE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable_graphs(out: Path, keys: dict[str, str]) -> dict[str, dict[str, object]]:
+    """Graph records of the previous build whose key is unchanged and whose file is intact."""
+    try:
+        old = manifest_io.load(out)
+    except ECARError:
+        return {}
+    records = old.raw.get("graphs", {})
+    reusable = {}
+    for name, record in records.items():
+        if name in keys and isinstance(record, dict) and record.get("build_key") == keys[name]:
+            reusable[name] = record
+    return reusable
 
 
 def _export_all(
-    model: ECAR, staging: Path, out: Path, precision: str, fused: bool, progress: Progress | None
+    model: ECAR,
+    staging: Path,
+    out: Path,
+    precision: str,
+    fused: bool,
+    keys: dict[str, str],
+    reusable: dict[str, dict[str, object]],
+    progress: Progress | None,
 ) -> dict[str, dict[str, object]]:
     """Export every graph in fp32, apply the precision recipe, move the results into ``out``."""
     specs = graph_specs(model.config, fused)
+    todo = [spec for spec in specs if spec.name not in reusable]
     fp32_dir = staging / "fp32"
     fp32_dir.mkdir()
-    for done, spec in enumerate(specs):
+    steps = max(1, 2 * len(todo))
+    for done, spec in enumerate(todo):
         if progress:
-            progress(f"export {spec.name}", done, 2 * len(specs))
+            progress(f"export {spec.name}", done, steps)
         with torch.no_grad():
             export.export_graph(model, spec, fp32_dir / f"{spec.name}.onnx")
     result: dict[str, dict[str, object]] = {}
-    for done, spec in enumerate(specs):
+    for spec in specs:
+        if spec.name in reusable:
+            result[spec.name] = {**reusable[spec.name], "reused": True}
+    for done, spec in enumerate(todo):
         if progress:
-            progress(f"{precision} {spec.name}", len(specs) + done, 2 * len(specs))
+            progress(f"{precision} {spec.name}", len(todo) + done, steps)
         source = fp32_dir / f"{spec.name}.onnx"
         temp = staging / f"{spec.name}.onnx"
         recipe = _apply_recipe(source, temp, precision)
@@ -165,6 +249,8 @@ def _export_all(
             "file": name,
             "sha256": digest,
             "precision": precision,
+            "build_key": keys[spec.name],
+            "reused": False,
             "builder": {
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": export.OPSET,
@@ -174,8 +260,8 @@ def _export_all(
             },
         }
     if progress:
-        progress("done", 2 * len(specs), 2 * len(specs))
-    return result
+        progress("done", steps, steps)
+    return {spec.name: result[spec.name] for spec in specs}
 
 
 def _apply_recipe(source: Path, target: Path, precision: str) -> dict[str, object]:

@@ -100,6 +100,9 @@ def build_cmd(
     fuse_flow_loop: Annotated[
         bool, typer.Option("--fuse-flow-loop", help="Also export each stage's Euler loop unrolled into one graph.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild every graph, even those unchanged since the last build in --out.")
+    ] = False,
 ) -> None:
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
     from ecar_export.build import build_engines, resolve_backend
@@ -121,9 +124,15 @@ def build_cmd(
             max_batch=max_batch,
             fuse_flow_loop=fuse_flow_loop,
             progress=report,
+            force=force,
         )
     sys.stdout.write(f"{path.parent}\n")
-    console().print(f"wrote {path}")
+    import json
+
+    graphs = json.loads(path.read_text())["graphs"]
+    reused = [name for name, record in graphs.items() if record.get("reused")]
+    note = f" ({len(reused)} of {len(graphs)} graphs unchanged and reused; --force rebuilds them)" if reused else ""
+    console().print(f"wrote {path}{note}")
 
 
 @app.command("check")
