@@ -229,30 +229,32 @@ def test_generate_rejects_invalid_requests(name: str, tiny_pipe: Pipeline):
 def test_concurrent_generate_calls_equal_sequential_calls(build_cache: BuildCache, rng: np.random.Generator):
     build = build_cache.get(SCALE3)
     pipe, classes = load(build), build.model.config.num_classes
-    requests = [random_request(rng, classes, int(rng.integers(1, build.max_batch + 1))) for _ in range(12)]
+    threads_count, per_thread = 8, 25
+    total = threads_count * per_thread
+    requests = [random_request(rng, classes, int(rng.integers(1, build.max_batch + 1))) for _ in range(total)]
     sequential = [pipe.generate(labels, seed=seed) for labels, seed in requests]
 
     results: dict[int, GenerateResult] = {}
     errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(threads_count)
 
     def worker(thread: int) -> None:
         try:
             barrier.wait()
-            for k in range(3):
-                index = 3 * thread + k
+            for k in range(per_thread):
+                index = per_thread * thread + k
                 labels, seed = requests[index]
                 results[index] = pipe.generate(labels, seed=seed)
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors
-    assert sorted(results) == list(range(12))
+    assert sorted(results) == list(range(total))
     for index, expected in enumerate(sequential):
         assert np.array_equal(results[index].images, expected.images), f"request {index}: {requests[index]}"
         assert np.array_equal(results[index].latents, expected.latents), f"request {index}: {requests[index]}"
