@@ -1,0 +1,246 @@
+"""Every user error in the README's failure table: exit code 2, the documented message, no traceback.
+
+Each scenario damages a copy of a small build (or passes a bad argument) and runs the CLI in
+process. The README's table lists the same scenario ids; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BuildCache, make_perturbed_model, make_tiny_config
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ecar_export import checkpoint
+from ecar_export.cli import app as export_app
+from runtime.cli import app as run_app
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tiny-1-2-4"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    app: str  # "run" | "export"
+    prepare: Callable[[Path, Path, Path], list[str]]  # (engines copy, good checkpoint, tmp) -> argv
+    message: str  # regex the one-paragraph message must match
+
+
+def _graph_file(engines: Path, name: str = "backbone_2") -> Path:
+    return engines / json.loads((engines / "manifest.json").read_text())["graphs"][name]["file"]
+
+
+def _edit_manifest(engines: Path, edit: Callable[[dict], None]) -> None:  # type: ignore[type-arg]
+    document = json.loads((engines / "manifest.json").read_text())
+    edit(document)
+    (engines / "manifest.json").write_text(json.dumps(document))
+
+
+def _bad_checkpoint(tmp: Path, good: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    change(tensors)
+    path = tmp / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _run(engines: Path, *extra: str) -> list[str]:
+    return ["--engine-dir", str(engines), "--out", str(engines.parent / "out"), *extra]
+
+
+def _build(ckpt: Path, tmp: Path) -> list[str]:
+    return ["build", "--checkpoint", str(ckpt), "--out", str(tmp / "new-engines"), "--backend", "onnxruntime"]
+
+
+def _wrong_version(d: dict) -> None:  # type: ignore[type-arg]
+    d["format_version"] = 99
+
+
+def _bad_schema(d: dict) -> None:  # type: ignore[type-arg]
+    d["profile"]["max_batch"] = "eight"
+
+
+def _escape(d: dict) -> None:  # type: ignore[type-arg]
+    d["graphs"]["decoder"]["file"] = "../decoder.onnx"
+
+
+def _drop(name: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    return lambda t: t.pop(name)
+
+
+def _nan(t: dict[str, torch.Tensor]) -> None:
+    t["head.out_proj.weight"] = t["head.out_proj.weight"].clone().fill_(float("nan"))
+
+
+def _misshape(t: dict[str, torch.Tensor]) -> None:
+    t["head.out_proj.weight"] = t["head.out_proj.weight"][:, :-1].contiguous()
+
+
+def _extra(t: dict[str, torch.Tensor]) -> None:
+    t["head.surprise"] = torch.ones(3)
+
+
+def _pickle(tmp: Path) -> Path:
+    path = tmp / "model.pt"
+    path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    return path
+
+
+SCENARIOS = [
+    Scenario("missing-engine-dir", "run", lambda e, c, t: _run(t / "nowhere"), r"does not exist"),
+    Scenario(
+        "missing-manifest",
+        "run",
+        lambda e, c, t: [(e / "manifest.json").unlink(), *_run(e)][1:],
+        r"manifest\.json' is missing",
+    ),
+    Scenario(
+        "missing-graph-file",
+        "run",
+        lambda e, c, t: [_graph_file(e).unlink(), *_run(e)][1:],
+        r"graph 'backbone_2'.*is missing",
+    ),
+    Scenario(
+        "manifest-not-json",
+        "run",
+        lambda e, c, t: [(e / "manifest.json").write_text("{nope"), *_run(e)][1:],
+        r"is not valid JSON",
+    ),
+    Scenario(
+        "manifest-wrong-version",
+        "run",
+        lambda e, c, t: [_edit_manifest(e, _wrong_version), *_run(e)][1:],
+        r"format version 99",
+    ),
+    Scenario(
+        "manifest-schema",
+        "run",
+        lambda e, c, t: [_edit_manifest(e, _bad_schema), *_run(e)][1:],
+        r"'max_batch' has the wrong type",
+    ),
+    Scenario(
+        "graph-sha256-mismatch",
+        "run",
+        lambda e, c, t: [_graph_file(e).write_bytes(_graph_file(e).read_bytes() + b"x"), *_run(e)][1:],
+        r"graph 'backbone_2'.*does not match its sha256",
+    ),
+    Scenario(
+        "path-escapes-engine-dir",
+        "run",
+        lambda e, c, t: [_edit_manifest(e, _escape), *_run(e)][1:],
+        r"escapes the engine directory",
+    ),
+    Scenario("no-tensorrt-plans", "run", lambda e, c, t: _run(e, "--backend", "tensorrt"), r"holds no TensorRT plans"),
+    Scenario(
+        "checkpoint-missing-file", "export", lambda e, c, t: _build(t / "absent.safetensors", t), r"does not exist"
+    ),
+    Scenario(
+        "checkpoint-missing-tensor",
+        "export",
+        lambda e, c, t: _build(_bad_checkpoint(t, c, _drop("head.out_proj.bias")), t),
+        r"lacks tensor 'head\.out_proj\.bias'",
+    ),
+    Scenario(
+        "checkpoint-unexpected-tensor",
+        "export",
+        lambda e, c, t: _build(_bad_checkpoint(t, c, _extra), t),
+        r"unexpected tensor 'head\.surprise'",
+    ),
+    Scenario(
+        "checkpoint-misshaped-tensor",
+        "export",
+        lambda e, c, t: _build(_bad_checkpoint(t, c, _misshape), t),
+        r"tensor 'head\.out_proj\.weight' has shape",
+    ),
+    Scenario(
+        "checkpoint-non-finite",
+        "export",
+        lambda e, c, t: _build(_bad_checkpoint(t, c, _nan), t),
+        r"tensor 'head\.out_proj\.weight' holds NaN",
+    ),
+    Scenario("checkpoint-pickle", "export", lambda e, c, t: _build(_pickle(t), t), r"never loaded"),
+    Scenario("label-out-of-range", "run", lambda e, c, t: _run(e, "--labels", "3,12"), r"class 12 is out of range"),
+    Scenario("label-negative", "run", lambda e, c, t: _run(e, "--labels", "-1"), r"class -1 is out of range"),
+    Scenario("label-not-integer", "run", lambda e, c, t: _run(e, "--labels", "3,x"), r"'x' is not an integer"),
+    Scenario("labels-empty", "run", lambda e, c, t: _run(e, "--labels", ""), r"comma-separated class numbers"),
+    Scenario("seed-out-of-range", "run", lambda e, c, t: _run(e, "--seed", "-5"), r"seed -5 is out of range"),
+    Scenario("cfg-not-finite", "run", lambda e, c, t: _run(e, "--cfg", "nan"), r"cfg must be a finite number"),
+    Scenario(
+        "max-batch-invalid",
+        "export",
+        lambda e, c, t: [*_build(c, t), "--max-batch", "0"],
+        r"--max-batch must be an integer",
+    ),
+    Scenario(
+        "output-not-writable",
+        "run",
+        lambda e, c, t: ["--engine-dir", str(e), "--out", str(_file(t) / "sub")],
+        r"cannot create output directory",
+    ),
+]
+
+
+def _file(tmp: Path) -> Path:
+    path = tmp / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+@pytest.fixture(scope="module")
+def good(build_cache: BuildCache, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    build = build_cache.get(TINY)
+    ckpt = tmp_path_factory.mktemp("good") / "tiny.safetensors"
+    checkpoint.save(make_perturbed_model(make_tiny_config(), seed=5), ckpt)
+    return build.dir, ckpt
+
+
+def _invoke(app_name: str, argv: list[str]):  # type: ignore[no-untyped-def]
+    app = run_app if app_name == "run" else export_app
+    return CliRunner().invoke(app, argv)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
+def test_user_error_gets_exit_2_and_a_clear_message(scenario: Scenario, good: tuple[Path, Path], tmp_path: Path):
+    engines = shutil.copytree(good[0], tmp_path / "engines")
+    result = _invoke(scenario.app, scenario.prepare(engines, good[1], tmp_path))
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    assert re.search(scenario.message, " ".join(output.split()), re.DOTALL), output
+    assert "error:" in output
+
+
+def test_disk_full_while_writing_outputs(good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from PIL import Image
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out"
+    result = _invoke("run", ["--engine-dir", str(good[0]), "--labels", "1,2", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "No space left on device" in result.output
+    assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp")), "no partial files may remain"
+
+
+def test_readme_table_lists_every_scenario() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, re.MULTILINE))
+    assert rows == {s.id for s in SCENARIOS} | {"disk-full"}
