@@ -16,13 +16,14 @@ import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,12 @@ from runtime.graphs import graph_specs
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
 MAX_BATCH_LIMIT = 4096
-RECIPE_VERSION = 1  # bump when export or a precision recipe changes what a graph file holds
+RECIPE_VERSION = 1
+CALIBRATION_METHODS = (
+    "minmax",
+    "entropy",
+    "percentile",
+)  # bump when export or a precision recipe changes what a graph file holds
 
 
 def resolve_backend(backend: str) -> str:
@@ -43,7 +49,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "onnxruntime":
         return backend
     if backend in ("tensorrt", "auto"):
-        if importlib.util.find_spec("tensorrt") is not None and _gpu_present():
+        if _tensorrt_usable():
             return "tensorrt"
         if backend == "tensorrt":
             raise BackendUnavailableError(
@@ -55,8 +61,12 @@ def resolve_backend(backend: str) -> str:
     raise InvalidRequestError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
 
 
-def _gpu_present() -> bool:
-    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+def _tensorrt_usable() -> bool:
+    """TensorRT importable (a real one, not the type stubs) and an NVIDIA GPU visible to the driver."""
+    from ecar_export.tensorrt_build import tensorrt_version
+    from runtime.gpu import gpu_available
+
+    return tensorrt_version() is not None and gpu_available()
 
 
 def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]:
@@ -80,7 +90,9 @@ def toolchain_versions() -> dict[str, str | None]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    versions["tensorrt"] = None
+    from ecar_export.tensorrt_build import tensorrt_version
+
+    versions["tensorrt"] = tensorrt_version()
     return versions
 
 
@@ -93,6 +105,8 @@ def build_engines(
     fuse_flow_loop: bool = False,
     progress: Progress | None = None,
     force: bool = False,
+    calibration_method: str = "minmax",
+    calibration_requests: int = 64,
 ) -> Path:
     """Export (and, for TensorRT, compile) every graph; returns the manifest's path.
 
@@ -101,15 +115,13 @@ def build_engines(
     """
     if precision not in manifest_io.PRECISIONS:
         raise InvalidRequestError(f"unknown precision '{precision}': use fp32, fp16 or int8")
-    if precision == "int8":
-        raise ECARError("precision 'int8' is not yet supported by this version; build with --precision fp32 or fp16")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise InvalidRequestError(
+            f"unknown calibration method '{calibration_method}': use {', '.join(CALIBRATION_METHODS)}"
+        )
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise InvalidRequestError(f"--max-batch must be an integer in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
     chosen = resolve_backend(backend)
-    if chosen == "tensorrt":
-        raise BackendUnavailableError(
-            "the TensorRT builder is not available in this version; use --backend onnxruntime"
-        )
     model, weights_digest = load_model(model_or_checkpoint_path)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -129,27 +141,24 @@ def build_engines(
             raise OutputError(f"cannot write engines into '{out}': {exc.strerror or exc}") from None
         try:
             toolchain = toolchain_versions()
+            options: dict[str, object] = {}
+            if precision == "int8":
+                options = {"calibration_method": calibration_method, "calibration_requests": calibration_requests}
             keys = {
-                spec.name: _graph_key(spec.to_dict(), spec.name, weights_digest, model, precision, toolchain)
+                spec.name: _graph_key(spec.to_dict(), spec.name, weights_digest, model, precision, toolchain, options)
                 for spec in graph_specs(model.config, fuse_flow_loop)
             }
             reusable = {} if force else _reusable_graphs(out, keys)
-            graphs_data = _export_all(model, staging, out, precision, fuse_flow_loop, keys, reusable, progress)
-            manifest = {
-                "format": manifest_io.FORMAT,
-                "format_version": manifest_io.FORMAT_VERSION,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "model": model.config.to_dict(),
-                "schedule": _schedule_summary(model),
-                "precision": precision,
-                "backend": chosen,
-                "fuse_flow_loop": fuse_flow_loop,
-                "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
-                "checkpoint_sha256": weights_digest,
-                "opset": export.OPSET,
-                "toolchain": toolchain,
-                "graphs": graphs_data,
-            }
+            if precision == "int8" and set(reusable) != set(keys):
+                reusable = {}  # calibration runs the whole fp32 pipeline: rebuild every graph together
+            context = _RecipeContext(precision, model, weights_digest, staging, options, toolchain)
+            graphs_data = _export_all(model, staging, out, context, fuse_flow_loop, keys, reusable, progress)
+            manifest = _manifest(model, precision, chosen, fuse_flow_loop, max_batch, weights_digest, toolchain)
+            manifest["graphs"] = graphs_data
+            if precision == "int8":
+                manifest["calibration"] = _install_calibration(staging, out, options)
+            if chosen == "tensorrt":
+                manifest = _add_tensorrt_plans(out, manifest, max_batch, progress)
             previous = _previous_files(out)
             path = manifest_io.write(out, manifest)
             current = {str(entry["file"]) for entry in graphs_data.values()}
@@ -180,7 +189,13 @@ def _build_lock(out: Path) -> Iterator[None]:
 
 
 def _graph_key(
-    contract: dict[str, object], name: str, weights: str, model: ECAR, precision: str, tools: dict[str, str | None]
+    contract: dict[str, object],
+    name: str,
+    weights: str,
+    model: ECAR,
+    precision: str,
+    tools: dict[str, str | None],
+    options: dict[str, object],
 ) -> str:
     """Everything a graph file depends on, hashed: equal keys mean an identical graph."""
     payload = {
@@ -192,6 +207,7 @@ def _graph_key(
         "opset": export.OPSET,
         "tools": tools,
         "recipe_version": RECIPE_VERSION,
+        "options": options,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -214,13 +230,14 @@ def _export_all(
     model: ECAR,
     staging: Path,
     out: Path,
-    precision: str,
+    context: _RecipeContext,
     fused: bool,
     keys: dict[str, str],
     reusable: dict[str, dict[str, object]],
     progress: Progress | None,
 ) -> dict[str, dict[str, object]]:
     """Export every graph in fp32, apply the precision recipe, move the results into ``out``."""
+    precision = context.precision
     specs = graph_specs(model.config, fused)
     todo = [spec for spec in specs if spec.name not in reusable]
     fp32_dir = staging / "fp32"
@@ -240,7 +257,7 @@ def _export_all(
             progress(f"{precision} {spec.name}", len(todo) + done, steps)
         source = fp32_dir / f"{spec.name}.onnx"
         temp = staging / f"{spec.name}.onnx"
-        recipe = _apply_recipe(source, temp, precision)
+        recipe = _apply_recipe(source, temp, spec.name, context)
         digest = sha256_file(temp)
         name = f"{spec.name}-{digest[:12]}.onnx"
         os.replace(temp, out / name)
@@ -264,14 +281,54 @@ def _export_all(
     return {spec.name: result[spec.name] for spec in specs}
 
 
-def _apply_recipe(source: Path, target: Path, precision: str) -> dict[str, object]:
+@dataclass
+class _RecipeContext:
+    """What a precision recipe needs besides the graph (INT8: the calibration set, made once)."""
+
+    precision: str
+    model: ECAR
+    weights_digest: str
+    staging: Path
+    options: dict[str, object]
+    toolchain: dict[str, str | None]
+    calibration: Any = None
+
+    def calibration_set(self) -> Any:
+        """Capture the real inputs of every graph by running the staged fp32 graphs (once)."""
+        if self.calibration is None:
+            from calibration import CalibrationPlan, capture
+            from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+            from runtime.pipeline import Pipeline
+
+            fp32_dir = self.staging / "fp32"
+            staged = _manifest(self.model, "fp32", "onnxruntime", False, 8, self.weights_digest, self.toolchain)
+            staged["graphs"] = {
+                spec.name: {
+                    **spec.to_dict(),
+                    "file": f"{spec.name}.onnx",
+                    "sha256": sha256_file(fp32_dir / f"{spec.name}.onnx"),
+                    "precision": "fp32",
+                }
+                for spec in graph_specs(self.model.config, False)
+            }
+            manifest_io.write(fp32_dir, staged)
+            loaded = manifest_io.load(fp32_dir)
+            pipe = Pipeline(loaded, OnnxRuntimeBackend(loaded, device="cpu", threads=1))
+            requests = self.options.get("calibration_requests", 64)
+            assert isinstance(requests, int)
+            plan = CalibrationPlan.for_config(self.model.config, num_requests=requests)
+            self.calibration = capture(pipe, plan, self.staging / "calibration")
+        return self.calibration
+
+
+def _apply_recipe(source: Path, target: Path, graph: str, context: _RecipeContext) -> dict[str, object]:
     """Write the ``precision`` version of the fp32 graph ``source`` to ``target``; returns its recipe record."""
-    if precision == "fp32":
+    import onnx
+
+    if context.precision == "fp32":
         os.replace(source, target)
         return {"recipe": "fp32"}
-    if precision == "fp16":
-        import onnx
-
+    if context.precision == "fp16":
         from ecar_export.precision import fp16
 
         fp32_graph = onnx.load(str(source))
@@ -283,9 +340,84 @@ def _apply_recipe(source: Path, target: Path, precision: str) -> dict[str, objec
             "fp32_nodes": len(kept),
             "fp32_ops": list(fp16.FP32_OPS),
         }
-    raise ECARError(
-        f"precision '{precision}' is not yet supported by this version; build with --precision fp32 or fp16"
+    if context.precision == "int8":
+        from calibration.readers import GraphReader, held_out_feeds
+        from ecar_export.precision import int8
+
+        calibration = context.calibration_set()
+        method = str(context.options["calibration_method"])
+        fp32_graph = onnx.load(str(source))
+        quantized = int8.quantize(fp32_graph, GraphReader(calibration, graph), method, threads=1)
+        records = int8.check_qdq(quantized)
+        agreement = int8.compare_graphs(fp32_graph, quantized, held_out_feeds(calibration, graph))
+        onnx.save_model(quantized, str(target))
+        return {
+            "recipe": "int8",
+            "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric int8, per-channel weights)",
+            "calibration_method": method,
+            "qdq_nodes": len(records),
+            "held_out_cosine": {name: round(a.cosine, 7) for name, a in agreement.items()},
+            "held_out_max_abs": {name: a.max_abs for name, a in agreement.items()},
+        }
+    raise InvalidRequestError(f"unknown precision '{context.precision}'")
+
+
+def _add_tensorrt_plans(
+    out: Path, manifest: dict[str, Any], max_batch: int, progress: Progress | None
+) -> dict[str, Any]:
+    """Compile one TensorRT plan per graph (strongly typed: precision comes from the graphs).
+
+    Never run on a real TensorRT installation yet (see README "What has run where").
+    """
+    from ecar_export import tensorrt_build
+
+    profile = manifest["profile"]
+    records, block = tensorrt_build.build_plans(
+        out,
+        manifest["graphs"],
+        (profile["min_batch"], profile["opt_batch"], max_batch),
+        progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,
     )
+    return tensorrt_build.apply_plans(manifest, records, block)
+
+
+def _install_calibration(staging: Path, out: Path, options: dict[str, object]) -> dict[str, object]:
+    """Keep the calibration set with the build (``out/calibration``): ``check`` validates on its held-out split."""
+    source = staging / "calibration"
+    target = out / "calibration"
+    retired = out / ".calibration-old"
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(source, target)
+    shutil.rmtree(retired, ignore_errors=True)
+    return {"dir": "calibration", **options}
+
+
+def _manifest(
+    model: ECAR,
+    precision: str,
+    backend: str,
+    fused: bool,
+    max_batch: int,
+    weights_digest: str,
+    toolchain: dict[str, str | None],
+) -> dict[str, Any]:
+    return {
+        "format": manifest_io.FORMAT,
+        "format_version": manifest_io.FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": model.config.to_dict(),
+        "schedule": _schedule_summary(model),
+        "precision": precision,
+        "backend": backend,
+        "fuse_flow_loop": fused,
+        "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
+        "checkpoint_sha256": weights_digest,
+        "opset": export.OPSET,
+        "toolchain": toolchain,
+        "graphs": {},
+    }
 
 
 def _previous_files(out: Path) -> set[str]:

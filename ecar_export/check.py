@@ -42,6 +42,7 @@ class GraphCheck:
     cosine: float
     ok: bool
     error: str | None = None
+    inputs: str = "random"
 
 
 def _polygraphy_quiet() -> None:
@@ -79,6 +80,30 @@ def _torch_runner(model: ECAR, spec: GraphSpec) -> Any:
     return TorchGraphRunner()
 
 
+def _held_out_inputs(manifest: manifest_io.Manifest) -> dict[str, dict[str, np.ndarray]]:
+    """One batch of held-out calibration inputs per graph, where the build kept its calibration set.
+
+    INT8 graphs are judged on real stage inputs the quantizer never saw; random inputs can
+    fall outside the calibrated ranges and say little about a quantized graph.
+    """
+    if "calibration" not in manifest.raw:
+        return {}
+    from calibration import load_calibration
+    from calibration.readers import held_out_feeds
+    from runtime.errors import ECARError
+
+    try:
+        calibration = load_calibration(manifest.root / "calibration")
+    except ECARError:
+        return {}
+    inputs = {}
+    for name in calibration.graph_names():
+        feeds = held_out_feeds(calibration, name)
+        if feeds:
+            inputs[name] = feeds[0]
+    return inputs
+
+
 def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
     ref, act = reference.astype(np.float64).ravel(), actual.astype(np.float64).ravel()
     max_abs = float(np.max(np.abs(ref - act))) if ref.size else 0.0
@@ -98,13 +123,14 @@ def check_build(
     manifest = manifest_io.load(engine_dir, verify_files=False)
     seed = secrets.randbits(32) if seed is None else seed
     rng = np.random.default_rng(seed)
+    held_out = _held_out_inputs(manifest)
     batch = max(manifest.min_batch, min(batch, manifest.max_batch))
     atol, min_cosine = TOLERANCES[manifest.precision]
     results = []
     for name, entry in manifest.graphs.items():
         path = manifest.path(entry.file)
         sha_ok = path.is_file() and sha256_file(path) == entry.sha256
-        feeds = entry.spec.sample_inputs(model.config, batch, rng)
+        feeds = held_out[name] if name in held_out else entry.spec.sample_inputs(model.config, batch, rng)
         try:
             runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"])), _torch_runner(model, entry.spec)]
             run = Comparator.run(runners, data_loader=[feeds])
@@ -118,7 +144,8 @@ def check_build(
                 scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
                 ok &= (atol is None or max_abs <= atol * scale) and cosine >= min_cosine
                 worst_abs, worst_cos = max(worst_abs, max_abs), min(worst_cos, cosine)
-            results.append(GraphCheck(name, entry.file, sha_ok, worst_abs, worst_cos, ok and sha_ok))
+            inputs = "held-out" if name in held_out else "random"
+            results.append(GraphCheck(name, entry.file, sha_ok, worst_abs, worst_cos, ok and sha_ok, inputs=inputs))
         except Exception as exc:  # a swapped or broken file fails to run: that is a failed check
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             results.append(GraphCheck(name, entry.file, sha_ok, float("nan"), float("nan"), False, message[:200]))

@@ -91,7 +91,9 @@ def sample_cmd(
 def build_cmd(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8.")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 | fp16 | int8 (precision is set in the ONNX graphs; see README 'Precision').")
+    ] = "fp32",
     backend: Annotated[
         str, typer.Option(help="auto (TensorRT where importable and a GPU is present) | onnxruntime | tensorrt.")
     ] = "auto",
@@ -103,6 +105,14 @@ def build_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild every graph, even those unchanged since the last build in --out.")
     ] = False,
+    calibration_method: Annotated[
+        str,
+        typer.Option(
+            "--calibration-method",
+            help="INT8 only: minmax | entropy | percentile. Activations are calibrated on real stage inputs "
+            "captured from the fp32 pipeline (64 requests × 8 samples; every 8th request held out).",
+        ),
+    ] = "minmax",
 ) -> None:
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
     from ecar_export.build import build_engines, resolve_backend
@@ -125,6 +135,7 @@ def build_cmd(
             fuse_flow_loop=fuse_flow_loop,
             progress=report,
             force=force,
+            calibration_method=calibration_method,
         )
     sys.stdout.write(f"{path.parent}\n")
     import json
@@ -160,13 +171,14 @@ def check_cmd(
         sys.stdout.write(json.dumps({"seed": used_seed, "graphs": [vars(r) for r in results]}, indent=2) + "\n")
     else:
         table = Table(title=f"{engine_dir} vs torch (input seed {used_seed})")
-        for column in ("graph", "file", "sha256", "max abs", "cosine", "result"):
+        for column in ("graph", "file", "sha256", "inputs", "max abs", "cosine", "result"):
             table.add_column(column)
         for r in results:
             table.add_row(
                 r.graph,
                 r.file,
                 "ok" if r.sha_ok else "MISMATCH",
+                r.inputs,
                 f"{r.max_abs:.3g}",
                 f"{r.cosine:.7f}",
                 "pass" if r.ok else f"FAIL{': ' + r.error if r.error else ''}",

@@ -7,7 +7,6 @@ every ``ecar-run`` test uses that build and compares its PNGs with the in-proces
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from conftest import make_perturbed_model, make_tiny_config
 from PIL import Image
 
 from ecar_export import checkpoint
+from ecar_export.tensorrt_build import tensorrt_version
 from runtime import manifest as manifest_io
 from runtime.images import grid_image, to_uint8
 from runtime.pipeline import Pipeline
@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 ECAR_EXPORT = str(BIN / "ecar-export")
 ECAR_RUN = str(BIN / "ecar-run")
 MAX_BATCH = 4
-TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
+TENSORRT_IMPORTABLE = tensorrt_version() is not None
 no_tensorrt = pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="TensorRT is importable here")
 
 
@@ -232,9 +232,13 @@ USER_ERRORS: dict[str, Any] = {
         lambda b, tmp: _build_args(tmp / "missing.safetensors", tmp),
         ("missing.safetensors", "does not exist"),
     ),
-    "build-int8": (
-        lambda b, tmp: _build_args(b.checkpoint, tmp, "--precision", "int8"),
-        ("int8", "not yet supported"),
+    "build-unknown-precision": (
+        lambda b, tmp: _build_args(b.checkpoint, tmp, "--precision", "int4"),
+        ("unknown precision 'int4'",),
+    ),
+    "build-unknown-calibration-method": (
+        lambda b, tmp: _build_args(b.checkpoint, tmp, "--precision", "int8", "--calibration-method", "magic"),
+        ("unknown calibration method 'magic'",),
     ),
     "build-tensorrt": (
         lambda b, tmp: _build_args(b.checkpoint, tmp, "--backend", "tensorrt"),

@@ -1,0 +1,436 @@
+"""A calibration directory on disk and ``CalibrationSet``, its validated, lazily loaded view.
+
+Layout (written by :func:`calibration.capture.capture`)::
+
+    calibration.json            format, plan, model config, checkpoint sha256, per-graph entries
+    backbone_1-<sha12>.npz      one file per graph of the contract (fused flow_loop_s excepted),
+    ...                         named by content
+    flow_step-<sha12>.npz
+
+Each ``.npz`` holds, for both splits ("calibration", "held_out"), the graph's inputs in
+the row layout of :mod:`calibration.layout` under ``<split>.<input>``, plus int32
+provenance under ``<split>.meta.<field>``: ``request`` (the plan's request index) and
+``sample`` (the sample within it) for every row, and for ``flow_step`` also ``token`` (the
+token within the sample's stage grid), ``stage`` (1-based) and ``step`` (0-based Euler
+step inside the stage). ``calibration.json`` is written last and
+atomically: a capture interrupted half-way never leaves a directory that loads.
+
+A fused build's ``flow_loop_s`` graph reads a stage's first Euler step, so its rows are
+derived from the ``flow_step`` rows with ``stage == s`` and ``step == 0``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration import layout
+from calibration.errors import CalibrationError
+from calibration.plan import SPLITS, CalibrationPlan
+from runtime.config import ECARConfig
+from runtime.errors import ConfigError, ECARError, InvalidRequestError
+from runtime.fileio import sha256_file, write_bytes_atomic
+from runtime.graphs import GraphSpec, graph_specs
+
+FORMAT = "ecar-calibration"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "calibration.json"
+META_FIELDS = ("request", "sample")
+FLOW_META_FIELDS = ("request", "sample", "token", "stage", "step")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.npz$")
+
+
+def meta_fields(spec: GraphSpec) -> tuple[str, ...]:
+    return FLOW_META_FIELDS if spec.kind == "flow_step" else META_FIELDS
+
+
+def array_layout(spec: GraphSpec, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array key of one split of a graph's file: (shape, dtype)."""
+    arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+    for tensor in spec.inputs:
+        arrays[tensor.name] = ((rows, *layout.row_shape(tensor)), tensor.dtype)
+    for name in meta_fields(spec):
+        arrays[f"meta.{name}"] = ((rows,), "int32")
+    return arrays
+
+
+@dataclass(frozen=True)
+class GraphData:
+    """One graph's entry of ``calibration.json``."""
+
+    spec: GraphSpec
+    file: str
+    sha256: str
+    rows: dict[str, int]  # per split
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class CalibrationSet:
+    """Validated calibration inputs of every graph; arrays are read on first use."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: ECARConfig,
+        plan: CalibrationPlan,
+        checkpoint_sha256: str,
+        graphs: dict[str, GraphData],
+        raw: dict[str, Any],
+    ) -> None:
+        self.root = root
+        self.config = config
+        self.plan = plan
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.graphs = graphs
+        self.raw = raw
+        self._specs = {spec.name: spec for spec in graph_specs(config, fuse_flow_loop=True)}
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- queries
+    def graph_names(self) -> list[str]:
+        """Every graph this set can feed: the stored ones and the derived ``flow_loop_s``."""
+        return list(self._specs)
+
+    def spec(self, graph: str) -> GraphSpec:
+        try:
+            return self._specs[graph]
+        except KeyError:
+            raise CalibrationError(
+                f"calibration set has no graph '{graph}'; it holds {', '.join(self._specs)}"
+            ) from None
+
+    def rows(self, graph: str, split: str = "calibration") -> dict[str, np.ndarray]:
+        """The graph's inputs of one split in the row layout of :mod:`calibration.layout`."""
+        data = self._split(graph, split)
+        return {t.name: data[t.name] for t in self.spec(graph).inputs}
+
+    def meta(self, graph: str, split: str = "calibration") -> dict[str, np.ndarray]:
+        """Provenance of each row: ``request``, ``sample`` (and ``token``, ``stage``, ``step`` for flow graphs)."""
+        data = self._split(graph, split)
+        return {key[len("meta.") :]: value for key, value in data.items() if key.startswith("meta.")}
+
+    def count(self, graph: str, split: str = "calibration") -> int:
+        return layout.row_count(self.rows(graph, split))
+
+    def default_batch_rows(self, graph: str) -> int:
+        """Rows per batch: the plan's batch of samples, or of tokens at the largest stage."""
+        spec = self.spec(graph)
+        if spec.kind in ("flow_step", "flow_loop"):
+            return self.plan.batch * max(spec.tokens_per_row)
+        return self.plan.batch
+
+    def feeds(
+        self, graph: str, split: str = "calibration", batch_rows: int | None = None, fixed: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Feeds of the graph, ``batch_rows`` rows per call (default :meth:`default_batch_rows`).
+
+        ``fixed``: every call has the same row count (see :func:`calibration.layout.batches`).
+        """
+        spec = self.spec(graph)
+        rows = self.rows(graph, split)
+        yield from layout.batches(spec, rows, batch_rows or self.default_batch_rows(graph), fixed)
+
+    def check_compatible(self, config: ECARConfig, checkpoint_sha256: str) -> None:
+        """Refuse a calibration set captured from another model or checkpoint."""
+        if config != self.config:
+            raise CalibrationError(
+                f"calibration set '{self.root}' was captured from model '{self.config.name}' with another "
+                "config; capture again from the model being built"
+            )
+        if checkpoint_sha256 != self.checkpoint_sha256:
+            raise CalibrationError(
+                f"calibration set '{self.root}' was captured from checkpoint {self.checkpoint_sha256[:12]}…, "
+                f"not {checkpoint_sha256[:12]}…; capture again from the checkpoint being built"
+            )
+
+    # --------------------------------------------------------------- internals
+    def _split(self, graph: str, split: str) -> dict[str, np.ndarray]:
+        if split not in SPLITS:
+            raise InvalidRequestError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+        spec = self.spec(graph)
+        if spec.kind == "flow_loop":
+            return self._flow_loop_split(spec, split)
+        arrays = self._load(graph)
+        prefix = f"{split}."
+        return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
+
+    def _flow_loop_split(self, spec: GraphSpec, split: str) -> dict[str, np.ndarray]:
+        data = self._split("flow_step", split)
+        first = np.flatnonzero((data["meta.stage"] == spec.stage) & (data["meta.step"] == 0))
+        picked = {t.name: data[t.name][first] for t in spec.inputs}
+        picked.update({f"meta.{name}": data[f"meta.{name}"][first] for name in FLOW_META_FIELDS})
+        return picked
+
+    def _load(self, graph: str) -> dict[str, np.ndarray]:
+        with self._lock:
+            if graph not in self._cache:
+                entry = self.graphs[graph]
+                self._cache[graph] = _read_arrays(self.root / entry.file, entry, self.raw_arrays(graph))
+            return self._cache[graph]
+
+    def raw_arrays(self, graph: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        entry = self.graphs[graph]
+        expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        for split in SPLITS:
+            for key, value in array_layout(entry.spec, entry.rows[split]).items():
+                expected[f"{split}.{key}"] = value
+        return expected
+
+
+# ------------------------------------------------------------------------------- writing
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` (what ``numpy.savez`` writes) with fixed timestamps, so equal
+    arrays give equal bytes and a repeated capture gives the same content-addressed files."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.ascontiguousarray(value), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_calibration(
+    out_dir: str | os.PathLike[str],
+    config: ECARConfig,
+    checkpoint_sha256: str,
+    plan: CalibrationPlan,
+    splits: dict[str, dict[str, dict[str, np.ndarray]]],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write one ``.npz`` per graph, then ``calibration.json`` atomically; returns the manifest path.
+
+    ``splits[graph][split]`` maps input names and ``meta.<field>`` keys to row arrays.
+    Files of an earlier capture that the new manifest no longer names are removed after
+    the manifest is replaced.
+    """
+    root = Path(out_dir)
+    previous = _previous_files(root)
+    specs = {spec.name: spec for spec in graph_specs(config)}
+    entries: dict[str, Any] = {}
+    for name, spec in specs.items():
+        arrays: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for split in SPLITS:
+            data = splits[name][split]
+            counts[split] = layout.row_count(data)
+            for key, (shape, dtype) in array_layout(spec, counts[split]).items():
+                value = np.ascontiguousarray(data[key], dtype=dtype)
+                if value.shape != shape:
+                    raise ValueError(f"graph '{name}' {split}.{key}: shape {value.shape}, expected {shape}")
+                arrays[f"{split}.{key}"] = value
+        blob = encode_npz(arrays)
+        digest = _sha256(blob)
+        file = f"{name}-{digest[:12]}.npz"
+        write_bytes_atomic(root / file, blob)
+        entry: dict[str, Any] = {
+            "kind": spec.kind,
+            "stage": spec.stage,
+            "inputs": [t.to_dict() for t in spec.inputs],
+            "file": file,
+            "sha256": digest,
+            "bytes": len(blob),
+            "rows": counts,
+            "row_unit": "token" if spec.kind == "flow_step" else "sample",
+        }
+        if spec.kind == "flow_step":
+            entry["rows_per_step"] = {
+                split: _per_step(splits[name][split]["meta.stage"], splits[name][split]["meta.step"])
+                for split in SPLITS
+            }
+        entries[name] = entry
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "checkpoint_sha256": checkpoint_sha256,
+        "plan": plan.to_dict(),
+        "graphs": entries,
+        **(extra or {}),
+    }
+    path = root / MANIFEST_NAME
+    write_bytes_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    current = {entry["file"] for entry in entries.values()}
+    for stale in previous - current:
+        (root / stale).unlink(missing_ok=True)
+    return path
+
+
+def _per_step(stage: np.ndarray, step: np.ndarray) -> list[list[int]]:
+    pairs, counts = np.unique(np.stack([stage, step], axis=1), axis=0, return_counts=True)
+    return [[int(s), int(k), int(c)] for (s, k), c in zip(pairs, counts)]
+
+
+def _sha256(blob: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _previous_files(root: Path) -> set[str]:
+    try:
+        data = json.loads((root / MANIFEST_NAME).read_bytes())
+        return {
+            entry["file"]
+            for entry in data["graphs"].values()
+            if isinstance(entry.get("file"), str) and _FILE_NAME.match(entry["file"])
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+# ------------------------------------------------------------------------------- loading
+def load_calibration(path: str | os.PathLike[str], verify: bool = True) -> CalibrationSet:
+    """Read and validate a calibration directory; raises :class:`CalibrationError`.
+
+    With ``verify`` (the default) every file's sha256 and array headers are checked now;
+    the arrays themselves are read on first use.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CalibrationError(
+            f"calibration directory '{root}' does not exist or is not a directory; "
+            "capture one first (calibration.capture.capture)"
+        )
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise CalibrationError(f"'{manifest}' is missing: '{root}' holds no complete calibration capture")
+    try:
+        data = json.loads(manifest.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CalibrationError(f"'{manifest}' is not valid JSON ({exc}); capture again") from None
+    try:
+        return _parse(root, manifest, data, verify)
+    except CalibrationError:
+        raise
+    except ECARError as exc:
+        raise CalibrationError(f"'{manifest}': {exc}") from None
+
+
+def _parse(root: Path, manifest: Path, data: Any, verify: bool) -> CalibrationSet:
+    where = str(manifest)
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{where}: must be a JSON object")
+    if data.get("format") != FORMAT:
+        raise CalibrationError(f"{where}: not an ECAR calibration manifest (format {data.get('format')!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CalibrationError(
+            f"{where}: calibration format version {data.get('format_version')!r}, this toolchain reads "
+            f"{FORMAT_VERSION}; capture again"
+        )
+    try:
+        config = ECARConfig.from_dict(data.get("model"))
+    except ConfigError as exc:
+        raise CalibrationError(f"{where}: invalid model config: {exc}") from None
+    plan = CalibrationPlan.from_dict(data.get("plan"))
+    checkpoint = data.get("checkpoint_sha256")
+    if not isinstance(checkpoint, str):
+        raise CalibrationError(f"{where}: missing field 'checkpoint_sha256'")
+    raw_graphs = data.get("graphs")
+    if not isinstance(raw_graphs, dict):
+        raise CalibrationError(f"{where}: missing field 'graphs'")
+    specs = {spec.name: spec for spec in graph_specs(config)}
+    if set(raw_graphs) != set(specs):
+        missing, extra = sorted(set(specs) - set(raw_graphs)), sorted(set(raw_graphs) - set(specs))
+        raise CalibrationError(f"{where}: graphs do not match the model (missing {missing}, unexpected {extra})")
+    graphs = {name: _graph_entry(root, where, spec, raw_graphs[name]) for name, spec in specs.items()}
+    result = CalibrationSet(root, config, plan, checkpoint, graphs, data)
+    if verify:
+        for name, entry in graphs.items():
+            _verify_file(root / entry.file, entry, result.raw_arrays(name))
+    return result
+
+
+def _graph_entry(root: Path, where: str, spec: GraphSpec, raw: Any) -> GraphData:
+    here = f"{where} graph '{spec.name}'"
+    if not isinstance(raw, dict):
+        raise CalibrationError(f"{here}: must be a JSON object")
+    contract = spec.to_dict()
+    for key in ("kind", "stage", "inputs"):
+        if raw.get(key) != contract[key]:
+            raise CalibrationError(f"{here}: '{key}' does not match the model's graph contract; capture again")
+    file = raw.get("file")
+    if not isinstance(file, str) or not _FILE_NAME.match(file):
+        raise CalibrationError(f"{here}: bad file name {file!r}")
+    digest = raw.get("sha256")
+    if not isinstance(digest, str):
+        raise CalibrationError(f"{here}: missing field 'sha256'")
+    rows = raw.get("rows")
+    if (
+        not isinstance(rows, dict)
+        or set(rows) != set(SPLITS)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rows.values())
+    ):
+        raise CalibrationError(f"{here}: 'rows' must give a positive row count per split {list(SPLITS)}")
+    return GraphData(spec, file, digest, dict(rows))
+
+
+def _verify_file(path: Path, entry: GraphData, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    if not path.is_file():
+        raise CalibrationError(f"calibration file '{path}' of graph '{entry.name}' is missing; capture again")
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise CalibrationError(f"cannot read '{path}': {exc}") from None
+    if actual != entry.sha256:
+        raise CalibrationError(
+            f"calibration file '{path}' does not match its sha256 in {MANIFEST_NAME} (corrupt or replaced); "
+            "capture again"
+        )
+    headers = _npz_headers(path)
+    if headers != expected:
+        raise CalibrationError(
+            f"calibration file '{path}' of graph '{entry.name}' does not hold the arrays its manifest describes; "
+            "capture again"
+        )
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every array of an .npz, read from the headers only."""
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise CalibrationError(f"'{path}': unexpected member '{info.filename}'")
+                with archive.open(info) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                headers[info.filename[: -len(".npy")]] = (tuple(int(d) for d in shape), dtype.name)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"calibration file '{path}' is corrupt ({exc}); capture again") from None
+    return headers
+
+
+def _read_arrays(
+    path: Path, entry: GraphData, expected: dict[str, tuple[tuple[int, ...], str]]
+) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"calibration file '{path}' is corrupt or missing ({exc}); capture again") from None
+    found = {key: (tuple(value.shape), value.dtype.name) for key, value in arrays.items()}
+    if found != expected:
+        raise CalibrationError(
+            f"calibration file '{path}' of graph '{entry.name}' does not hold the arrays its manifest describes; "
+            "capture again"
+        )
+    return arrays

@@ -1,0 +1,77 @@
+"""ONNX Runtime calibration data readers over a stored :class:`CalibrationSet`.
+
+:class:`GraphReader` feeds a quantizer the *calibration* split of one graph only; the
+held-out split is reached through :func:`held_out_feeds`, for validating a quantized
+graph on inputs its calibration never saw.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from calibration.dataset import CalibrationSet
+
+
+class GraphReader(CalibrationDataReader):
+    """Feeds of one graph's calibration split, ``batch_rows`` rows per call, all calls one shape.
+
+    Batch graphs get ``batch_rows`` samples per call (default: the plan's batch); flow
+    graphs get ``batch_rows`` token rows of one (stage, step) per call (default: the
+    plan's batch × the largest stage's tokens). ``max_batches`` caps the number of calls.
+    Supports ``len`` and ``set_range`` (ORT's strided calibration) and ``rewind``.
+    """
+
+    def __init__(
+        self,
+        calibration: CalibrationSet,
+        graph: str,
+        batch_rows: int | None = None,
+        max_batches: int | None = None,
+    ) -> None:
+        self.calibration = calibration
+        self.graph = graph
+        self.batch_rows = batch_rows or calibration.default_batch_rows(graph)
+        # ORT's histogram calibrators (entropy, percentile) stack every batch of a tensor, so
+        # all batches must have one shape: fixed-size batches (see layout.batches).
+        feeds = list(calibration.feeds(graph, "calibration", self.batch_rows, fixed=True))
+        if max_batches is not None:
+            feeds = _spread(feeds, max_batches)
+        self._feeds: list[dict[str, np.ndarray]] = feeds
+        self._start, self._stop, self._next = 0, len(feeds), 0
+
+    def get_next(self) -> dict[str, Any] | None:
+        if self._next >= self._stop:
+            return None
+        feed = self._feeds[self._next]
+        self._next += 1
+        return feed
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._start, self._stop = max(0, start_index), min(len(self._feeds), end_index)
+        self._next = self._start
+
+    def rewind(self) -> None:
+        self._start, self._stop, self._next = 0, len(self._feeds), 0
+
+
+def held_out_feeds(
+    calibration: CalibrationSet, graph: str, batch_rows: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Feeds of one graph's held-out split (never given to a quantizer), for validation."""
+    return list(calibration.feeds(graph, "held_out", batch_rows))
+
+
+def _spread(feeds: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds spread evenly over the list (every group of a flow graph keeps some)."""
+    if count < 1:
+        raise ValueError(f"max_batches must be at least 1, got {count}")
+    if count >= len(feeds):
+        return feeds
+    picks = np.unique(np.linspace(0, len(feeds) - 1, count).round().astype(int))
+    return [feeds[i] for i in picks]

@@ -1,0 +1,464 @@
+"""Calibration capture (DESIGN §4 "Precision lives in the graphs"): real stage inputs, stored and read back.
+
+One capture of a tiny build (8 requests of 7 samples, above the build's max batch of 5 so
+``generate_many`` splits every request) is shared by the module; tests that damage a
+calibration directory copy it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_MAX_BATCH, BuildCache
+
+from calibration import (
+    CalibrationError,
+    CalibrationPlan,
+    CalibrationSet,
+    RecordingBackend,
+    capture,
+    layout,
+    load_calibration,
+)
+from calibration.dataset import MANIFEST_NAME
+from calibration.readers import GraphReader, held_out_feeds
+from runtime import manifest as manifest_io
+from runtime import schedule
+from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.errors import ECARError, InvalidRequestError
+from runtime.graphs import graph_specs, stage_times
+from runtime.pipeline import Pipeline
+
+TINY = "tiny-1-2-4"
+BATCH = 7  # > TINY_MAX_BATCH: each request runs as two batches
+SPLITS = ("calibration", "held_out")
+
+
+def _pipeline(build_dir: Path) -> Pipeline:
+    manifest = manifest_io.load(build_dir)
+    return Pipeline(manifest, OnnxRuntimeBackend(manifest, threads=1))
+
+
+@pytest.fixture(scope="module")
+def captured(build_cache: BuildCache, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, CalibrationSet]:
+    assert BATCH > TINY_MAX_BATCH
+    pipeline = _pipeline(build_cache.get(TINY).dir)
+    plan = CalibrationPlan.for_config(
+        pipeline.config, num_requests=8, batch=BATCH, seed=11, max_samples=20, max_rows=24
+    )
+    done: list[int] = []
+    result = capture(pipeline, plan, tmp_path_factory.mktemp("calibration"), progress=lambda d, n: done.append(d))
+    assert done == list(range(1, 9))
+    return pipeline, result
+
+
+def _copy(result: CalibrationSet, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(result.root, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------ plan
+def test_default_plan_covers_every_class_and_holds_out_every_eighth_request() -> None:
+    plan = CalibrationPlan(num_classes=10)
+    requests = list(plan.requests())
+    assert len(requests) >= 64 and all(len(labels) == plan.batch for labels, _ in requests)
+    assert requests == list(plan.requests()), "plans are deterministic"
+    assert len({seed for _, seed in requests}) == len(requests)
+    held = plan.indices("held_out")
+    assert held == [r for r in range(len(requests)) if r % 8 == 7]
+    assert set(held).isdisjoint(plan.indices("calibration"))
+    calibration_labels = {label for r in plan.indices("calibration") for label in requests[r][0]}
+    assert calibration_labels == set(range(10))
+    assert CalibrationPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"num_requests": 4},  # fewer than holdout_every: nothing held out
+        {"num_requests": 8, "batch": 1},  # seven calibration samples cannot cover ten classes
+        {"holdout_every": 1},
+        {"batch": 0},
+        {"max_mib": 0},
+        {"cfg": "high"},
+    ],
+)
+def test_plan_rejects_bad_fields(changes: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequestError):
+        CalibrationPlan(num_classes=10, **changes)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("fused", [False, True])
+def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.random.Generator, fused: bool) -> None:
+    config = build_cache.model(TINY).config
+    for spec in graph_specs(config, fuse_flow_loop=fused):
+        feeds = spec.sample_inputs(config, 3, rng)
+        rows = layout.to_rows(spec, feeds)
+        assert layout.row_count(rows) == spec.dims(3)["M" if spec.kind.startswith("flow") else "B"]
+        back = layout.from_rows(spec, rows)
+        assert back.keys() == feeds.keys()
+        for name in feeds:
+            np.testing.assert_array_equal(back[name], feeds[name], err_msg=f"{spec.name}.{name}")
+        # a row selection is a valid call of the same graph
+        picked = layout.from_rows(spec, layout.select(rows, np.array([2, 0])))
+        for tensor in spec.inputs:
+            found = layout.row_axis(tensor)
+            if found is None:
+                assert picked[tensor.name].shape == (1,)
+            else:
+                axis, paired = found
+                assert picked[tensor.name].shape[axis] == (4 if paired else 2)
+
+
+def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: BuildCache) -> None:
+    config = build_cache.model(TINY).config
+    spec = next(s for s in graph_specs(config) if s.name == "flow_step")
+    rng = np.random.default_rng(0)
+    parts = []
+    for index, rows_in_group in enumerate((5, 12, 9)):
+        feeds = spec.sample_inputs(config, 1, rng)
+        feeds["x"] = rng.standard_normal((rows_in_group, config.latent_channels)).astype(np.float32)
+        feeds["z"] = rng.standard_normal((2 * rows_in_group, config.width)).astype(np.float32)
+        feeds["t"] = np.array([0.9 - 0.1 * index], np.float32)
+        parts.append(layout.to_rows(spec, feeds))
+    rows = layout.concatenate(parts)
+    loose = list(layout.batches(spec, rows, 4))
+    assert [len(b["x"]) for b in loose] == [4, 1, 4, 4, 4, 4, 4, 1]
+    fixed = list(layout.batches(spec, rows, 8, fixed=True))
+    assert {b["x"].shape for b in fixed} == {(5, config.latent_channels)}
+    assert {b["z"].shape for b in fixed} == {(10, config.width)}
+    assert [float(b["t"][0]) for b in fixed] == pytest.approx([0.9] + [0.8] * 3 + [0.7] * 2)
+    # every real row is fed at least once, and only real rows are fed
+    fed = np.concatenate([b["x"] for b in fixed])
+    assert {tuple(r) for r in fed} == {tuple(r) for r in rows["x"]}
+
+
+# --------------------------------------------------------------------------------- capture
+def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    pipeline, result = captured
+    config = pipeline.config
+    for spec in graph_specs(config, fuse_flow_loop=True):
+        for split in SPLITS:
+            rows = result.rows(spec.name, split)
+            assert layout.row_count(rows) > 0, f"{spec.name} {split}"
+            assert set(rows) == set(spec.input_names())
+            for tensor in spec.inputs:
+                assert rows[tensor.name].dtype == np.dtype(tensor.dtype)
+                assert rows[tensor.name].shape[1:] == layout.row_shape(tensor)
+                if tensor.dtype == "float32":
+                    assert np.all(np.isfinite(rows[tensor.name])) and np.any(rows[tensor.name] != 0)
+    entry = json.loads((result.root / MANIFEST_NAME).read_text())
+    assert entry["checkpoint_sha256"] == pipeline.manifest.checkpoint_sha256
+    for name, graph in entry["graphs"].items():
+        assert graph["rows"] == {split: result.count(name, split) for split in SPLITS}
+        assert graph["inputs"] == [t.to_dict() for t in result.spec(name).inputs]
+
+
+def test_flow_step_rows_cover_every_stage_and_step_at_their_times(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    pipeline, result = captured
+    config = pipeline.config
+    weights = schedule.cfg_weights(config)
+    expected = {(s, k) for s in range(1, config.num_stages + 1) for k in range(config.steps[s - 1])}
+    for split in SPLITS:
+        rows, meta = result.rows("flow_step", split), result.meta("flow_step", split)
+        assert {(int(s), int(k)) for s, k in zip(meta["stage"], meta["step"])} == expected
+        for stage, step in expected:
+            mask = (meta["stage"] == stage) & (meta["step"] == step)
+            t, dt = stage_times(config, stage)[step]
+            assert np.all(rows["t"][mask] == np.float32(t)) and np.all(rows["dt"][mask] == np.float32(dt))
+            assert np.all(rows["cfg"][mask] == np.float32(weights[stage - 1]))
+            # no more rows than the plan allows per (stage, step)
+            assert mask.sum() <= max(result.plan.max_rows, len(result.plan.indices(split)))
+    # a fused build's flow_loop_s reads the first step of stage s
+    for stage in range(1, config.num_stages + 1):
+        loop = result.meta(f"flow_loop_{stage}")
+        assert np.all(loop["stage"] == stage) and np.all(loop["step"] == 0)
+
+
+def test_held_out_requests_are_disjoint_from_calibration(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    _, result = captured
+    plan = result.plan
+    for name in result.graph_names():
+        used = {split: set(result.meta(name, split)["request"].tolist()) for split in SPLITS}
+        assert used["held_out"] <= set(plan.indices("held_out")), name
+        assert used["calibration"] <= set(plan.indices("calibration")), name
+        assert used["held_out"] and used["calibration"]
+    labels = result.rows("backbone_1")["labels"]
+    assert set(labels.tolist()) == set(range(plan.num_classes))
+
+
+def test_stored_rows_are_the_pipeline_inputs(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    """Each stored backbone row is sample (request, j): its label and its own noise stream."""
+    pipeline, result = captured
+    config, plan = pipeline.config, result.plan
+    for stage in range(1, config.num_stages + 1):
+        name = f"backbone_{stage}"
+        for split in SPLITS:
+            rows, meta = result.rows(name, split), result.meta(name, split)
+            keys = [(plan.seed_of(int(r)), int(j)) for r, j in zip(meta["request"], meta["sample"])]
+            noise = schedule.draw_noise(config, keys)[stage - 1]
+            np.testing.assert_array_equal(rows["noise"], noise)
+            expected_labels = [plan.labels(int(r))[int(j)] for r, j in zip(meta["request"], meta["sample"])]
+            np.testing.assert_array_equal(rows["labels"], expected_labels)
+    # a stage's first flow_step rows are its backbone's outputs, at the (sample, token) their meta names
+    for stage in range(1, config.num_stages + 1):
+        backbone = f"backbone_{stage}"
+        rows, meta = result.rows(backbone, "held_out"), result.meta(backbone, "held_out")
+        z, x, _ = pipeline.backend.run(backbone, layout.from_rows(result.spec(backbone), rows))
+        where = {(int(r), int(j)): i for i, (r, j) in enumerate(zip(meta["request"], meta["sample"]))}
+        flow, flow_meta = result.rows("flow_step", "held_out"), result.meta("flow_step", "held_out")
+        checked = 0
+        for row in np.flatnonzero((flow_meta["stage"] == stage) & (flow_meta["step"] == 0)):
+            i = where.get((int(flow_meta["request"][row]), int(flow_meta["sample"][row])))
+            if i is None:
+                continue
+            token = int(flow_meta["token"][row])
+            np.testing.assert_allclose(flow["x"][row], x[i, token], atol=1e-6)
+            np.testing.assert_allclose(flow["z"][row, 0], z[i, token], atol=1e-5)
+            np.testing.assert_allclose(flow["z"][row, 1], z[len(rows["labels"]) + i, token], atol=1e-5)
+            checked += 1
+        assert checked > 0, stage
+    # the decoder's rows are the latents the pipeline returns
+    meta = result.meta("decoder", "held_out")
+    request = int(meta["request"][0])
+    picked = meta["request"] == request
+    latents = pipeline.generate_many(plan.labels(request), seed=plan.seed_of(request)).latents
+    np.testing.assert_allclose(result.rows("decoder", "held_out")["x"][picked], latents[meta["sample"][picked]])
+
+
+def test_stored_feeds_reproduce_the_recorded_outputs(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    """Rebatched rows are valid calls: a backbone on rebatched rows gives each sample's own result."""
+    pipeline, result = captured
+    rows = result.rows("backbone_3", "held_out")
+    batch = list(result.feeds("backbone_3", "held_out", batch_rows=3))
+    assert sum(len(b["labels"]) for b in batch) == layout.row_count(rows)
+    whole = pipeline.backend.run("backbone_3", next(iter(result.feeds("backbone_3", "held_out", batch_rows=1000))))
+    parts = [pipeline.backend.run("backbone_3", feeds) for feeds in batch]
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole[1], atol=1e-5)  # x
+    count = len(rows["labels"])
+    z_whole = whole[0]
+    z_parts = [p[0] for p in parts]
+    cond = np.concatenate([z[: len(z) // 2] for z in z_parts])
+    uncond = np.concatenate([z[len(z) // 2 :] for z in z_parts])
+    np.testing.assert_allclose(cond, z_whole[:count], atol=1e-4)
+    np.testing.assert_allclose(uncond, z_whole[count:], atol=1e-4)
+
+
+def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    pipeline, result = captured
+    loaded = load_calibration(result.root)
+    assert loaded.plan == result.plan and loaded.config == result.config
+    for name in loaded.graph_names():
+        for split in SPLITS:
+            for key, value in loaded.rows(name, split).items():
+                np.testing.assert_array_equal(value, result.rows(name, split)[key])
+    loaded.check_compatible(pipeline.config, pipeline.manifest.checkpoint_sha256)
+    with pytest.raises(CalibrationError, match="checkpoint"):
+        loaded.check_compatible(pipeline.config, "0" * 64)
+    with pytest.raises(CalibrationError, match="config"):
+        loaded.check_compatible(
+            dataclasses.replace(pipeline.config, cfg_scale=3.0), pipeline.manifest.checkpoint_sha256
+        )
+
+
+def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    _, result = captured
+    for name in ("flow_step", "backbone_2", "decoder"):
+        reader = GraphReader(result, name, batch_rows=4)
+        feeds = list(reader)
+        assert len(feeds) == len(reader) > 0
+        assert len({tuple(f[k].shape for k in sorted(f)) for f in feeds}) == 1, "one shape for every batch"
+        first_input = result.spec(name).inputs[0].name
+        fed = np.concatenate([f[first_input] for f in feeds])
+        calibration_rows = result.rows(name)[first_input]
+        held = result.rows(name, "held_out")[first_input]
+        if name != "backbone_2":  # labels repeat; float rows identify their source
+            assert {r.tobytes() for r in fed} == {r.tobytes() for r in calibration_rows}
+            assert not {r.tobytes() for r in fed} & {r.tobytes() for r in held}
+        assert reader.get_next() is None
+        reader.rewind()
+        assert reader.get_next() is not None
+        reader.set_range(1, 2)
+        assert reader.get_next() is not None and reader.get_next() is None
+        assert len(list(GraphReader(result, name, max_batches=2))) <= 2
+        validation = held_out_feeds(result, name)
+        assert sum(len(f[first_input]) for f in validation) == result.count(name, "held_out")
+
+
+def test_recording_backend_is_thread_safe_and_tracks_positions(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    pipeline, _ = captured
+    config = pipeline.config
+    recorder = RecordingBackend(pipeline.backend)
+    recording = Pipeline(pipeline.manifest, recorder)
+    requests = [([1, 2], 5), ([3], 6), ([4, 0, 9], 7), ([8], 8)]
+    reference = [pipeline.generate(labels, seed=seed).latents for labels, seed in requests]
+    results: dict[int, np.ndarray] = {}
+
+    def work(index: int) -> None:
+        labels, seed = requests[index]
+        results[index] = recording.generate(labels, seed=seed).latents
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, latents in enumerate(reference):
+        np.testing.assert_array_equal(results[index], latents)
+    calls = recorder.take()
+    assert recorder.calls() == []
+    per_request = len(graph_specs(config)) - 1 + sum(config.steps)
+    assert len(calls) == len(requests) * per_request
+    assert len({c.thread for c in calls}) >= 1 and len({c.sequence for c in calls}) == len(calls)
+    for call in calls:
+        if call.graph == "flow_step":
+            assert call.stage is not None and call.step is not None
+            assert float(call.feeds["t"][0]) == stage_times(config, call.stage)[call.step][0]
+        else:
+            assert call.stage is None and call.step is None
+    assert recorder.describe()["recording"] is True and recorder.name == pipeline.backend.name
+
+
+def test_recorded_feeds_are_private_copies(captured: tuple[Pipeline, CalibrationSet]) -> None:
+    pipeline, _ = captured
+    recorder = RecordingBackend(pipeline.backend)
+    feeds = {"x": np.ones((2, pipeline.config.latent_channels), np.float32)}
+    feeds["z"] = np.ones((4, pipeline.config.width), np.float32)
+    feeds.update({name: np.array([0.5], np.float32) for name in ("t", "dt", "cfg")})
+    recorder.run("flow_step", feeds)
+    feeds["x"][:] = 7.0
+    (call,) = recorder.calls()
+    assert np.all(call.feeds["x"] == 1.0) and call.stage is None
+
+
+def test_capture_refuses_fused_reduced_precision_or_foreign_plans(
+    captured: tuple[Pipeline, CalibrationSet], tmp_path: Path
+) -> None:
+    pipeline, _ = captured
+    plan = CalibrationPlan.for_config(pipeline.config, num_requests=8, batch=2)
+    for changes in ({"fuse_flow_loop": True}, {"precision": "fp16"}):
+        other = Pipeline(dataclasses.replace(pipeline.manifest, **changes), pipeline.backend)
+        with pytest.raises(InvalidRequestError):
+            capture(other, plan, tmp_path / "never")
+    with pytest.raises(InvalidRequestError, match="classes"):
+        capture(pipeline, dataclasses.replace(plan, num_classes=12), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_recapture_replaces_the_previous_files(captured: tuple[Pipeline, CalibrationSet], tmp_path: Path) -> None:
+    pipeline, result = captured
+    target = _copy(result, tmp_path)
+    old = {p.name for p in target.glob("*.npz")}
+    # a capture is deterministic: the same plan gives the same content-addressed files
+    repeated = capture(pipeline, result.plan, tmp_path / "repeated")
+    assert {e.file for e in repeated.graphs.values()} == {e.file for e in result.graphs.values()} == old
+    plan = CalibrationPlan.for_config(pipeline.config, num_requests=8, batch=2, seed=99)
+    again = capture(pipeline, plan, target)
+    new = {p.name for p in target.glob("*.npz")}
+    assert new == {entry.file for entry in again.graphs.values()}
+    assert old != new
+    assert not any(p.name.endswith(".tmp") for p in target.iterdir())
+    assert load_calibration(target).plan.seed == 99
+
+
+# ------------------------------------------------------------------------- missing / corrupt
+def test_missing_or_corrupt_files_raise_calibration_errors(
+    captured: tuple[Pipeline, CalibrationSet], tmp_path: Path
+) -> None:
+    _, result = captured
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CalibrationError, match="missing"):
+        load_calibration(empty)
+
+    def damaged(label: str) -> Path:
+        return _copy(result, tmp_path / label)
+
+    target = damaged("npz-missing")
+    (target / result.graphs["flow_step"].file).unlink()
+    with pytest.raises(CalibrationError, match="missing"):
+        load_calibration(target)
+
+    target = damaged("npz-flipped")
+    path = target / result.graphs["backbone_2"].file
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CalibrationError, match="sha256"):
+        load_calibration(target)
+
+    target = damaged("npz-truncated-unverified")
+    path = target / result.graphs["decoder"].file
+    path.write_bytes(path.read_bytes()[:100])
+    lazy = load_calibration(target, verify=False)
+    with pytest.raises(CalibrationError, match="corrupt"):
+        lazy.rows("decoder")
+
+    target = damaged("npz-garbage-with-matching-sha")
+    path = target / result.graphs["decoder"].file
+    path.write_bytes(b"not a zip file")
+    data = json.loads((target / MANIFEST_NAME).read_text())
+    data["graphs"]["decoder"]["sha256"] = hashlib.sha256(b"not a zip file").hexdigest()
+    (target / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match="corrupt"):
+        load_calibration(target)
+
+    for label, edit in {
+        "not-json": lambda text: text[: len(text) // 2],
+        "version": lambda text: text.replace('"format_version": 1', '"format_version": 99'),
+        "format": lambda text: text.replace('"ecar-calibration"', '"something-else"'),
+        "graph-dropped": lambda text: json.dumps(
+            {**json.loads(text), "graphs": {k: v for k, v in json.loads(text)["graphs"].items() if k != "decoder"}}
+        ),
+        "escaping-file": lambda text: text.replace(result.graphs["decoder"].file, "../decoder-000000000000.npz"),
+        "bad-plan": lambda text: json.dumps({**json.loads(text), "plan": {"num_classes": "ten"}}),
+        "bad-rows": lambda text: json.dumps(
+            {
+                **json.loads(text),
+                "graphs": {
+                    k: {**v, "rows": {"calibration": v["rows"]["calibration"], "held_out": 0}}
+                    for k, v in json.loads(text)["graphs"].items()
+                },
+            }
+        ),
+    }.items():
+        target = damaged(label)
+        manifest = target / MANIFEST_NAME
+        manifest.write_text(edit(manifest.read_text()))
+        with pytest.raises(CalibrationError) as info:
+            load_calibration(target)
+        assert isinstance(info.value, ECARError), label
+
+
+def test_stored_rows_do_not_match_manifest_shapes(captured: tuple[Pipeline, CalibrationSet], tmp_path: Path) -> None:
+    _, result = captured
+    target = _copy(result, tmp_path)
+    data = json.loads((target / MANIFEST_NAME).read_text())
+    data["graphs"]["decoder"]["rows"]["calibration"] += 1
+    (target / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match="does not hold the arrays"):
+        load_calibration(target)
+
+
+def test_calibration_imports_neither_torch_nor_ecar_export() -> None:
+    """Dependency direction ecar_export -> calibration -> runtime (DESIGN §2)."""
+    code = (
+        "import sys, calibration, calibration.capture, calibration.readers, calibration.layout\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ecar_export'))\n"
+        "assert not bad, bad\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

@@ -1,0 +1,48 @@
+"""`ecar-export build --precision int8`: calibrated Q/DQ graphs, checked on held-out stage inputs."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from conftest import BuildCache, needs_demo
+
+from ecar_export.check import check_build
+from ecar_export.evaluate import evaluate
+from ecar_export.precision import int8
+from runtime import manifest as manifest_io
+from runtime.pipeline import Pipeline
+
+TINY = "tiny-1-2-4"
+
+
+def test_int8_build_is_calibrated_checked_and_keeps_its_calibration(build_cache: BuildCache) -> None:
+    build = build_cache.get(TINY, precision="int8")
+    manifest = manifest_io.load(build.dir)
+    assert manifest.precision == "int8"
+    assert manifest.raw["calibration"]["calibration_method"] == "minmax"
+    assert (build.dir / "calibration" / "calibration.json").is_file()
+    for name, entry in manifest.graphs.items():
+        graph = onnx.load(str(manifest.path(entry.file)))
+        if entry.spec.kind in ("backbone", "flow_step"):
+            records = int8.check_qdq(graph)  # raises unless symmetric int8 with per-channel weights
+            assert records, f"{name} has no Q/DQ pairs"
+        cosines = manifest.raw["graphs"][name]["builder"]["held_out_cosine"]
+        assert min(cosines.values()) >= 0.99, (name, cosines)
+    results, _ = check_build(build.dir, build.model)
+    assert all(r.ok for r in results), [(r.graph, r.cosine, r.error) for r in results]
+    assert {r.inputs for r in results} == {"held-out"}
+
+
+@needs_demo
+def test_demo_int8_quality_within_bounds(build_cache: BuildCache) -> None:
+    """Same yardstick, same seeds: accuracy within 3 points, Fréchet distance within 25 % of fp32."""
+    fp32 = Pipeline.from_dir(build_cache.get("demo").dir, backend="onnxruntime", device="cpu")
+    quantized = Pipeline.from_dir(build_cache.get("demo", precision="int8").dir, backend="onnxruntime", device="cpu")
+
+    def sampler(pipe: Pipeline):  # type: ignore[no-untyped-def]
+        return lambda labels, seeds: pipe.generate_many(labels, seed=seeds).images
+
+    reference = evaluate(sampler(fp32), per_class=10, seed=7000)
+    result = evaluate(sampler(quantized), per_class=10, seed=7000)
+    assert abs(result.accuracy - reference.accuracy) <= 0.03
+    assert result.frechet_distance == pytest.approx(reference.frechet_distance, rel=0.25)
