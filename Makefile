@@ -27,7 +27,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy runtime ecar_export
+	$(BIN)/mypy runtime ecar_export calibration
+	# the TensorRT layer against NVIDIA's published API stubs (unpacked into .stubs/, not installed)
+	PYTHON=$(BIN)/python bash scripts/typecheck_tensorrt.sh
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q

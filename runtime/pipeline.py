@@ -79,13 +79,19 @@ class Pipeline:
         manifest = manifest_io.load(path)
         if backend not in ("auto", "onnxruntime", "tensorrt"):
             raise BackendUnavailableError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
-        if backend == "tensorrt" or (backend == "auto" and manifest.backend == "tensorrt" and _tensorrt_usable()):
-            if manifest.backend != "tensorrt":
-                raise BackendUnavailableError(
-                    f"'{path}' holds no TensorRT plans (built for {manifest.backend}); "
-                    "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
-                )
-            raise BackendUnavailableError("the TensorRT runtime backend is not available in this version")
+        if backend == "tensorrt" and manifest.backend != "tensorrt":
+            raise BackendUnavailableError(
+                f"'{path}' holds no TensorRT plans (built for {manifest.backend}); "
+                "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
+            )
+        if manifest.backend == "tensorrt" and backend in ("tensorrt", "auto"):
+            from runtime.backends import tensorrt_backend
+
+            problem = tensorrt_backend.probe(manifest)
+            if problem is None:
+                return cls(manifest, tensorrt_backend.TensorRTBackend(manifest))
+            if backend == "tensorrt":
+                raise BackendUnavailableError(problem)
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return cls(manifest, OnnxRuntimeBackend(manifest, device=device))
@@ -182,6 +188,16 @@ class Pipeline:
         config = self.config
         weights = schedule.cfg_weights(config, cfg)
         noise = schedule.draw_noise(config, keys)
+        on_device = getattr(self.backend, "generate_on_device", None)
+        if on_device is not None:  # TensorRT: every intermediate stays on the GPU for the whole request
+            out = on_device(labels, noise, weights, on_stage)
+            timings.stages = list(out.stage_seconds)
+            timings.graphs.update(out.graph_seconds)
+            timings.calls.update(out.graph_calls)
+            timings.decoder = out.decoder_seconds
+            images = to_uint8(out.image)
+            timings.total = time.perf_counter() - begin
+            return GenerateResult(images, out.latents, timings)
         rows, channels, width = len(labels), config.latent_channels, config.width
         prev: np.ndarray | None = None
         past: np.ndarray | None = None
@@ -217,9 +233,3 @@ class Pipeline:
         timings.decoder = time.perf_counter() - decode_begin
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, prev, timings)
-
-
-def _tensorrt_usable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None

@@ -339,7 +339,8 @@ def test_manifest_records_provenance_and_file_digests(build_cache: BuildCache):
         digest = hashlib.sha256((build.dir / entry["file"]).read_bytes()).hexdigest()
         assert entry["sha256"] == digest, name
     files = {entry["file"] for entry in data["graphs"].values()}
-    assert sorted(os.listdir(build.dir)) == sorted(files | {manifest_io.MANIFEST_NAME})
+    visible = [name for name in os.listdir(build.dir) if not name.startswith(".")]  # .build.lock
+    assert sorted(visible) == sorted(files | {manifest_io.MANIFEST_NAME})
 
 
 CONTRACT_CASES = [pytest.param((SCALE3, False), id=SCALE3), pytest.param((TWO_STAGE, True), id="fused")]
@@ -392,7 +393,8 @@ def test_rebuild_replaces_graph_files_and_keeps_other_files(build_cache: BuildCa
     assert len(files) == len(graph_specs(other.config))
     assert not old_files & onnx_files, "files of the previous build were left behind"
     assert readme.read_text() == "engines built by the test suite\n"
-    assert sorted(p.name for p in out.iterdir()) == sorted(files | {"README.md", manifest_io.MANIFEST_NAME})
+    visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]  # .build.lock
+    assert sorted(visible) == sorted(files | {"README.md", manifest_io.MANIFEST_NAME})
 
     pipe = Pipeline.from_dir(out, backend="onnxruntime", device="cpu")
     assert pipe.max_batch == 3

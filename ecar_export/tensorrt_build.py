@@ -1,0 +1,450 @@
+"""Compile a build's ONNX graphs into TensorRT plans (DESIGN §4: precision lives in the graphs).
+
+Networks are strongly typed by default (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; the
+only mode TensorRT 11 has): an FP16 graph gives an FP16 plan, an explicit Q/DQ graph an INT8
+plan, and float32 graphs are built with TF32 off so they match ONNX Runtime's float32. On
+TensorRT 10 the weakly typed path (BuilderFlag.FP16 / INT8 on a float32 graph) is available as
+an option; INT8 there still needs Q/DQ graphs (calibrators are not used: TensorRT 11 removed
+them).
+
+Every build gets one optimisation profile spanning the manifest's batch range
+(:func:`runtime.graphs.profile_shapes`) and reuses a timing cache, one file per GPU and
+TensorRT version (:func:`timing_cache_file`). Plans are written atomically under
+content-addressed names; the manifest is not touched here (:func:`apply_plans` returns the
+fields to write, :func:`build_plans_for_dir` does the whole job for an existing ONNX build).
+
+TensorRT is imported lazily: importing this module works without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runtime import gpu
+from runtime import manifest as manifest_io
+from runtime.backends.tensorrt_backend import (
+    HARDWARE_COMPATIBILITY_LEVELS,
+    LogBook,
+    load_tensorrt,
+    log_tail_text,
+    tensorrt_logger,
+    tensorrt_major,
+)
+from runtime.backends.tensorrt_backend import tensorrt_version as _tensorrt_version
+from runtime.errors import BackendUnavailableError, EngineError, InvalidRequestError, ManifestError
+from runtime.fileio import atomic_path, write_bytes_atomic
+from runtime.graphs import GraphSpec, TensorSpec, profile_shapes
+from runtime.manifest import GraphEntry
+
+if TYPE_CHECKING:  # typed by tensorrt-stubs where installed
+    import tensorrt as trt
+
+Profile = tuple[int, int, int]  # (min_batch, opt_batch, max_batch)
+Progress = Callable[[str, int, int], None]  # graph name, plans done, plans in all
+WEAK_PRECISIONS = ("fp32", "fp16", "int8")
+PARSER_ERRORS_SHOWN = 10
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version, or None where ``import tensorrt`` fails (or finds only stubs)."""
+    return _tensorrt_version()
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """What one plan build produced; :meth:`manifest_fields` goes into the manifest's graph entry."""
+
+    graph: str
+    plan_file: str
+    plan_sha256: str
+    plan_bytes: int
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    hardware_compatibility: str
+    strongly_typed: bool
+    weakly_typed_precision: str | None
+    profile: Profile
+    build_seconds: float
+    timing_cache: str | None
+
+    def manifest_fields(self) -> dict[str, object]:
+        return {
+            "plan_file": self.plan_file,
+            "plan_sha256": self.plan_sha256,
+            "tensorrt_builder": {
+                "tensorrt": self.tensorrt_version,
+                "strongly_typed": self.strongly_typed,
+                "weakly_typed_precision": self.weakly_typed_precision,
+                "hardware_compatibility": self.hardware_compatibility,
+                "profile": list(self.profile),
+                "build_seconds": round(self.build_seconds, 3),
+                "plan_bytes": self.plan_bytes,
+            },
+        }
+
+
+# ----------------------------------------------------------------------------- timing cache
+def default_timing_cache_dir() -> Path:
+    """``$ECAR_TENSORRT_CACHE`` or ``$XDG_CACHE_HOME/ecar-export/tensorrt`` (``~/.cache/...``)."""
+    explicit = os.environ.get("ECAR_TENSORRT_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ecar-export" / "tensorrt"
+
+
+def timing_cache_file(cache_dir: str | os.PathLike[str], gpu_name: str, compute_capability: str, version: str) -> Path:
+    """One timing cache per GPU model and TensorRT version: ``trt-<version>-sm<cc>-<gpu>.timing-cache``."""
+    major, minor = gpu.parse_compute_capability(compute_capability)
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    safe_version = re.sub(r"[^0-9A-Za-z.]+", "-", version)
+    return Path(cache_dir) / f"trt-{safe_version}-sm{major}{minor}-{slug}.timing-cache"
+
+
+def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogBook, mark: int) -> None:
+    data = b""
+    if path is not None and path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+    cache: trt.ITimingCache | None = config.create_timing_cache(data)
+    if cache is None and data:  # unreadable or from another version: start afresh
+        cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        where = f" from '{path}'" if path else ""
+        raise EngineError(f"TensorRT cannot use a timing cache{where}" + log_tail_text(book, mark))
+
+
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
+    if path is None:
+        return
+    cache: trt.ITimingCache | None = config.get_timing_cache()
+    if cache is None:
+        return
+    write_bytes_atomic(path, bytes(memoryview(cache.serialize())))
+
+
+# ----------------------------------------------------------------------------- one plan
+def _check_options(
+    version: str, strongly_typed: bool, weakly_typed_precision: str | None, hardware_compatibility: str
+) -> None:
+    import tensorrt as trt
+
+    if hardware_compatibility not in HARDWARE_COMPATIBILITY_LEVELS:
+        raise InvalidRequestError(
+            f"unknown hardware compatibility {hardware_compatibility!r}: use {', '.join(HARDWARE_COMPATIBILITY_LEVELS)}"
+        )
+    level_name = hardware_compatibility.upper()
+    if level_name != "NONE" and not hasattr(trt.HardwareCompatibilityLevel, level_name):
+        raise InvalidRequestError(f"TensorRT {version} has no hardware compatibility level {level_name}")
+    if strongly_typed:
+        if weakly_typed_precision is not None:
+            raise InvalidRequestError(
+                "weakly_typed_precision applies to weakly typed networks only; pass strongly_typed=False"
+            )
+        return
+    if tensorrt_major(version) >= 11 or not hasattr(trt.BuilderFlag, "FP16"):
+        raise InvalidRequestError(
+            f"TensorRT {version} builds strongly typed networks only: put the precision into the ONNX graphs "
+            "(FP16 graphs, Q/DQ INT8 graphs) and build with strongly_typed=True"
+        )
+    if weakly_typed_precision not in WEAK_PRECISIONS:
+        raise InvalidRequestError(f"weakly_typed_precision must be one of {', '.join(WEAK_PRECISIONS)}")
+
+
+def _parser_errors(parser: trt.OnnxParser) -> str:
+    lines = []
+    for index in range(min(parser.num_errors, PARSER_ERRORS_SHOWN)):
+        error = parser.get_error(index)
+        node = _call_or(error, "node_name", "") or f"#{_call_or(error, 'node', '?')}"
+        operator = _call_or(error, "node_operator", "")
+        where = f"node {node}" + (f" ({operator})" if operator else "")
+        lines.append(f"{where}: {_call_or(error, 'desc', str(error))} [{_call_or(error, 'code', '')}]")
+    if parser.num_errors > PARSER_ERRORS_SHOWN:
+        lines.append(f"... and {parser.num_errors - PARSER_ERRORS_SHOWN} more")
+    return "\n  ".join(lines)
+
+
+def _call_or(obj: Any, method: str, default: object) -> str:
+    function = getattr(obj, method, None)
+    if function is None:
+        return str(default)
+    try:
+        return str(function())
+    except Exception:  # an accessor missing in this TensorRT version
+        return str(default)
+
+
+def _network_inputs(network: trt.INetworkDefinition) -> dict[str, tuple[int, ...]]:
+    inputs = {}
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        inputs[tensor.name] = tuple(int(tensor.shape[d]) for d in range(len(tensor.shape)))
+    return inputs
+
+
+def _serialize(
+    onnx_path: Path,
+    spec: GraphSpec,
+    profile: Profile,
+    timing_cache_path: Path | None,
+    strongly_typed: bool,
+    weakly_typed_precision: str | None,
+    hardware_compatibility: str,
+    workspace_bytes: int | None,
+    allow_tf32: bool,
+) -> bytes:
+    """Parse ``onnx_path`` and build one serialized plan (bytes)."""
+    load_tensorrt()  # a clear BackendUnavailableError where TensorRT is missing
+    import tensorrt as trt
+
+    version = str(trt.__version__)
+    _check_options(version, strongly_typed, weakly_typed_precision, hardware_compatibility)
+    min_batch, opt_batch, max_batch = profile
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise InvalidRequestError(f"batch profile {profile} must satisfy 1 <= min <= opt <= max")
+    logger, book = tensorrt_logger(trt)
+    mark = book.mark()
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # pybind raises when CUDA cannot initialise
+        raise BackendUnavailableError(
+            f"TensorRT cannot create a builder ({exc}; no usable GPU?)" + log_tail_text(book, mark)
+        ) from None
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # ignored (always on) in TRT 11
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise EngineError(
+            f"TensorRT {version} cannot parse '{onnx_path}' (graph '{spec.name}'):\n  {_parser_errors(parser)}"
+            + log_tail_text(book, mark)
+        )
+    inputs = _network_inputs(network)
+    unknown = sorted(set(inputs) - set(spec.input_names()))
+    if unknown:
+        raise EngineError(f"'{onnx_path}' has inputs {unknown} that graph '{spec.name}' does not define; re-export it")
+    config = builder.create_builder_config()
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if not allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if not strongly_typed and weakly_typed_precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        if weakly_typed_precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ graphs: no calibrator
+    if hardware_compatibility != "none":
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, hardware_compatibility.upper())
+    optimisation = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile_shapes(spec, min_batch, opt_batch, max_batch).items():
+        if name in inputs and any(d < 0 for d in inputs[name]):  # static inputs need no profile entry
+            optimisation.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+    if config.add_optimization_profile(optimisation) < 0:
+        raise EngineError(
+            f"TensorRT rejected the batch profile {profile} of graph '{spec.name}'" + log_tail_text(book, mark)
+        )
+    _load_timing_cache(config, timing_cache_path, book, mark)
+    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(
+            f"TensorRT {version} failed to build a plan for graph '{spec.name}' from '{onnx_path}'"
+            + log_tail_text(book, mark)
+        )
+    _save_timing_cache(config, timing_cache_path)
+    return bytes(memoryview(serialized))
+
+
+def build_plan(
+    onnx_path: str | os.PathLike[str],
+    plan_path: str | os.PathLike[str],
+    spec: GraphSpec,
+    profile: Profile,
+    timing_cache_path: str | os.PathLike[str] | None = None,
+    strongly_typed: bool = True,
+    weakly_typed_precision: str | None = None,
+    hardware_compatibility: str = "none",
+    workspace_bytes: int | None = None,
+    *,
+    allow_tf32: bool = False,
+    device_index: int = 0,
+) -> PlanRecord:
+    """Compile one ONNX graph into a TensorRT plan at ``plan_path`` (written atomically).
+
+    ``profile``: (min, opt, max) batch. ``timing_cache_path``: a file read before and written
+    after the build (None: no timing cache; see :func:`timing_cache_file` for its name).
+    ``strongly_typed=False`` (TensorRT 10 only) with ``weakly_typed_precision`` "fp16" / "int8"
+    sets the builder's precision flags instead. ``hardware_compatibility``: "none",
+    "same_compute_capability" or "ampere_plus". ``workspace_bytes``: limit of the builder's
+    workspace memory pool. Raises :class:`BackendUnavailableError` without TensorRT or a GPU,
+    :class:`EngineError` (with TensorRT's last log lines) when parsing or building fails.
+    """
+    version = str(load_tensorrt().__version__)
+    cuda = gpu.driver()
+    cuda.use_device(device_index)
+    info = cuda.info(device_index)
+    begin = time.perf_counter()
+    cache = Path(timing_cache_path) if timing_cache_path is not None else None
+    data = _serialize(
+        Path(onnx_path),
+        spec,
+        profile,
+        cache,
+        strongly_typed,
+        weakly_typed_precision,
+        hardware_compatibility,
+        workspace_bytes,
+        allow_tf32,
+    )
+    seconds = time.perf_counter() - begin
+    target = Path(plan_path)
+    with atomic_path(target) as temp:
+        temp.write_bytes(data)
+    return PlanRecord(
+        graph=spec.name,
+        plan_file=target.name,
+        plan_sha256=hashlib.sha256(data).hexdigest(),
+        plan_bytes=len(data),
+        tensorrt_version=version,
+        gpu_name=info.name,
+        compute_capability=info.compute_capability,
+        hardware_compatibility=hardware_compatibility,
+        strongly_typed=strongly_typed,
+        weakly_typed_precision=None if strongly_typed else weakly_typed_precision,
+        profile=profile,
+        build_seconds=seconds,
+        timing_cache=str(cache) if cache is not None else None,
+    )
+
+
+# ----------------------------------------------------------------------------- a whole build
+def _spec_from_dict(name: str, data: Mapping[str, Any]) -> GraphSpec:
+    """A manifest graph entry (or build.py's graphs data) back into its :class:`GraphSpec`."""
+    try:
+
+        def tensors(items: Any) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
+
+        return GraphSpec(
+            name,
+            str(data["kind"]),
+            data.get("stage"),
+            tensors(data["inputs"]),
+            tensors(data["outputs"]),
+            tuple(data.get("tokens_per_row", ())),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"graph '{name}': cannot read its contract ({exc})") from None
+
+
+def build_plans(
+    engine_dir: str | os.PathLike[str],
+    manifest_graphs: Mapping[str, GraphEntry | Mapping[str, Any]],
+    profile: Profile,
+    *,
+    timing_cache_dir: str | os.PathLike[str] | None = None,
+    strongly_typed: bool = True,
+    weakly_typed_precision: str | None = None,
+    hardware_compatibility: str = "none",
+    workspace_bytes: int | None = None,
+    allow_tf32: bool = False,
+    device_index: int = 0,
+    progress: Progress | None = None,
+) -> tuple[dict[str, PlanRecord], dict[str, object]]:
+    """One plan per graph of a build; returns the per-graph records and the manifest's ``tensorrt`` block.
+
+    ``manifest_graphs``: :attr:`Manifest.graphs` of a loaded build, or build.py's graph dicts
+    (each with ``file`` and the contract fields). Plans go into ``engine_dir`` as
+    ``<graph>-<sha12>.plan`` (atomic writes; nothing else is changed). ``timing_cache_dir``:
+    where the per-GPU timing cache lives (default :func:`default_timing_cache_dir`).
+    """
+    version = str(load_tensorrt().__version__)
+    info = gpu.driver().info(device_index)
+    root = Path(engine_dir)
+    cache_dir = Path(timing_cache_dir) if timing_cache_dir is not None else default_timing_cache_dir()
+    cache = timing_cache_file(cache_dir, info.name, info.compute_capability, version)
+    records: dict[str, PlanRecord] = {}
+    items = list(manifest_graphs.items())
+    for done, (name, entry) in enumerate(items):
+        if progress:
+            progress(name, done, len(items))
+        if isinstance(entry, GraphEntry):
+            spec, onnx_file = entry.spec, entry.file
+        else:
+            spec, onnx_file = _spec_from_dict(name, entry), str(entry["file"])
+        staging = root / f".{name}.plan.building"
+        record = build_plan(
+            root / onnx_file,
+            staging,
+            spec,
+            profile,
+            cache,
+            strongly_typed,
+            weakly_typed_precision,
+            hardware_compatibility,
+            workspace_bytes,
+            allow_tf32=allow_tf32,
+            device_index=device_index,
+        )
+        final = f"{name}-{record.plan_sha256[:12]}.plan"
+        os.replace(staging, root / final)
+        records[name] = dataclasses.replace(record, plan_file=final)
+    if progress:
+        progress("done", len(items), len(items))
+    block: dict[str, object] = {
+        "version": version,
+        "gpu_name": info.name,
+        "compute_capability": info.compute_capability,
+        "hardware_compatibility": hardware_compatibility,
+        "strongly_typed": strongly_typed,
+    }
+    return records, block
+
+
+def apply_plans(
+    manifest_data: Mapping[str, Any], records: Mapping[str, PlanRecord], block: Mapping[str, object]
+) -> dict[str, Any]:
+    """A copy of a manifest's JSON data that names the plans: what build.py writes for a TensorRT build."""
+    data = copy.deepcopy(dict(manifest_data))
+    graphs = data.get("graphs")
+    if not isinstance(graphs, dict) or set(graphs) != set(records):
+        raise ManifestError("the plans do not cover exactly the manifest's graphs; rebuild them all")
+    for name, record in records.items():
+        graphs[name].update(record.manifest_fields())
+    data["backend"] = "tensorrt"
+    data["tensorrt"] = dict(block)
+    toolchain = data.setdefault("toolchain", {})
+    if isinstance(toolchain, dict):
+        toolchain["tensorrt"] = block["version"]
+    return data
+
+
+def build_plans_for_dir(engine_dir: str | os.PathLike[str], **options: Any) -> Path:
+    """Add TensorRT plans to an existing ONNX build in place; the manifest is replaced atomically last.
+
+    ``options`` are :func:`build_plans`' keyword options. Plan files a previous manifest named
+    and the new one does not are removed after the commit. Returns the manifest's path.
+    """
+    root = Path(engine_dir)
+    manifest = manifest_io.load(root)
+    old_plans = {entry.plan_file for entry in manifest.graphs.values() if entry.plan_file}
+    records, block = build_plans(
+        root, manifest.graphs, (manifest.min_batch, manifest.opt_batch, manifest.max_batch), **options
+    )
+    data = apply_plans(json.loads(json.dumps(manifest.raw)), records, block)
+    path = manifest_io.write(root, data)
+    for stale in old_plans - {record.plan_file for record in records.values()}:
+        (root / stale).unlink(missing_ok=True)
+    return path
