@@ -8,10 +8,6 @@ and checks the result with ``onnx.checker`` and shape inference.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ import torch
 from torch import nn
 
 from ecar_export.model import ECAR
+from ecar_export.quiet import quiet
 from runtime import graphs
 from runtime.errors import EngineError
 from runtime.graphs import GraphSpec
@@ -126,7 +123,7 @@ def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -
     # Trace with a batch of 2 so no dynamic axis specialises to 1.
     sample = spec.sample_inputs(model.config, 2, rng)
     args = tuple(torch.from_numpy(sample[name]) for name in spec.input_names())
-    with _quiet():
+    with quiet():
         program = torch.onnx.export(
             module,
             args,
@@ -150,7 +147,7 @@ def clean(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
     from polygraphy.backend.onnx import fold_constants
 
-    with _quiet():
+    with quiet():
         proto = fold_constants(proto, error_ok=True)
         graph = gs.import_onnx(proto)
         graph.cleanup().toposort()
@@ -165,16 +162,3 @@ def clean(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
         )
     onnx.checker.check_model(proto, full_check=True)
     return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-
-
-@contextlib.contextmanager
-def _quiet():  # type: ignore[no-untyped-def]
-    """Silence the exporters' chatter (warnings, logging, prints); errors still propagate."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)

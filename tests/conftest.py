@@ -22,6 +22,29 @@ from runtime.config import ECARConfig
 # Tests share the machine with other work; one intra-op thread keeps runs light and deterministic.
 torch.set_num_threads(1)
 
+# Prefix for code run in a fresh interpreter where importing torch must fail.
+BLOCK_TORCH = """
+import importlib.abc
+import sys
+
+
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this test ({name})")
+        return None
+
+
+sys.meta_path.insert(0, BlockTorch())
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the torch block does not work")
+"""
+
 TINY_DEFAULTS: dict[str, Any] = {
     "name": "tiny",
     "image_size": 8,

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import (
+    BLOCK_TORCH,
     ENGINE_CONFIGS,
     Build,
     BuildCache,
@@ -261,25 +262,9 @@ def test_concurrent_generate_calls_equal_sequential_calls(build_cache: BuildCach
 
 
 # ----------------------------------------------------------------------------- torch-free runtime
-TORCH_BLOCKED_RUN = """
-import importlib.abc
-import sys
-
-class BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-
-sys.meta_path.insert(0, BlockTorch())
-sys.modules["torch"] = None
-try:
-    import torch  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("the torch block does not work")
-
+TORCH_BLOCKED_RUN = (
+    BLOCK_TORCH
+    + """
 import numpy as np
 from runtime.pipeline import Pipeline
 
@@ -290,6 +275,7 @@ loaded = sorted(n for n in sys.modules if n.startswith("torch.") or (n == "torch
 assert not loaded, loaded
 print("RUNTIME_WITHOUT_TORCH_OK")
 """
+)
 
 
 def test_runtime_generates_where_torch_cannot_be_imported(build_cache: BuildCache, tmp_path: Path):

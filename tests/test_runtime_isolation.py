@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import BLOCK_TORCH
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,26 +51,9 @@ def test_check_detects_torch_when_it_is_imported() -> None:
 
 def test_runtime_works_with_torch_blocked() -> None:
     result = run_python(
-        """
-        import importlib.abc
-        import sys
-
-        class BlockTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError(f"torch is blocked in this test ({name})")
-                return None
-
-        sys.meta_path.insert(0, BlockTorch())
-        sys.modules["torch"] = None  # any `import torch` now raises ImportError
-
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("the torch block does not work")
-
+        BLOCK_TORCH
+        + textwrap.dedent(
+            """
         import numpy as np
         import runtime
         from runtime import schedule
@@ -83,6 +68,7 @@ def test_runtime_works_with_torch_blocked() -> None:
         assert runtime.ECARConfig is ECARConfig
         print("RUNTIME_OK")
         """
+        )
     )
     assert result.returncode == 0, result.stderr
     assert "RUNTIME_OK" in result.stdout, result.stdout

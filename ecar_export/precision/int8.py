@@ -34,13 +34,9 @@ Calibration methods (ORT's calibrators, :func:`calibrate`): "minmax" (default),
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +46,7 @@ import onnx
 from onnx import numpy_helper
 
 from ecar_export.precision.fp16 import _name_unnamed_nodes, fp32_nodes
+from ecar_export.quiet import quiet
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
@@ -131,7 +128,7 @@ def quantize(
         return proto
     with tempfile.TemporaryDirectory(prefix="ecar-int8-") as tmp_dir:
         tmp = Path(tmp_dir)
-        with _quiet():
+        with quiet():
             tensors = activation_inputs(proto, targets)
             ranges = calibrate(proto, reader, method, tensors, tmp, percentile=percentile, threads=threads)
             quantize_static(
@@ -295,19 +292,6 @@ def _check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
 
     if interface(before) != interface(after):
         raise RuntimeError("INT8 quantization changed the graph's inputs or outputs")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """ORT's quantizer logs advice at WARNING level; keep it off the user's terminal."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
 
 
 # ------------------------------------------------------------------------ Q/DQ inspection
