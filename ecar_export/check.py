@@ -80,24 +80,32 @@ def _torch_runner(model: ECAR, spec: GraphSpec) -> Any:
     return TorchGraphRunner()
 
 
-def _held_out_inputs(manifest: manifest_io.Manifest) -> dict[str, dict[str, np.ndarray]]:
+def _held_out_inputs(
+    manifest: manifest_io.Manifest, calibration_dir: str | Path | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """One batch of held-out calibration inputs per graph, where the build kept its calibration set.
 
     INT8 graphs are judged on real stage inputs the quantizer never saw; random inputs can
     fall outside the calibrated ranges and say little about a quantized graph.
     """
-    if "calibration" not in manifest.raw:
-        return {}
     from calibration import load_calibration
     from calibration.readers import held_out_feeds
     from runtime.errors import ECARError
 
-    try:
-        calibration = load_calibration(manifest.root / "calibration")
-    except ECARError:
+    if calibration_dir is not None:  # asked for explicitly: errors are the user's to see
+        calibration = load_calibration(calibration_dir)
+        calibration.check_compatible(manifest.config, manifest.checkpoint_sha256)
+    elif "calibration" in manifest.raw:
+        try:
+            calibration = load_calibration(manifest.root / "calibration")
+        except ECARError:
+            return {}
+    else:
         return {}
     inputs = {}
     for name in calibration.graph_names():
+        if name not in manifest.graphs:
+            continue
         feeds = held_out_feeds(calibration, name)
         if feeds:
             inputs[name] = feeds[0]
@@ -113,7 +121,11 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
 
 
 def check_build(
-    engine_dir: str | Path, model: ECAR, batch: int = 2, seed: int | None = None
+    engine_dir: str | Path,
+    model: ECAR,
+    batch: int = 2,
+    seed: int | None = None,
+    calibration_dir: str | Path | None = None,
 ) -> tuple[list[GraphCheck], int]:
     """Compare every graph; returns the per-graph results and the input seed used."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -123,7 +135,7 @@ def check_build(
     manifest = manifest_io.load(engine_dir, verify_files=False)
     seed = secrets.randbits(32) if seed is None else seed
     rng = np.random.default_rng(seed)
-    held_out = _held_out_inputs(manifest)
+    held_out = _held_out_inputs(manifest, calibration_dir)
     batch = max(manifest.min_batch, min(batch, manifest.max_batch))
     atol, min_cosine = TOLERANCES[manifest.precision]
     results = []

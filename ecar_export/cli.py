@@ -120,6 +120,11 @@ def build_cmd(
     source = _model_source(checkpoint, preset)
     chosen = resolve_backend(backend)
     console().print(f"backend: {chosen}" + (" (auto)" if backend == "auto" else ""))
+    if chosen == "onnxruntime" and precision != "fp32":
+        console().print(
+            f"TensorRT is not available here: writing the {precision} ONNX graphs for ONNX Runtime; "
+            "compile them into TensorRT plans on a GPU machine with `ecar-export build --backend tensorrt`"
+        )
     with progress_bar() as bar:
         task = bar.add_task("exporting", total=None)
 
@@ -155,6 +160,13 @@ def check_cmd(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     batch: Annotated[int, typer.Option(help="Batch size of the random test inputs.")] = 2,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="A calibration set (e.g. an int8 build's calibration/ folder) whose held-out stage inputs replace "
+            "the random ones; int8 builds use their own by default."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random inputs (default: fresh).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -166,7 +178,7 @@ def check_cmd(
     from ecar_export.check import check_build
 
     model = _model(checkpoint, preset)
-    results, used_seed = check_build(engine_dir, model, batch=batch, seed=seed)
+    results, used_seed = check_build(engine_dir, model, batch=batch, seed=seed, calibration_dir=calibration)
     if as_json:
         sys.stdout.write(json.dumps({"seed": used_seed, "graphs": [vars(r) for r in results]}, indent=2) + "\n")
     else:

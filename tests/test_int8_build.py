@@ -46,3 +46,22 @@ def test_demo_int8_quality_within_bounds(build_cache: BuildCache) -> None:
     result = evaluate(sampler(quantized), per_class=10, seed=7000)
     assert abs(result.accuracy - reference.accuracy) <= 0.03
     assert result.frechet_distance == pytest.approx(reference.frechet_distance, rel=0.25)
+
+
+def test_same_plan_and_seed_give_the_same_int8_graph_bytes(build_cache: BuildCache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A second, independent int8 build of the same weights writes byte-identical graphs."""
+    from conftest import build_model
+
+    first = manifest_io.load(build_cache.get(TINY, precision="int8").dir)
+    build_model(build_cache.model(TINY), tmp_path / "again", max_batch=first.max_batch, precision="int8")
+    again = manifest_io.load(tmp_path / "again")
+    assert {n: e.sha256 for n, e in again.graphs.items()} == {n: e.sha256 for n, e in first.graphs.items()}
+
+
+def test_fp16_build_checked_on_held_out_calibration_inputs(build_cache: BuildCache) -> None:
+    """`ecar-export check --calibration DIR`: an fp16 build judged on an int8 build's held-out stage inputs."""
+    calibration = build_cache.get(TINY, precision="int8").dir / "calibration"
+    half = build_cache.get(TINY, precision="fp16")
+    results, _ = check_build(half.dir, half.model, calibration_dir=calibration)
+    assert {r.inputs for r in results} == {"held-out"}
+    assert all(r.ok for r in results) and min(r.cosine for r in results) >= 0.999
