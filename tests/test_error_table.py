@@ -240,7 +240,51 @@ def test_disk_full_while_writing_outputs(good: tuple[Path, Path], tmp_path: Path
     assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp")), "no partial files may remain"
 
 
+# TensorRT plans from elsewhere. No TensorRT here: the *running* side (TensorRT version and GPU
+# of this machine) is stood in for; the manifest side and the CLI's handling are the real ones.
+PLAN_CASES = {
+    "tensorrt-plan-other-version": (
+        ("10.13.0.35", "NVIDIA H200", "9.0"),
+        r"built with TensorRT 10\.13\.0\.35 but "
+        r"this machine runs TensorRT 10\.14\.1.*rebuild",
+    ),
+    "tensorrt-plan-other-gpu": (
+        ("10.14.1", "NVIDIA A100-SXM4-80GB", "8.0"),
+        r"built for NVIDIA A100.*cannot run on "
+        r"this NVIDIA H200.*rebuild",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_tensorrt_plans_for_another_machine_are_refused(
+    case: str, good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.backends import tensorrt_backend
+    from runtime.fileio import sha256_file
+
+    (version, gpu_name, capability), message = PLAN_CASES[case]
+    engines = shutil.copytree(good[0], tmp_path / "engines")
+
+    def as_tensorrt_build(document: dict) -> None:  # type: ignore[type-arg]
+        document["backend"] = "tensorrt"
+        document["tensorrt"] = {"version": version, "gpu_name": gpu_name, "compute_capability": capability,
+                                "hardware_compatibility": "none", "strongly_typed": True}  # fmt: skip
+        for name, record in document["graphs"].items():
+            plan = engines / f"{name}-0123456789ab.plan"
+            plan.write_bytes(b"serialized plan of " + name.encode())
+            record["plan_file"], record["plan_sha256"] = plan.name, sha256_file(plan)
+
+    _edit_manifest(engines, as_tensorrt_build)
+    here = tensorrt_backend.RunningEnvironment("10.14.1", "NVIDIA H200", "9.0")
+    monkeypatch.setattr(tensorrt_backend, "running_environment", lambda device_index=0: here)
+    result = _invoke("run", _run(engines, "--backend", "tensorrt"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert re.search(message, " ".join(result.output.split())), result.output
+
+
 def test_readme_table_lists_every_scenario() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, re.MULTILINE))
-    assert rows == {s.id for s in SCENARIOS} | {"disk-full"}
+    assert rows == {s.id for s in SCENARIOS} | {"disk-full"} | set(PLAN_CASES)
