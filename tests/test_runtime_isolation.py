@@ -72,3 +72,18 @@ def test_runtime_works_with_torch_blocked() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "RUNTIME_OK" in result.stdout, result.stdout
+
+
+def test_pipeline_is_importable_from_the_package_root_without_torch() -> None:
+    """DESIGN §5's entry point: `from runtime import Pipeline`, still torch-free."""
+    result = run_python(
+        """
+        import sys
+        from runtime import Pipeline
+        from runtime.pipeline import Pipeline as Direct
+        assert Pipeline is Direct
+        print("TORCH", "torch" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TORCH False" in result.stdout, result.stdout
