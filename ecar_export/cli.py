@@ -202,6 +202,26 @@ def check_cmd(
         raise SystemExit(1)
 
 
+@app.command("inspect")
+@fail_on_ecar_errors
+def inspect_cmd(
+    engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
+        "engines"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """List a build's graphs: precision, file size, input shapes and FLOPs of one call at the opt batch."""
+    import json
+
+    from ecar_export.flops import format_rows, inspect_rows
+
+    rows = inspect_rows(engine_dir)
+    if as_json:
+        sys.stdout.write(json.dumps({"engine_dir": str(engine_dir), "graphs": rows}, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_rows(rows) + "\n")
+
+
 @app.command("eval")
 @fail_on_ecar_errors
 def eval_cmd(
