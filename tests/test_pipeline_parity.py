@@ -84,6 +84,7 @@ def test_generate_matches_torch_reference(case: tuple[str, bool], build_cache: B
     pipe, model, config = load(build), build.model, build.model.config
     assert pipe.max_batch == build.max_batch
     assert pipe.manifest.fuse_flow_loop is build.fuse_flow_loop
+    identical = total = 0
     for batch in (1, 3, build.max_batch):
         labels, seed = random_request(rng, config.num_classes, batch)
         where = f"{build.key} fused={build.fuse_flow_loop} labels={labels} seed={seed}"
@@ -100,13 +101,19 @@ def test_generate_matches_torch_reference(case: tuple[str, bool], build_cache: B
 
         diff = float(np.max(np.abs(result.latents - ref_latents)))
         assert diff <= LATENT_ATOL, f"latents max abs diff {diff:.3g} > {LATENT_ATOL} ({where})"
-        same = float(np.mean(result.images == ref_images))
-        assert same >= PIXEL_MATCH, f"only {100 * same:.3f} % of pixels identical ({where})"
+        # a latent within 1e-4 of the reference can still land on the other side of a rounding
+        # boundary: such a pixel differs by exactly 1. The identical fraction is counted over all
+        # of the test's images (a demo batch of 3 has only 768 pixels: one flip would be 0.13 %).
+        pixel_diff = np.abs(result.images.astype(np.int16) - ref_images.astype(np.int16))
+        assert int(pixel_diff.max()) <= 1, f"a pixel differs by {int(pixel_diff.max())} ({where})"
+        identical += int(np.sum(pixel_diff == 0))
+        total += pixel_diff.size
 
         calls = dict(result.timings.calls)
         if build.fuse_flow_loop:
             assert "flow_loop_1" in calls and "flow_step" not in calls, calls
         assert calls == expected_calls(build), where
+    assert identical / total >= PIXEL_MATCH, f"only {100 * identical / total:.3f} % of {total} pixels identical"
 
 
 @pytest.mark.parametrize("case", [pytest.param((TINY, False), id=TINY), pytest.param((TWO_STAGE, True), id="fused")])
