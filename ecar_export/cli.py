@@ -33,7 +33,8 @@ CheckpointOpt = Annotated[
 PresetOpt = Annotated[
     str | None,
     typer.Option(
-        "--preset", help="A named preset instead of a checkpoint: ecar-digits, ecar-b, ecar-l, ecar-digits-s1."
+        "--preset",
+        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-l.",
     ),
 ]
 LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated class labels, e.g. 3,1,4.")]

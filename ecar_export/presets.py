@@ -35,6 +35,25 @@ _CONFIGS: dict[str, ECARConfig] = {
         num_classes=1000,
         cfg_scale=4.0,
     ),
+    # The single-stage (S = 1) baseline of ecar-b: one window at the full 16×16 grid, the same
+    # total number of flow steps (20 = 5 × 4); architecture otherwise identical.
+    "ecar-b-s1": ECARConfig(
+        name="ecar-b-s1",
+        image_size=256,
+        image_channels=3,
+        latent_size=16,
+        latent_channels=16,
+        tokenizer_width=64,
+        scales=(16,),
+        steps=(20,),
+        width=768,
+        depth=12,
+        heads=12,
+        head_width=768,
+        head_depth=6,
+        num_classes=1000,
+        cfg_scale=4.0,
+    ),
     "ecar-l": ECARConfig(
         name="ecar-l",
         image_size=256,

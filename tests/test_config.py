@@ -206,3 +206,17 @@ def test_from_json_validates_values_by_name() -> None:
     data["steps"] = [2, -1, 2]
     with pytest.raises(ConfigError, match="'steps'"):
         ECARConfig.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize(("baseline", "multi_stage"), [("ecar-digits-s1", "ecar-digits"), ("ecar-b-s1", "ecar-b")])
+def test_single_stage_presets_differ_from_their_model_only_in_the_stages(baseline: str, multi_stage: str) -> None:
+    from ecar_export import presets
+
+    single, multi = presets.architecture(baseline), presets.architecture(multi_stage)
+    assert single.scales == (multi.latent_size,)
+    assert single.window_bounds == (1.0, 0.0)
+    assert sum(single.steps) == sum(multi.steps)  # the same total number of flow steps
+    stage_fields = {"name", "scales", "window_bounds", "steps"}
+    differing = {k for k, v in single.to_dict().items() if multi.to_dict()[k] != v}
+    assert differing <= stage_fields
+    assert ECARConfig.from_json(single.to_json()) == single
