@@ -1,4 +1,4 @@
-"""``ecar-run``: engine directory in, images out (grid PNG + one PNG per sample)."""
+"""``ecar-run``: engine directory in, images out (grid PNG + one PNG per sample); ``ecar-run serve``: HTTP."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, prog
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command(
+@app.callback(
+    invoke_without_command=True,
     help=(
         "Generate images with a built ECAR engine directory (see `ecar-export build`). Writes grid.png with every "
         "sample captioned by its class, plus one PNG per sample, into --out and prints where. Sample i of a request "
-        "with --seed S draws its noise from key (S, i), so the same command gives the same images on every backend."
-    )
+        "with --seed S draws its noise from key (S, i), so the same command gives the same images on every backend. "
+        "`ecar-run serve` serves the engines over HTTP instead (see `ecar-run serve --help`)."
+    ),
 )
 @fail_on_ecar_errors
 def run(
+    ctx: typer.Context,
     engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
         "engines"
     ),
@@ -36,6 +39,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print paths and timings as JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
     from runtime.images import write_outputs
     from runtime.pipeline import Pipeline
 
@@ -63,6 +68,70 @@ def run(
             f"{len(label_list)} samples in {result.timings.total:.2f} s on {pipe.backend.name}; "
             f"grid {grid}, one PNG per sample in {out}/"
         )
+
+
+@app.command(
+    "serve",
+    help=(
+        "Serve a built engine directory over HTTP with Ray Serve until Ctrl-C: POST /generate "
+        '(JSON {"labels": [3, 1], "seed": 0, "cfg": 1.5, "format": "png" | "npy"}), GET /healthz, GET /info. '
+        "Concurrent requests are batched into shared engine batches (at most --max-batch samples, waiting at most "
+        "--batch-wait-ms for a batch to fill); a request's images do not depend on what it shared a batch with. "
+        "Starts a local Ray cluster, or joins one with --address. Needs the 'serve' extra: "
+        "pip install 'ecar-export\\[serve]'."
+    ),
+)
+@fail_on_ecar_errors
+def serve_command(
+    engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
+        "engines"
+    ),
+    replicas: Annotated[int, typer.Option(help="Replicas, each with its own copy of the engines.")] = 1,
+    max_batch: Annotated[
+        int | None, typer.Option("--max-batch", help="Most samples per engine batch (default: the engines' max batch).")
+    ] = None,
+    batch_wait_ms: Annotated[
+        float, typer.Option("--batch-wait-ms", help="Longest wait for a batch to fill, in milliseconds.")
+    ] = 10.0,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port of the HTTP API.")] = 8000,
+    address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (e.g. auto, or ray://head:10001) instead of starting one.")
+    ] = None,
+    cpus_per_replica: Annotated[
+        float | None, typer.Option("--cpus-per-replica", help="CPUs per replica (default: cores / replicas).")
+    ] = None,
+    gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica.")] = 0.0,
+    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt.")] = "auto",
+    device: Annotated[str, typer.Option(help="ONNX Runtime device: auto | cpu | cuda.")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's logs and the access log.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    from runtime import serve
+
+    target = serve.application(
+        engine_dir,
+        replicas=replicas,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        backend=backend,
+        device=device,
+        cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica,
+    )
+    if address is None:
+        serve.check_port_free(host, port)
+    err = console()
+    err.print(f"starting {replicas} replica(s) of {engine_dir} ...")
+    url = serve.start(target, host=host, port=port, address=address, verbose=verbose)
+
+    def announce(where: str) -> None:
+        sys.stdout.write(f"{where}\n")
+        sys.stdout.flush()
+        err.print(f"serving on {where} (POST /generate, GET /healthz, GET /info); Ctrl-C stops")
+
+    serve.serve_forever(url, announce)
+    err.print("stopped")
 
 
 def main() -> None:

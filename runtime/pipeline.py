@@ -70,12 +70,22 @@ class Pipeline:
         self.backend = backend
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto") -> Pipeline:
+    def from_dir(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str = "auto",
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> Pipeline:
         """Load an engine directory. ``backend``: "onnxruntime", "tensorrt" or "auto".
 
         "auto" takes TensorRT plans where the build has them and TensorRT can run here,
         else ONNX Runtime (on CUDA where onnxruntime-gpu is installed, else on the CPU).
+        ``threads`` caps ONNX Runtime's intra-op threads per graph (default: one per core),
+        for processes that share a machine, such as several serving replicas.
         """
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
         manifest = manifest_io.load(path)
         if backend not in ("auto", "onnxruntime", "tensorrt"):
             raise BackendUnavailableError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
@@ -94,7 +104,7 @@ class Pipeline:
                 raise BackendUnavailableError(problem)
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return cls(manifest, OnnxRuntimeBackend(manifest, device=device))
+        return cls(manifest, OnnxRuntimeBackend(manifest, device=device, threads=threads))
 
     @property
     def max_batch(self) -> int:
@@ -117,6 +127,37 @@ class Pipeline:
             )
         keys = schedule.noise_keys(seed, len(label_array))
         return self._run(label_array, keys, cfg, on_stage)
+
+    def generate_keyed(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        keys: Sequence[tuple[int, int]],
+        cfg: float | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> GenerateResult:
+        """One batch with explicit noise keys: sample i draws its noise from ``keys[i]``.
+
+        This is how independent requests share one engine batch: request r with seed S_r
+        contributes keys (S_r, 0), (S_r, 1), ..., so each of its samples gets exactly the
+        noise it gets when served alone (``generate(labels_r, seed=S_r)``).
+        """
+        label_array = self._check_labels(labels)
+        if len(keys) != len(label_array):
+            raise InvalidRequestError(f"got {len(keys)} noise keys for {len(label_array)} labels; give one per label")
+        if len(label_array) > self.max_batch:
+            raise InvalidRequestError(
+                f"batch of {len(label_array)} exceeds this build's profile (max batch {self.max_batch})"
+            )
+        checked = []
+        for key in keys:
+            pair = tuple(key)
+            if len(pair) != 2:
+                raise InvalidRequestError(f"noise key {key!r} is not a (seed, index) pair")
+            seed, index = schedule.noise_keys(pair[0], 1)[0][0], pair[1]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+                raise InvalidRequestError(f"noise key {key!r}: the index must be a non-negative integer")
+            checked.append((seed, int(index)))
+        return self._run(label_array, checked, cfg, on_stage)
 
     def generate_many(
         self,

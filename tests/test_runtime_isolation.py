@@ -87,3 +87,18 @@ def test_pipeline_is_importable_from_the_package_root_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "TORCH False" in result.stdout, result.stdout
+
+
+def test_runtime_imports_neither_ray_nor_its_web_stack() -> None:
+    # serving is an optional extra: only `runtime.serve` itself may import Ray
+    result = run_python(
+        """
+        import sys
+        import runtime, runtime.pipeline, runtime.cli, runtime.serving
+        from runtime import Pipeline
+        loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("ray", "fastapi", "starlette"))
+        print("SERVE_MODULES", loaded)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SERVE_MODULES []" in result.stdout, result.stdout
