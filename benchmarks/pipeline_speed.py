@@ -1,189 +1,271 @@
 """How fast is the runtime? Torch eager against the ONNX Runtime CPU pipeline, per precision.
 
-Builds the preset (default the bundled ``ecar-digits``) once into a temp dir as fp32 (step
-graph), fp32 with the fused flow loop, fp16 and int8, then times, for every batch size, the
-torch reference (``model.sample``) and each build's ``Pipeline.generate`` on the same labels
-and seeds. Each variant runs as one block: a pause (idle worker threads of the previous variant
-stop spinning), one warm-up call, then ``--repeats`` timed calls; reported times are medians
-(min and max are kept in the JSON: on a shared machine the spread is large).
+Builds the preset (default the bundled ``ecar-digits``; presets without trained weights, such
+as ``ecar-b``, are seeded random inits: speed does not depend on the weights) as fp32 (step
+graph), fp32 with the fused flow loop, fp16 and int8 into ``benchmarks/.cache/engines/``
+(gitignored; a rerun reuses every graph whose build key is unchanged), then times, for every
+batch size, the torch reference (``model.sample``) and each build's ``Pipeline.generate`` on
+the same labels and seeds. ``--variants`` picks a subset (a long ``ecar-b`` run can be bounded).
+Each variant runs as one block: a pause (idle worker threads of the previous variant stop
+spinning), one warm-up call, then ``--repeats`` timed calls; reported times are medians (min
+and max are kept in the JSON: on a shared machine the spread is large).
+
+In the same run it measures the machine's float32 GEMM rate through ONNX Runtime: one
+``--gemm-size``³ MatMul graph (the right operand a constant, as model weights are), loaded
+with the runtime's own session options and thread count, median of ``--gemm-repeats`` calls,
+once before and once after the variants; the higher of the two is the ceiling.
+
 Reports images/s, the ratio to torch eager, the runtime's overhead fraction (wall time outside
 backend calls) and per-stage seconds, FLOPs per image (``ecar_export.flops``, multiply-adds of
-MatMul/Gemm/Conv, 2 per MAC) and the achieved GFLOP/s. Prints a table; writes
-benchmarks/results/pipeline_speed.json.
+MatMul/Gemm/Conv, 2 per MAC), the achieved GFLOP/s and its fraction of the GEMM ceiling.
+Prints a table; writes benchmarks/results/pipeline_speed.json (``pipeline_speed_<preset>.json``
+for other presets) and the per-stage chart next to it (``benchmarks/charts.py``).
 
-    python benchmarks/pipeline_speed.py [--preset ecar-digits] [--batches 1,8] [--repeats 5] [--threads 2]
+    python benchmarks/pipeline_speed.py [--preset ecar-digits] [--batches 1,8] [--repeats 7]
+        [--variants torch,fp32,fused,fp16,int8] [--threads 2] [--gemm-size 2048]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import os
-import platform
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from _common import CACHE, RESULTS, load_average, machine, write_json
+from onnx import TensorProto, helper, numpy_helper
 
 from ecar_export import flops, presets
 from ecar_export.build import build_engines
 from runtime import manifest as manifest_io
-from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, session_options
 from runtime.pipeline import Pipeline, Timings
 
-# name -> build_engines options
-BUILDS: dict[str, dict[str, Any]] = {
-    "ort fp32": {"precision": "fp32"},
-    "ort fp32 fused loop": {"precision": "fp32", "fuse_flow_loop": True},
-    "ort fp16": {"precision": "fp16"},
-    "ort int8": {"precision": "int8"},
+TORCH = "torch eager"
+# --variants key -> (variant name, build_engines options); "torch" is the reference itself
+VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "torch": (TORCH, None),
+    "fp32": ("ort fp32", {"precision": "fp32"}),
+    "fused": ("ort fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}),
+    "fp16": ("ort fp16", {"precision": "fp16"}),
+    "int8": ("ort int8", {"precision": "int8"}),
 }
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for package in ("torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+def gemm_rate(size: int, threads: int, repeats: int) -> dict[str, Any]:
+    """float32 GEMM rate of ONNX Runtime here: ``[size, size] @ W[size, size]``, median of ``repeats``."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(
+        model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    feeds = {"a": rng.standard_normal((size, size), dtype=np.float32)}
+    session.run(None, feeds)  # warm-up (weight pre-packing, thread pool start)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    work = 2 * size**3
+    return {
+        "size": size,
+        "repeats": repeats,
+        "flops_per_call": work,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "gflops_per_s": work / statistics.median(times) / 1e9,
+        "best_gflops_per_s": work / min(times) / 1e9,
+    }
 
 
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+def build(
+    preset: str, key: str, model: Any, max_batch: int, options: dict[str, Any], threads: int
+) -> tuple[Pipeline, float]:
+    """Build (or reuse) one variant under ``benchmarks/.cache/engines/<preset>/<key>``; its pipeline."""
+    out = CACHE / "engines" / preset / key
+    start = time.perf_counter()
+    build_engines(model, out, max_batch=max_batch, **options)
+    seconds = time.perf_counter() - start
+    manifest = manifest_io.load(out)
+    return Pipeline(manifest, OnnxRuntimeBackend(manifest, device="cpu", threads=threads)), seconds
+
+
+def time_variant(run: Callable[[], Timings | None], repeats: int) -> tuple[list[float], list[Timings]]:
+    time.sleep(0.5)  # let the previous variant's idle worker threads stop spinning
+    run()  # warm-up
+    walls: list[float] = []
+    timings: list[Timings] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        walls.append(time.perf_counter() - start)
+        if result is not None:
+            timings.append(result)
+    return walls, timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=presets.DEMO, choices=presets.names())
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (>= 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds after one warm-up (>= 5)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pipeline_speed.json")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM of the ceiling")
+    parser.add_argument("--gemm-repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/pipeline_speed*.json)")
+    parser.add_argument("--no-chart", action="store_true", help="do not draw the per-stage PNG chart")
     args = parser.parse_args()
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown or not keys:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if not any(VARIANTS[k][1] is not None for k in keys):
+        parser.error("--variants needs at least one ORT build (fp32, fused, fp16 or int8)")
+    suffix = "" if args.preset == presets.DEMO else f"_{args.preset}"
+    out_path = args.out or RESULTS / f"pipeline_speed{suffix}.json"
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
+    load_start = load_average()
+    started = time.time()
+
     model = presets.load(args.preset).eval()
     config = model.config
-    work = Path(tempfile.mkdtemp(prefix="pipeline-speed-"))
-    try:
-        build_seconds: dict[str, float] = {}
-        pipes: dict[str, Pipeline] = {}
-        for name, options in BUILDS.items():
-            start = time.perf_counter()
-            out = work / name.replace(" ", "-")
-            build_engines(model, out, max_batch=max(batches), **options)
-            build_seconds[name] = time.perf_counter() - start
-            print(f"built {name} in {build_seconds[name]:.1f} s", flush=True)
-            manifest = manifest_io.load(out)
-            pipes[name] = Pipeline(manifest, OnnxRuntimeBackend(manifest, device="cpu", threads=args.threads))
+    build_seconds: dict[str, float] = {}
+    pipes: dict[str, Pipeline] = {}
+    for key in keys:
+        name, options = VARIANTS[key]
+        if options is None:
+            continue
+        pipes[name], build_seconds[name] = build(args.preset, key, model, max(batches), options, args.threads)
+        print(f"built (or reused) {name} in {build_seconds[name]:.1f} s", flush=True)
 
-        rows: list[dict[str, Any]] = []
-        for batch in batches:
-            labels = [i % config.num_classes for i in range(batch)]
-            runners: dict[str, Callable[[], Timings | None]] = {
-                "torch eager": lambda labels=labels: (model.sample(labels, seed=args.seed), None)[1]
+    gemm_before = gemm_rate(args.gemm_size, args.threads, args.gemm_repeats)
+    print(f"GEMM ceiling (before): {gemm_before['gflops_per_s']:.1f} GFLOP/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    # FLOPs of the computation torch eager performs: the step-graph build's count (any precision)
+    reference = next((p for n, p in pipes.items() if "fused" not in n), next(iter(pipes.values())))
+    for batch in batches:
+        labels = [i % config.num_classes for i in range(batch)]
+        runners: dict[str, Callable[[], Timings | None]] = {}
+        if "torch" in keys:
+            runners[TORCH] = lambda labels=labels: (model.sample(labels, seed=args.seed), None)[1]
+        for name, pipe in pipes.items():
+            runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
+        walls: dict[str, list[float]] = {}
+        timings: dict[str, list[Timings]] = {}
+        for name, run in runners.items():
+            walls[name], timings[name] = time_variant(run, args.repeats)
+            print(f"  B={batch} {name}: {1000 * statistics.median(walls[name]):.1f} ms", flush=True)
+        counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
+        counted[TORCH] = flops.build_flops(reference.manifest.root, batch)
+        eager = statistics.median(walls[TORCH]) if TORCH in walls else None
+        for name in runners:
+            wall = statistics.median(walls[name])
+            row: dict[str, Any] = {
+                "variant": name,
+                "batch": batch,
+                "median_s": wall,
+                "min_s": min(walls[name]),
+                "max_s": max(walls[name]),
+                "images_per_s": batch / wall,
+                "speedup_vs_torch_eager": eager / wall if eager else None,
+                "flops_per_image": counted[name]["per_image"],
+                "gflops_per_s": counted[name]["total"] / wall / 1e9,
+                "flops_per_stage": [s["total"] for s in counted[name]["stages"]],
+                "flops_decoder": counted[name]["decoder"],
             }
-            for name, pipe in pipes.items():
-                runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
-            walls: dict[str, list[float]] = {name: [] for name in runners}
-            timings: dict[str, list[Timings]] = {name: [] for name in runners}
-            for name, run in runners.items():
-                time.sleep(0.5)  # let the previous variant's idle worker threads stop spinning
-                run()  # warm-up
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    result = run()
-                    walls[name].append(time.perf_counter() - start)
-                    if result is not None:
-                        timings[name].append(result)
-            counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
-            counted["torch eager"] = counted["ort fp32"]  # the same computation as the step-graph build
-            eager = statistics.median(walls["torch eager"])
-            for name in runners:
-                wall = statistics.median(walls[name])
-                row: dict[str, Any] = {
-                    "variant": name,
-                    "batch": batch,
-                    "median_s": wall,
-                    "min_s": min(walls[name]),
-                    "max_s": max(walls[name]),
-                    "images_per_s": batch / wall,
-                    "speedup_vs_torch_eager": eager / wall,
-                    "flops_per_image": counted[name]["per_image"],
-                    "gflops_per_s": counted[name]["total"] / wall / 1e9,
-                }
-                if timings[name]:
-                    runs = timings[name]
-                    row["overhead_fraction"] = statistics.median(t.overhead / t.total for t in runs)
-                    row["backend_s"] = statistics.median(t.backend for t in runs)
-                    row["stages_s"] = [statistics.median(t.stages[i] for t in runs) for i in range(config.num_stages)]
-                    row["decoder_s"] = statistics.median(t.decoder for t in runs)
-                    row["graphs_s"] = {g: statistics.median(t.graphs[g] for t in runs) for g in runs[0].graphs}
-                    row["flops_per_stage"] = [s["total"] for s in counted[name]["stages"]]
-                rows.append(row)
+            if timings[name]:
+                runs = timings[name]
+                row["overhead_fraction"] = statistics.median(t.overhead / t.total for t in runs)
+                row["backend_s"] = statistics.median(t.backend for t in runs)
+                row["stages_s"] = [statistics.median(t.stages[i] for t in runs) for i in range(config.num_stages)]
+                row["decoder_s"] = statistics.median(t.decoder for t in runs)
+                row["graphs_s"] = {g: statistics.median(t.graphs[g] for t in runs) for g in runs[0].graphs}
+            rows.append(row)
+    gemm_after = gemm_rate(args.gemm_size, args.threads, args.gemm_repeats)
+    print(f"GEMM ceiling (after): {gemm_after['gflops_per_s']:.1f} GFLOP/s", flush=True)
+    ceiling = max(gemm_before["gflops_per_s"], gemm_after["gflops_per_s"])
+    for row in rows:
+        row["fraction_of_gemm"] = row["gflops_per_s"] / ceiling
 
-        stage_head = " ".join(f"{'st' + str(i + 1) + ' ms':>8}" for i in range(config.num_stages))
+    print_table(rows, config.num_stages, ceiling)
+    result = {
+        "preset": args.preset,
+        "weights": "trained (bundled)" if args.preset in presets.TRAINED else "random init (torch seed 0)",
+        "batches": batches,
+        "repeats": args.repeats,
+        "variants": [VARIANTS[k][0] for k in keys],
+        "threads": args.threads,
+        "seed": args.seed,
+        "labels": "class i % num_classes for sample i",
+        "machine": {
+            **machine(),
+            "load_average_at_start": load_start,
+            "load_average_at_end": load_average(),
+        },
+        "wall_minutes": (time.time() - started) / 60,
+        "build_seconds": build_seconds,
+        "gemm": {
+            "note": "one float32 MatMul [n,n] @ W[n,n] (W a constant) through ONNX Runtime CPU with the runtime's "
+            "session options and thread count; ceiling = the higher median of the two measurements",
+            "before": gemm_before,
+            "after": gemm_after,
+            "ceiling_gflops_per_s": ceiling,
+        },
+        "flops_note": "multiply-add FLOPs (2 per MAC) of MatMul/Gemm/Conv from ecar_export.flops; "
+        "torch eager uses the step-graph build's count",
+        "rows": rows,
+    }
+    write_json(out_path, result)
+    if not args.no_chart:
+        import charts
+
+        print(f"wrote {charts.draw(result, out_path.with_suffix('.png'))}")
+
+
+def print_table(rows: list[dict[str, Any]], num_stages: int, ceiling: float) -> None:
+    stage_head = " ".join(f"{'st' + str(i + 1) + ' ms':>8}" for i in range(num_stages))
+    print(f"\nGEMM ceiling {ceiling:.1f} GFLOP/s")
+    print(
+        f"{'variant':20} {'B':>2} {'median ms':>10} {'min ms':>9} {'img/s':>8} {'x eager':>8} {'ovh %':>6} "
+        f"{stage_head} {'dec ms':>7} {'GFLOP/img':>10} {'GFLOP/s':>8} {'% GEMM':>7}"
+    )
+    for row in rows:
+        if "stages_s" in row:
+            stages = " ".join(f"{1000 * s:8.2f}" for s in row["stages_s"])
+            overhead, decoder = f"{100 * row['overhead_fraction']:6.1f}", f"{1000 * row['decoder_s']:7.2f}"
+        else:
+            stages = " ".join(f"{'-':>8}" for _ in range(num_stages))
+            overhead, decoder = f"{'-':>6}", f"{'-':>7}"
+        speedup = row["speedup_vs_torch_eager"]
         print(
-            f"\n{'variant':20} {'B':>2} {'median ms':>10} {'min ms':>8} {'img/s':>8} {'x eager':>8} {'ovh %':>6} "
-            f"{stage_head} {'dec ms':>7} {'MFLOP/img':>10} {'GFLOP/s':>8}"
+            f"{row['variant']:20} {row['batch']:2d} {1000 * row['median_s']:10.2f} {1000 * row['min_s']:9.2f} "
+            f"{row['images_per_s']:8.2f} {f'{speedup:8.2f}' if speedup else '       -'} {overhead} {stages} "
+            f"{decoder} {row['flops_per_image'] / 1e9:10.3f} {row['gflops_per_s']:8.2f} "
+            f"{100 * row['fraction_of_gemm']:7.1f}"
         )
-        for row in rows:
-            if "stages_s" in row:
-                stages = " ".join(f"{1000 * s:8.2f}" for s in row["stages_s"])
-                overhead, decoder = f"{100 * row['overhead_fraction']:6.1f}", f"{1000 * row['decoder_s']:7.2f}"
-            else:
-                stages = " ".join(f"{'-':>8}" for _ in range(config.num_stages))
-                overhead, decoder = f"{'-':>6}", f"{'-':>7}"
-            print(
-                f"{row['variant']:20} {row['batch']:2d} {1000 * row['median_s']:10.2f} {1000 * row['min_s']:8.2f} "
-                f"{row['images_per_s']:8.1f} "
-                f"{row['speedup_vs_torch_eager']:8.2f} {overhead} {stages} {decoder} "
-                f"{row['flops_per_image'] / 1e6:10.2f} {row['gflops_per_s']:8.2f}"
-            )
-        result = {
-            "preset": args.preset,
-            "batches": batches,
-            "repeats": args.repeats,
-            "threads": args.threads,
-            "seed": args.seed,
-            "labels": "class i % num_classes for sample i",
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "cpu_model": cpu_model(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "load_average_at_end": list(os.getloadavg()),
-                "versions": versions(),
-            },
-            "build_seconds": build_seconds,
-            "flops_note": "multiply-add FLOPs (2 per MAC) of MatMul/Gemm/Conv from ecar_export.flops; "
-            "torch eager uses the fp32 step-graph build's count",
-            "rows": rows,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=lambda v: np.asarray(v).tolist()) + "\n")
-        print(f"\nwrote {args.out}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -43,21 +43,28 @@ def choose_providers(device: str) -> list[str]:
     raise BackendUnavailableError(f"unknown ONNX Runtime device '{device}': use cpu, cuda or auto")
 
 
+def session_options(threads: int | None = None) -> Any:
+    """The ``SessionOptions`` every graph of a build is loaded with (benchmarks reuse them)."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # No CPU memory arena: with a dynamic batch / token axis the arena keeps growing to the
+    # largest concurrent working set and never returns it; without it, peak RSS of a batch-8
+    # demo request fell from 159 to 141 MB at no measured cost in speed.
+    options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
         ort = _ort()
         providers = choose_providers(device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # No CPU memory arena: with a dynamic batch / token axis the arena keeps growing to the
-        # largest concurrent working set and never returns it; without it, peak RSS of a batch-8
-        # demo request fell from 159 to 141 MB at no measured cost in speed.
-        options.enable_cpu_mem_arena = False
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.sessions: dict[str, Any] = {}
         self.output_names: dict[str, list[str]] = {}
         for name, entry in manifest.graphs.items():
