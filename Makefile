@@ -1,12 +1,13 @@
-# Two entry points, both starting from nothing but python3:
+# Entry points, all starting from nothing but python3:
 #   make demo  - set up, build engines from the bundled ecar-digits checkpoint, generate an image grid
 #   make test  - set up, lint, type-check and run the test suite
+#   make bench - every benchmark script (long: ecar-b builds ~2.5 GB of graphs; see benchmarks/README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck clean
+.PHONY: setup demo test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,15 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q
+
+# Results and charts go to benchmarks/results/; builds and the trained S = 1 baseline are cached in
+# benchmarks/.cache/ (gitignored) and reused by reruns.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline_speed.py
+	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32 --repeats 5
+	$(BIN)/python benchmarks/flops_compare.py
+	$(BIN)/python benchmarks/paper_claim.py
+	$(BIN)/python benchmarks/startup_memory.py
 
 clean:
 	rm -rf $(VENV) out engines/*.onnx engines/manifest.json

@@ -132,6 +132,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM of the ceiling")
     parser.add_argument("--gemm-repeats", type=int, default=10)
+    parser.add_argument(
+        "--calibration-requests",
+        type=int,
+        default=64,
+        help="int8 calibration requests of 8 samples (their calibration part must cover every class: "
+        ">= 143 for 1000 classes)",
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/pipeline_speed*.json)")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the per-stage PNG chart")
     args = parser.parse_args()
@@ -158,6 +165,8 @@ def main() -> None:
         name, options = VARIANTS[key]
         if options is None:
             continue
+        if options["precision"] == "int8":
+            options = {**options, "calibration_requests": args.calibration_requests}
         pipes[name], build_seconds[name] = build(args.preset, key, model, max(batches), options, args.threads)
         print(f"built (or reused) {name} in {build_seconds[name]:.1f} s", flush=True)
 
@@ -218,6 +227,7 @@ def main() -> None:
         "repeats": args.repeats,
         "variants": [VARIANTS[k][0] for k in keys],
         "threads": args.threads,
+        "int8_calibration_requests": args.calibration_requests if "int8" in keys else None,
         "seed": args.seed,
         "labels": "class i % num_classes for sample i",
         "machine": {
