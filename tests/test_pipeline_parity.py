@@ -225,6 +225,17 @@ def test_valid_request_is_accepted(tiny_pipe: Pipeline):
     assert result.images.shape[0] == tiny_pipe.max_batch
 
 
+def test_sessions_are_created_with_the_runtime_options(build_cache: BuildCache):
+    # no CPU arena (memory), no spinning intra-op threads (speed on a shared machine), threads capped on request
+    pipe = Pipeline.from_dir(build_cache.get(TINY).dir, threads=1)
+    for name, session in pipe.backend.sessions.items():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0", name
+        assert not options.enable_cpu_mem_arena and options.intra_op_num_threads == 1, name
+    with pytest.raises(InvalidRequestError, match="threads must be a positive integer"):
+        Pipeline.from_dir(build_cache.get(TINY).dir, threads=0)
+
+
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_generate_rejects_invalid_requests(name: str, tiny_pipe: Pipeline):
     call, message = BAD_REQUESTS[name]
