@@ -58,6 +58,7 @@ def _panel(
     title: str,
     y_label: str,
     x_label: str,
+    legend: bool = True,
 ) -> None:
     """Grouped bar chart of ``series`` (name -> one value per group) inside ``box`` (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
@@ -87,7 +88,7 @@ def _panel(
             bx = left + s * bar
             draw.rectangle([bx + 1, y1 - height, bx + bar - 1, y1], fill=COLOURS[s % len(COLOURS)])
             draw.text((bx + bar / 2, y1 - height - 3), _fmt(value), font=_font(11), fill="black", anchor="md")
-    if len(series) > 1:  # legend, top right inside the panel
+    if legend:  # top right inside the panel
         lx, ly = x1 - 190, y0 + 6
         for s, name in enumerate(series):
             draw.rectangle([lx, ly + 20 * s, lx + 14, ly + 20 * s + 14], fill=COLOURS[s % len(COLOURS)])
@@ -139,6 +140,7 @@ def draw(result: dict[str, Any], path: Path) -> Path:
         "FLOPs per image (fp32 graphs, incl. CFG)",
         "GFLOP per image",
         "stage and decoder",
+        legend=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
