@@ -88,8 +88,8 @@ def _panel(
             bx = left + s * bar
             draw.rectangle([bx + 1, y1 - height, bx + bar - 1, y1], fill=COLOURS[s % len(COLOURS)])
             draw.text((bx + bar / 2, y1 - height - 3), _fmt(value), font=_font(11), fill="black", anchor="md")
-    if legend:  # top right inside the panel
-        lx, ly = x1 - 190, y0 + 6
+    if legend:  # top left inside the panel (early stages are the cheap ones)
+        lx, ly = x0 + 14, y0 + 6
         for s, name in enumerate(series):
             draw.rectangle([lx, ly + 20 * s, lx + 14, ly + 20 * s + 14], fill=COLOURS[s % len(COLOURS)])
             draw.text((lx + 20, ly + 20 * s + 7), name, font=small, fill="black", anchor="lm")
