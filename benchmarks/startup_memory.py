@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def main() -> None:
         from ecar_export.build import build_engines
 
         build_engines(None, args.engine_dir)
+    load_start = [round(v, 2) for v in os.getloadavg()]  # the machine is shared: high load, noisy times
     imports = [float(run(IMPORT_RUNTIME)[0]) for _ in range(args.repeats)]
     runtime_runs = [run(RUNTIME_REQUEST, str(args.engine_dir), str(args.batch)) for _ in range(args.repeats)]
     torch_runs = [run(TORCH_REQUEST, str(args.engine_dir), str(args.batch)) for _ in range(args.repeats)]
@@ -79,6 +81,8 @@ def main() -> None:
         "torch_peak_rss_mb": statistics.median(float(r[1]) for r in torch_runs),
     }
     result["rss_ratio"] = result["runtime_peak_rss_mb"] / result["torch_peak_rss_mb"]
+    result["load_average_at_start"] = load_start
+    result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(f"import runtime                      {1000 * result['import_runtime_s']:8.1f} ms")
     print(
         f"from_dir -> first image (runtime)   {result['runtime_first_image_s']:8.2f} s   "
