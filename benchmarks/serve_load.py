@@ -6,9 +6,10 @@ process is the load generator. For each server setting — request batching on (
 clients send single-image requests (distinct seeds, labels cycling over the classes) back to back
 until ``--requests`` answers have arrived or ``--seconds`` have passed, after a warm-up. Reports
 images/s, p50/p95 latency and the mean number of requests per engine batch; prints a table and
-writes benchmarks/results/serve_load.json.
+writes benchmarks/results/serve_load.json. First, for scale, the same engines' images/s in this
+process at batch 1 and at the max batch: their ratio bounds what batching can buy.
 
-    python benchmarks/serve_load.py [--engine-dir engines] [--clients 1,8,16] [--requests 96]
+    python benchmarks/serve_load.py [--engine-dir engines] [--clients 1,8,16,32] [--requests 96]
 """
 
 from __future__ import annotations
@@ -128,10 +129,31 @@ def drive(url: str, clients: int, count: int, seconds: float, classes: int, seed
     }
 
 
+def engine_ceiling(engine_dir: Path, repeats: int = 7) -> dict[str, float]:
+    """Images/s of ``Pipeline.generate`` in this process at batch 1 and at the max batch (no server running).
+
+    Their ratio bounds what batching can buy once the engine, not HTTP, is the bottleneck.
+    """
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_dir(engine_dir)
+    rates = {}
+    for batch in (1, pipe.max_batch):
+        labels = [i % pipe.config.num_classes for i in range(batch)]
+        pipe.generate(labels, seed=0)
+        times = []
+        for repeat in range(repeats):
+            started = time.perf_counter()
+            pipe.generate(labels, seed=repeat + 1)
+            times.append(time.perf_counter() - started)
+        rates[f"batch_{batch}_images_per_s"] = batch / statistics.median(times)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, default=Path("engines"))
-    parser.add_argument("--clients", default="1,8,16", help="comma-separated concurrent client counts")
+    parser.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrent client counts")
     parser.add_argument("--requests", type=int, default=96, help="answers per measurement")
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound per measurement")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
@@ -151,6 +173,8 @@ def main() -> None:
         "load_average_start": load_average(),
         "settings": {},
     }
+    results["engine_in_process"] = engine_ceiling(args.engine_dir)
+    print("engine in process:", {k: round(v, 1) for k, v in results["engine_in_process"].items()}, flush=True)
     for setting, extra in SETTINGS.items():
         process, url = start_server(args.engine_dir, extra)
         try:

@@ -148,8 +148,10 @@ def application(
         options["num_gpus"] = gpus_per_replica
     return ECARGenerator.options(  # type: ignore[attr-defined]  # a Deployment once decorated
         num_replicas=replicas,
-        # room for a full batch in flight plus the next one queueing behind it
-        max_ongoing_requests=max(16, 4 * batch),
+        # Requests wait in the replica's own queue, where the next batch forms. With a small
+        # limit, Ray's proxy holds the excess back with exponential backoff instead: at 32
+        # clients and a limit of 16, p95 latency went from 0.3 to 2.5 s.
+        max_ongoing_requests=max(64, 4 * batch),
         ray_actor_options=options,
         logging_config={"log_level": "WARNING", "enable_access_log": False},
     ).bind(str(Path(engine_dir).resolve()), backend, device, threads, batch, batch_wait_ms)
