@@ -38,11 +38,13 @@ test: $(STAMP) lint typecheck
 # Results and charts go to benchmarks/results/; builds and the trained S = 1 baseline are cached in
 # benchmarks/.cache/ (gitignored) and reused by reruns.
 bench: $(STAMP)
+	$(BIN)/ecar-export build --out engines
 	$(BIN)/python benchmarks/pipeline_speed.py
 	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32 --repeats 5
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) out engines/*.onnx engines/manifest.json
