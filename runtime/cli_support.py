@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.errors import ECARError
@@ -24,8 +25,8 @@ def debug_enabled() -> bool:
 
 
 def console() -> Console:
-    """Messages for people go to stderr; stdout stays clean for data (--json, paths)."""
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    """Messages for people go to stderr; stdout stays clean for data (--json, paths). Text, not markup."""
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def progress_bar() -> Progress:
@@ -52,7 +53,8 @@ def fail_on_ecar_errors(func: F) -> F:
         except ECARError as exc:
             if debug_enabled():
                 raise
-            console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            # the message is text, not markup: "[serve]" or a path with brackets must print as written
+            console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             console().print("interrupted")

@@ -276,3 +276,10 @@ main()
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert_user_error(result, "serving needs Ray Serve", "pip install 'ecar-export[serve]'")
+
+
+def test_error_messages_print_brackets_as_written(tmp_path: Path) -> None:
+    # rich would read "[x]" as markup and drop it; a path with brackets must survive
+    missing = tmp_path / "engines[fp16]"
+    result = run_cli("--engine-dir", str(missing))
+    assert_user_error(result, f"engine directory '{missing}' does not exist")
