@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.config import ECARConfig
@@ -10,67 +11,37 @@ from runtime.errors import ConfigError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEMO = "ecar-digits"
 
+# Paper-scale architectures (random init, for export and benchmarks): 256×256 RGB,
+# 16×16×16 latents, scales 1, 2, 4, 8, 16.
+_ECAR_B = ECARConfig(
+    name="ecar-b",
+    image_size=256,
+    image_channels=3,
+    latent_size=16,
+    latent_channels=16,
+    tokenizer_width=64,
+    scales=(1, 2, 4, 8, 16),
+    steps=(4, 4, 4, 4, 4),
+    width=768,
+    depth=12,
+    heads=12,
+    head_width=768,
+    head_depth=6,
+    num_classes=1000,
+    cfg_scale=4.0,
+)
+
 _CONFIGS: dict[str, ECARConfig] = {
     # Trained demo: 16×16 grey digits, conv tokenizer to 8×8×4 latents, four stages.
     "ecar-digits": ECARConfig(cfg_scale=1.5),
     # The DiT-style single-stage baseline of the demo: one window [1, 0] at full resolution,
     # the same total number of flow steps (16).
     "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,), cfg_scale=1.5),
-    # Paper-scale architectures (random init, for export and benchmarks): 256×256 RGB,
-    # 16×16×16 latents, scales 1, 2, 4, 8, 16.
-    "ecar-b": ECARConfig(
-        name="ecar-b",
-        image_size=256,
-        image_channels=3,
-        latent_size=16,
-        latent_channels=16,
-        tokenizer_width=64,
-        scales=(1, 2, 4, 8, 16),
-        steps=(4, 4, 4, 4, 4),
-        width=768,
-        depth=12,
-        heads=12,
-        head_width=768,
-        head_depth=6,
-        num_classes=1000,
-        cfg_scale=4.0,
-    ),
+    "ecar-b": _ECAR_B,
     # The single-stage (S = 1) baseline of ecar-b: one window at the full 16×16 grid, the same
     # total number of flow steps (20 = 5 × 4); architecture otherwise identical.
-    "ecar-b-s1": ECARConfig(
-        name="ecar-b-s1",
-        image_size=256,
-        image_channels=3,
-        latent_size=16,
-        latent_channels=16,
-        tokenizer_width=64,
-        scales=(16,),
-        steps=(20,),
-        width=768,
-        depth=12,
-        heads=12,
-        head_width=768,
-        head_depth=6,
-        num_classes=1000,
-        cfg_scale=4.0,
-    ),
-    "ecar-l": ECARConfig(
-        name="ecar-l",
-        image_size=256,
-        image_channels=3,
-        latent_size=16,
-        latent_channels=16,
-        tokenizer_width=64,
-        scales=(1, 2, 4, 8, 16),
-        steps=(4, 4, 4, 4, 4),
-        width=1024,
-        depth=24,
-        heads=16,
-        head_width=1024,
-        head_depth=8,
-        num_classes=1000,
-        cfg_scale=4.0,
-    ),
+    "ecar-b-s1": replace(_ECAR_B, name="ecar-b-s1", scales=(16,), steps=(20,), window_bounds=()),
+    "ecar-l": replace(_ECAR_B, name="ecar-l", width=1024, depth=24, heads=16, head_width=1024, head_depth=8),
 }
 TRAINED = {DEMO: WEIGHTS_DIR / f"{DEMO}.safetensors"}
 
