@@ -148,16 +148,7 @@ class Pipeline:
             raise InvalidRequestError(
                 f"batch of {len(label_array)} exceeds this build's profile (max batch {self.max_batch})"
             )
-        checked = []
-        for key in keys:
-            pair = tuple(key)
-            if len(pair) != 2:
-                raise InvalidRequestError(f"noise key {key!r} is not a (seed, index) pair")
-            seed, index = schedule.noise_keys(pair[0], 1)[0][0], pair[1]
-            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-                raise InvalidRequestError(f"noise key {key!r}: the index must be a non-negative integer")
-            checked.append((seed, int(index)))
-        return self._run(label_array, checked, cfg, on_stage)
+        return self._run(label_array, schedule.check_keys(keys), cfg, on_stage)
 
     def generate_many(
         self,

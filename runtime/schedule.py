@@ -191,6 +191,20 @@ def noise_keys(seed: int | Sequence[int], batch: int) -> list[tuple[int, int]]:
     return [(int(value), 0) for value in seeds]
 
 
+def check_keys(keys: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Explicit per-sample noise keys, validated: (seed, index) pairs of non-negative integers."""
+    checked = []
+    for key in keys:
+        pair = tuple(key)
+        if len(pair) != 2 or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in pair):
+            raise InvalidRequestError(f"noise key {key!r} is not a (seed, index) pair of integers")
+        _check_seed(int(pair[0]))
+        if pair[1] < 0:
+            raise InvalidRequestError(f"noise key {key!r}: the index must be a non-negative integer")
+        checked.append((int(pair[0]), int(pair[1])))
+    return checked
+
+
 def _check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise InvalidRequestError(f"seed {seed} is out of range: use an integer in [0, 2**63 - 1]")

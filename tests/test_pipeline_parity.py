@@ -211,6 +211,13 @@ BAD_REQUESTS: dict[str, tuple[Callable[[Pipeline], Any], str]] = {
     "nan-cfg": (lambda p: p.generate([1], cfg=float("nan")), "finite"),
     "inf-cfg": (lambda p: p.generate([1], cfg=float("inf")), "finite"),
     "many-negative-seed": (lambda p: p.generate_many([1] * 7, seed=-2), "out of range"),
+    "keyed-count": (lambda p: p.generate_keyed([1, 2], [(3, 0)]), "one per label"),
+    "keyed-not-a-pair": (lambda p: p.generate_keyed([1], [(3, 0, 1)]), "not a .seed, index. pair"),
+    "keyed-float-index": (lambda p: p.generate_keyed([1], [(3, 0.5)]), "not a .seed, index. pair"),
+    "keyed-bool-seed": (lambda p: p.generate_keyed([1], [(True, 0)]), "not a .seed, index. pair"),
+    "keyed-negative-index": (lambda p: p.generate_keyed([1], [(3, -1)]), "non-negative"),
+    "keyed-seed-range": (lambda p: p.generate_keyed([1], [(2**63, 0)]), "out of range"),
+    "keyed-batch-above-max": (lambda p: p.generate_keyed([1] * 6, [(0, i) for i in range(6)]), "max batch 5"),
 }
 
 
@@ -234,6 +241,18 @@ def test_sessions_are_created_with_the_runtime_options(build_cache: BuildCache):
         assert not options.enable_cpu_mem_arena and options.intra_op_num_threads == 1, name
     with pytest.raises(InvalidRequestError, match="threads must be a positive integer"):
         Pipeline.from_dir(build_cache.get(TINY).dir, threads=0)
+
+
+def test_generate_keyed_with_a_requests_keys_equals_generate(tiny_pipe: Pipeline, rng: np.random.Generator):
+    # generate(labels, seed=s) is generate_keyed(labels, [(s, 0), (s, 1), ...]); same batch: bit for bit
+    labels = [int(v) for v in rng.integers(0, tiny_pipe.config.num_classes, size=3)]
+    seed = int(rng.integers(0, MAX_SEED))
+    keyed = tiny_pipe.generate_keyed(labels, [(seed, i) for i in range(3)])
+    plain = tiny_pipe.generate(labels, seed=seed)
+    np.testing.assert_array_equal(keyed.latents, plain.latents)
+    np.testing.assert_array_equal(keyed.images, plain.images)
+    other = tiny_pipe.generate_keyed(labels, [(seed, i + 1) for i in range(3)])
+    assert not np.array_equal(other.latents, plain.latents)
 
 
 @pytest.mark.parametrize("name", BAD_REQUESTS)
