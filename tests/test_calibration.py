@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_MAX_BATCH, BuildCache
+from conftest import TINY_MAX_BATCH, BuildCache, needs_demo
 
 from calibration import (
     CalibrationError,
@@ -370,6 +370,19 @@ def test_recapture_replaces_the_previous_files(captured: tuple[Pipeline, Calibra
     assert old != new
     assert not any(p.name.endswith(".tmp") for p in target.iterdir())
     assert load_calibration(target).plan.seed == 99
+
+
+@needs_demo
+def test_capture_does_not_depend_on_the_thread_count(build_cache: BuildCache, tmp_path: Path) -> None:
+    # int8 builds capture with every core; the captured inputs must equal a one-thread capture
+    manifest = manifest_io.load(build_cache.get("demo").dir)
+    plan = CalibrationPlan.for_config(manifest.config, num_requests=16)
+    files = []
+    for threads in (1, None):
+        pipeline = Pipeline(manifest, OnnxRuntimeBackend(manifest, threads=threads))
+        result = capture(pipeline, plan, tmp_path / f"threads-{threads}")
+        files.append({name: entry.file for name, entry in result.graphs.items()})
+    assert files[0] == files[1]
 
 
 # ------------------------------------------------------------------------- missing / corrupt
