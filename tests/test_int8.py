@@ -24,7 +24,7 @@ from calibration import CalibrationPlan, CalibrationSet, capture
 from calibration.readers import GraphReader, held_out_feeds
 from ecar_export.precision import fp16, int8
 from runtime import manifest as manifest_io
-from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, disabled_optimizers, session_options
 from runtime.fileio import sha256_file
 from runtime.pipeline import Pipeline
 
@@ -141,6 +141,85 @@ def test_every_backbone_and_flow_step_runs_its_matrix_products_in_int8(demo: Qua
         ]
     flow = demo.int8["flow_step"]
     assert len(int8.quantized_nodes(flow)) >= 10, "the flow head's MLP and modulation run in INT8"
+
+
+INTEGER_KERNELS = {"QGemm": 2, "MatMulIntegerToFloat": 4, "QLinearMatMul": 2}  # op -> input index of A's zero point
+
+
+def _ort_optimized(model: onnx.ModelProto, path: Path, disabled: list[str]) -> onnx.ModelProto:
+    """The graph as ORT's CPU provider runs it, with the runtime's session options."""
+    options = session_options(threads=1)
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(
+        model.SerializeToString(),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=disabled or None,
+    )
+    return onnx.load(str(path))
+
+
+def _integer_kernels(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    """(op type, element type of the activation's zero point) of every integer matrix kernel."""
+    constants = _constants(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type in INTEGER_KERNELS:
+            found.append((node.op_type, constants[node.input[INTEGER_KERNELS[node.op_type]]].data_type))
+    return found
+
+
+def test_on_ort_cpu_every_quantized_product_is_an_integer_kernel_on_uint8(demo: Quantized, tmp_path: Path) -> None:
+    """What makes INT8 pay on CPU: no weight is dequantized per call, no product runs int8 x int8.
+
+    With the runtime's settings (``disabled_optimizers("int8")``) ORT fuses every Q/DQ'd
+    MatMul/Gemm into an integer kernel and runs each one on uint8 activations (its fast
+    u8 x s8 path; the symmetric int8 pair is shifted by 128, exactly). A float bias left on a
+    Gemm (``split_gemm_bias`` moves it) or a Q/DQ pair shared by several Gemms (merged back
+    by CSE) breaks one or the other.
+    """
+    assert disabled_optimizers("int8") == ["CommonSubexpressionElimination"]
+    assert disabled_optimizers("fp32") == [] and disabled_optimizers("fp16") == []
+    for name, model in demo.int8.items():
+        if name == "decoder":
+            continue
+        optimized = _ort_optimized(model, tmp_path / f"{name}.onnx", disabled_optimizers("int8"))
+        left = [n.name for n in optimized.graph.node if n.op_type == "DequantizeLinear"]
+        assert not left, f"{name}: ORT dequantizes at run time instead of fusing: {left}"
+        kernels = _integer_kernels(optimized)
+        assert len(kernels) == len(int8.quantized_nodes(model)), f"{name}: {kernels}"
+        signed = [op for op, dtype in kernels if dtype != TensorProto.UINT8]
+        assert not signed, f"{name}: {len(signed)} integer kernels read int8 activations ({signed})"
+    # why CSE is off: with it, the flow head's modulation Gemms share one merged int8 pair again
+    merged = _ort_optimized(demo.int8["flow_step"], tmp_path / "flow_step_cse.onnx", [])
+    assert any(dtype == TensorProto.INT8 for _, dtype in _integer_kernels(merged))
+
+
+def test_split_gemm_bias_keeps_the_function(rng: np.random.Generator) -> None:
+    x = onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 6])
+    y = onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 3])
+    w = numpy_helper.from_array(rng.standard_normal((3, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
+    gemms = [
+        onnx.helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="biased", transB=1),
+        onnx.helper.make_node("Gemm", ["x", "w", "b"], ["k"], name="scaled", transB=1, beta=0.5),
+        onnx.helper.make_node("Gemm", ["x", "w"], ["m"], name="plain", transB=1),
+    ]
+    tail = [onnx.helper.make_node("Sum", ["h", "k", "m"], ["y"], name="sum")]
+    graph = onnx.helper.make_graph(gemms + tail, "g", [x], [y], [w, b])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    split = onnx.ModelProto()
+    split.CopyFrom(model)
+    int8.split_gemm_bias(split, ["biased", "scaled", "plain", "sum"])
+    onnx.checker.check_model(split, full_check=True)
+    ops = {n.name: (n.op_type, list(n.input)) for n in split.graph.node}
+    assert ops["biased"] == ("Gemm", ["x", "w"]) and ops["biased_bias"][0] == "Add"
+    assert ops["scaled"] == ("Gemm", ["x", "w", "b"]), "beta != 1 is left alone"
+    assert "plain_bias" not in ops and "scaled_bias" not in ops
+    feed = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    (expected,) = _session(model).run(None, feed)
+    (actual,) = _session(split).run(None, feed)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_quantized_graphs_pass_the_checker_and_run_on_ort_cpu(demo: Quantized) -> None:

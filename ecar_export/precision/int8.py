@@ -7,6 +7,11 @@ quantization reads (strongly typed INT8, DESIGN §4):
 * QDQ format, int8 activations and int8 weights, both **symmetric** (int8 zero point 0);
 * weights per output channel (a 1-D scale, one value per channel, with ``axis`` set on
   the weight's DequantizeLinear), activations per tensor;
+* one Q/DQ pair per quantized node (``DedicatedQDQPair``), also where several nodes read
+  the same activation (the AdaLN modulation Linears all read SiLU(condition)): ORT runs a
+  pair on CPU as uint8 (fast) only when its Q feeds one DQ, and a shared int8 pair made the
+  ecar-b flow step 2x slower than fp32 (see ``runtime.backends.onnxruntime_backend.
+  disabled_optimizers``). TensorRT reads the pairs either way;
 * Q/DQ only in front of the quantized ops: their outputs stay float
   (``OpTypesToExcludeOutputQuantization``), biases stay float (``QuantizeBias`` off;
   TensorRT dequantizes no int32 bias), and every other consumer of a quantized activation
@@ -126,6 +131,7 @@ def quantize(
     if not targets:
         _tag(proto, {"ecar.precision": "int8", "ecar.int8.calibration": "none: nothing to quantize"})
         return proto
+    split_gemm_bias(proto, targets)
     with tempfile.TemporaryDirectory(prefix="ecar-int8-") as tmp_dir:
         tmp = Path(tmp_dir)
         with quiet():
@@ -148,6 +154,7 @@ def quantize(
                     "ActivationSymmetric": True,
                     "WeightSymmetric": True,
                     "QuantizeBias": False,
+                    "DedicatedQDQPair": True,
                     "OpTypesToExcludeOutputQuantization": list(op_types),
                 },
                 calibration_cache_path=str(ranges),
@@ -237,6 +244,34 @@ def activation_inputs(model: onnx.ModelProto, nodes: Iterable[str]) -> list[str]
         inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
         found += [name for name in inputs if name and name not in constants and name not in found]
     return found
+
+
+def split_gemm_bias(model: onnx.ModelProto, targets: Iterable[str]) -> None:
+    """Move the float bias of the ``targets`` Gemms into an Add right after them, in place.
+
+    A Gemm whose bias ``C`` is a float tensor next to dequantized ``A`` and ``B`` is not a
+    pattern ORT's CPU provider fuses into an integer kernel: it dequantizes the weight on
+    every call and runs the float Gemm, slower than fp32 (the bias would have to be an int32
+    DequantizeLinear, which TensorRT does not read). ``Gemm(A, B) + C`` with ``beta`` 1 is
+    the same function: ORT fuses the Gemm into QGemm, TensorRT fuses the Add into its kernel.
+    Gemms without a bias, or whose ``beta`` is not 1, are left alone.
+    """
+    graph = model.graph
+    chosen = set(targets)
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        if node.op_type != "Gemm" or node.name not in chosen or len(node.input) < 3 or not node.input[2] or beta != 1.0:
+            rebuilt.append(node)
+            continue
+        bias, output = node.input[2], node.output[0]
+        product = f"{output}_before_bias"
+        del node.input[2]
+        node.output[0] = product
+        rebuilt.append(node)
+        rebuilt.append(onnx.helper.make_node("Add", [product, bias], [output], name=f"{node.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
 
 
 def confine_activation_qdq(model: onnx.ModelProto, targets: Iterable[str]) -> None:

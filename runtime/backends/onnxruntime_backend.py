@@ -63,6 +63,21 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
+def disabled_optimizers(precision: str) -> list[str]:
+    """ORT graph optimizers turned off for a graph of ``precision``.
+
+    INT8: common-subexpression elimination. The INT8 graphs give every quantized node its
+    own QuantizeLinear/DequantizeLinear pair (the recipe's ``DedicatedQDQPair``). ORT's CPU
+    kernels are fast for uint8 activations × int8 weights, so ORT rewrites each symmetric
+    int8 Q/DQ pair to uint8 — but only a pair whose Q feeds a single DQ. CSE first merges the
+    identical Q nodes of an activation that several MatMuls read (the AdaLN modulation
+    Linears all read SiLU(condition)), the merged pair stays int8, and those QGemms fell to
+    ORT's slow int8×int8 path: the ecar-b flow step at batch 8 ran 1.71 s with CSE against
+    0.31 s without it, and 0.86 s in fp32 (``benchmarks/README.md``).
+    """
+    return ["CommonSubexpressionElimination"] if precision == "int8" else []
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -75,7 +90,12 @@ class OnnxRuntimeBackend:
         for name, entry in manifest.graphs.items():
             path = manifest.path(entry.file)
             try:
-                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+                session = ort.InferenceSession(
+                    str(path),
+                    sess_options=options,
+                    providers=providers,
+                    disabled_optimizers=disabled_optimizers(entry.precision) or None,
+                )
             except Exception as exc:  # ORT raises its own exception types for bad models
                 raise EngineError(f"ONNX Runtime cannot load graph '{name}' from '{path}': {exc}") from None
             used = session.get_providers()
