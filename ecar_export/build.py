@@ -36,7 +36,10 @@ from runtime.graphs import graph_specs
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
 MAX_BATCH_LIMIT = 4096
-RECIPE_VERSION = 1
+# Bump a precision's version when its recipe changes the graphs it writes: builds of that
+# precision are redone, the others stay reusable. int8 2: Gemm biases split off, one Q/DQ
+# pair per quantized node (ORT's CPU provider fuses and runs them as uint8 kernels).
+RECIPE_VERSIONS = {"fp32": 1, "fp16": 1, "int8": 2}
 CALIBRATION_METHODS = (
     "minmax",
     "entropy",
@@ -152,11 +155,16 @@ def build_engines(
             if precision == "int8" and set(reusable) != set(keys):
                 reusable = {}  # calibration runs the whole fp32 pipeline: rebuild every graph together
             context = _RecipeContext(precision, model, weights_digest, staging, options, toolchain)
+            if precision == "int8" and not force:
+                context.calibration = _previous_calibration(out, context)
             graphs_data = _export_all(model, staging, out, context, fuse_flow_loop, keys, reusable, progress)
             manifest = _manifest(model, precision, chosen, fuse_flow_loop, max_batch, weights_digest, toolchain)
             manifest["graphs"] = graphs_data
             if precision == "int8":
-                manifest["calibration"] = _install_calibration(staging, out, options)
+                if context.calibration_reused:
+                    manifest["calibration"] = {"dir": "calibration", **options, "reused": True}
+                else:
+                    manifest["calibration"] = {**_install_calibration(staging, out, options), "reused": False}
             if chosen == "tensorrt":
                 manifest = _add_tensorrt_plans(out, manifest, max_batch, progress)
             previous = _previous_files(out)
@@ -206,7 +214,7 @@ def _graph_key(
         "precision": precision,
         "opset": export.OPSET,
         "tools": tools,
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": RECIPE_VERSIONS[precision],
         "options": options,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -292,6 +300,11 @@ class _RecipeContext:
     options: dict[str, object]
     toolchain: dict[str, str | None]
     calibration: Any = None
+
+    @property
+    def calibration_reused(self) -> bool:
+        """The calibration set is the previous build's (``out/calibration``), not a new capture."""
+        return self.calibration is not None and not self.calibration.root.is_relative_to(self.staging)
 
     def calibration_set(self) -> Any:
         """Capture the real inputs of every graph by running the staged fp32 graphs (once)."""
@@ -381,6 +394,41 @@ def _add_tensorrt_plans(
         progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,
     )
     return tensorrt_build.apply_plans(manifest, records, block)
+
+
+def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
+    """The previous INT8 build's calibration set, where capturing again would record the same inputs.
+
+    The capture is the long part of an INT8 build (about an hour for ecar-b on two cores);
+    it depends on the fp32 pipeline (weights, config, opset, export and ONNX Runtime
+    versions) and on the plan (the number of requests), not on the quantization recipe.
+    So a rebuild after a recipe change re-quantizes from the kept set; ``force`` captures
+    again. Anything that does not match, or a set that fails its checksums, means a new capture.
+    """
+    from calibration import CalibrationPlan, load_calibration
+
+    try:
+        old = manifest_io.load(out)
+    except ECARError:
+        return None
+    record = old.raw.get("calibration")
+    requests = context.options.get("calibration_requests")
+    if (
+        old.precision != "int8"
+        or not isinstance(record, dict)
+        or record.get("calibration_requests") != requests
+        or old.raw.get("opset") != export.OPSET
+        or old.toolchain != context.toolchain
+    ):
+        return None
+    try:
+        calibration = load_calibration(out / str(record.get("dir", "calibration")))
+        calibration.check_compatible(context.model.config, context.weights_digest)
+    except ECARError:
+        return None
+    if calibration.plan != CalibrationPlan.for_config(context.model.config, num_requests=requests):
+        return None
+    return calibration
 
 
 def _install_calibration(staging: Path, out: Path, options: dict[str, object]) -> dict[str, object]:

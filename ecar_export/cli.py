@@ -104,7 +104,12 @@ def build_cmd(
         bool, typer.Option("--fuse-flow-loop", help="Also export each stage's Euler loop unrolled into one graph.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Rebuild every graph, even those unchanged since the last build in --out.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Rebuild every graph, even those unchanged since the last build in --out; int8: capture the "
+            "calibration inputs again even where the kept set still matches.",
+        ),
     ] = False,
     calibration_method: Annotated[
         str,
@@ -149,6 +154,9 @@ def build_cmd(
     graphs = json.loads(path.read_text())["graphs"]
     reused = [name for name, record in graphs.items() if record.get("reused")]
     note = f" ({len(reused)} of {len(graphs)} graphs unchanged and reused; --force rebuilds them)" if reused else ""
+    calibration = json.loads(path.read_text()).get("calibration") or {}
+    if calibration.get("reused"):
+        note += "; calibration inputs of the previous capture reused (same weights, plan and toolchain)"
     console().print(f"wrote {path}{note}")
 
 

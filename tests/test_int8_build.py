@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import onnx
 import pytest
 from conftest import BuildCache, needs_demo
@@ -56,6 +59,50 @@ def test_same_plan_and_seed_give_the_same_int8_graph_bytes(build_cache: BuildCac
     build_model(build_cache.model(TINY), tmp_path / "again", max_batch=first.max_batch, precision="int8")
     again = manifest_io.load(tmp_path / "again")
     assert {n: e.sha256 for n, e in again.graphs.items()} == {n: e.sha256 for n, e in first.graphs.items()}
+
+
+class _CaptureCalled(Exception):
+    pass
+
+
+def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
+    build_cache: BuildCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capture (an hour for ecar-b) is redone only when what it recorded could differ."""
+    from conftest import build_model
+
+    import calibration
+    from ecar_export import build as build_module
+
+    first = build_cache.get(TINY, precision="int8")
+    out = tmp_path / "engines"
+    shutil.copytree(first.dir, out)
+    kept = (out / "calibration" / "calibration.json").read_bytes()
+
+    def no_capture(*args: object, **kwargs: object) -> None:
+        raise _CaptureCalled
+
+    monkeypatch.setattr(calibration, "capture", no_capture)
+    monkeypatch.setitem(build_module.RECIPE_VERSIONS, "int8", build_module.RECIPE_VERSIONS["int8"] + 1)
+    build_model(first.model, out, max_batch=first.max_batch, precision="int8")
+    again = manifest_io.load(out)
+    assert again.raw["calibration"]["reused"] is True
+    assert not any(again.raw["graphs"][name]["reused"] for name in again.graphs), "a recipe change rebuilds every graph"
+    before = manifest_io.load(first.dir)
+    assert {n: e.sha256 for n, e in again.graphs.items()} == {n: e.sha256 for n, e in before.graphs.items()}
+    assert (out / "calibration" / "calibration.json").read_bytes() == kept
+    results, _ = check_build(out, first.model)
+    assert all(r.ok for r in results) and {r.inputs for r in results} == {"held-out"}
+    # a different plan, --force, or a calibration set that fails its checksums: capture again
+    monkeypatch.setitem(build_module.RECIPE_VERSIONS, "int8", build_module.RECIPE_VERSIONS["int8"] + 1)
+    with pytest.raises(_CaptureCalled):
+        build_model(first.model, out, max_batch=first.max_batch, precision="int8", calibration_requests=65)
+    with pytest.raises(_CaptureCalled):
+        build_model(first.model, out, max_batch=first.max_batch, precision="int8", force=True)
+    damaged = next((out / "calibration").glob("backbone_1-*.npz"))
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
+    with pytest.raises(_CaptureCalled):
+        build_model(first.model, out, max_batch=first.max_batch, precision="int8")
 
 
 def test_fp16_build_checked_on_held_out_calibration_inputs(build_cache: BuildCache) -> None:
