@@ -213,6 +213,7 @@ def _graph_key(
         "config": model.config.to_dict(),
         "precision": precision,
         "opset": export.OPSET,
+        "export_version": export.EXPORT_VERSION,
         "tools": tools,
         "recipe_version": RECIPE_VERSIONS[precision],
         "options": options,
@@ -400,8 +401,8 @@ def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
     """The previous INT8 build's calibration set, where capturing again would record the same inputs.
 
     The capture is the long part of an INT8 build (about an hour for ecar-b on two cores);
-    it depends on the fp32 pipeline (weights, config, opset, export and ONNX Runtime
-    versions) and on the plan (the number of requests), not on the quantization recipe.
+    it depends on the fp32 pipeline (weights, config, opset, export version, exporter and
+    ONNX Runtime versions) and on the plan (the number of requests), not on the quantization recipe.
     So a rebuild after a recipe change re-quantizes from the kept set; ``force`` captures
     again. Anything that does not match, or a set that fails its checksums, means a new capture.
     """
@@ -418,6 +419,7 @@ def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
         or not isinstance(record, dict)
         or record.get("calibration_requests") != requests
         or old.raw.get("opset") != export.OPSET
+        or old.raw.get("export_version") != export.EXPORT_VERSION
         or old.toolchain != context.toolchain
     ):
         return None
@@ -465,6 +467,7 @@ def _manifest(
         "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
         "checkpoint_sha256": weights_digest,
         "opset": export.OPSET,
+        "export_version": export.EXPORT_VERSION,
         "toolchain": toolchain,
         "graphs": {},
     }

@@ -22,6 +22,10 @@ from runtime.errors import EngineError
 from runtime.graphs import GraphSpec
 
 OPSET = 18
+# Bump when the exported graphs change for the same weights and config (a new operator
+# pattern, a different decomposition): graph build keys and calibration reuse depend on it.
+# 2: the backbone MLP's GELU in the form ONNX Runtime fuses (layers.TanhGELU).
+EXPORT_VERSION = 2
 
 
 class FirstBackboneGraph(nn.Module):

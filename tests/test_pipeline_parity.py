@@ -243,6 +243,39 @@ def test_sessions_are_created_with_the_runtime_options(build_cache: BuildCache):
         Pipeline.from_dir(build_cache.get(TINY).dir, threads=0)
 
 
+def test_backbone_gelu_runs_as_one_fused_kernel_in_ort(build_cache: BuildCache, tmp_path: Path):
+    """The MLP's GELU is exported in the form ORT fuses (FastGelu), not as eight elementwise ops."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime_backend import session_options
+
+    manifest = manifest_io.load(build_cache.get(TINY).dir)
+    depth = manifest.config.depth
+    for name, entry in manifest.graphs.items():
+        if entry.spec.kind != "backbone":
+            continue
+        exported = onnx.load(str(manifest.path(entry.file)))
+        assert sum(n.op_type == "Tanh" for n in exported.graph.node) == depth, name  # one GELU per block
+        options = session_options(threads=1)
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(str(manifest.path(entry.file)), sess_options=options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert "Tanh" not in ops and "Pow" not in ops, f"{name}: GELU left unfused: {sorted(set(ops))}"
+        assert sum(op in ("FastGelu", "BiasGelu", "Gelu") for op in ops) == depth, name
+
+
+def test_tanh_gelu_export_form_equals_torch_gelu(rng: np.random.Generator):
+    import torch
+
+    from ecar_export.model.layers import TanhGELU
+
+    x = torch.from_numpy(rng.standard_normal((64, 96)).astype(np.float32) * 4)
+    eager = TanhGELU()(x)
+    np.testing.assert_array_equal(eager.numpy(), torch.nn.functional.gelu(x, approximate="tanh").numpy())
+    exported = TanhGELU.export_form(x)
+    np.testing.assert_allclose(exported.numpy(), eager.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_generate_keyed_with_a_requests_keys_equals_generate(tiny_pipe: Pipeline, rng: np.random.Generator):
     # generate(labels, seed=s) is generate_keyed(labels, [(s, 0), (s, 1), ...]); same batch: bit for bit
     labels = [int(v) for v in rng.integers(0, tiny_pipe.config.num_classes, size=3)]
