@@ -6,9 +6,11 @@ graph), fp32 with the fused flow loop, fp16 and int8 into ``benchmarks/.cache/en
 (gitignored; a rerun reuses every graph whose build key is unchanged), then times, for every
 batch size, the torch reference (``model.sample``) and each build's ``Pipeline.generate`` on
 the same labels and seeds. ``--variants`` picks a subset (a long ``ecar-b`` run can be bounded).
-Each variant runs as one block: a pause (idle worker threads of the previous variant stop
-spinning), one warm-up call, then ``--repeats`` timed calls; reported times are medians (min
-and max are kept in the JSON: on a shared machine the spread is large).
+Every variant gets one warm-up call, then the variants are timed round-robin: ``--repeats``
+rounds, each variant once per round in a rotating order, a short pause before each call (idle
+worker threads of the previous variant stop spinning), so that a noisy minute on a shared
+machine hits one round of every variant rather than every round of one. Reported times are
+medians (min and max are kept in the JSON: on a shared machine the spread is large).
 
 In the same run it measures the machine's float32 GEMM rate through ONNX Runtime: one
 ``--gemm-size``³ MatMul graph (the right operand a constant, as model weights are), loaded
@@ -106,17 +108,31 @@ def build(
     return Pipeline(manifest, OnnxRuntimeBackend(manifest, device="cpu", threads=threads)), seconds
 
 
-def time_variant(run: Callable[[], Timings | None], repeats: int) -> tuple[list[float], list[Timings]]:
-    time.sleep(0.5)  # let the previous variant's idle worker threads stop spinning
-    run()  # warm-up
-    walls: list[float] = []
-    timings: list[Timings] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        walls.append(time.perf_counter() - start)
-        if result is not None:
-            timings.append(result)
+def time_variants(
+    runners: dict[str, Callable[[], Timings | None]], repeats: int, pause: float = 0.3
+) -> tuple[dict[str, list[float]], dict[str, list[Timings]]]:
+    """Warm every variant up, then time them round-robin: ``repeats`` rounds, each variant once per round.
+
+    Interleaving keeps the ratios honest on a shared machine: a slow minute of a noisy
+    neighbour slows one round of every variant instead of all rounds of one variant. The
+    order rotates between rounds, and ``pause`` before each call lets the previous variant's
+    worker threads go idle (torch's OpenMP threads spin for a while after a parallel region).
+    """
+    names = list(runners)
+    for name in names:
+        time.sleep(pause)
+        runners[name]()  # warm-up
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    timings: dict[str, list[Timings]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            time.sleep(pause)
+            start = time.perf_counter()
+            result = runners[name]()
+            walls[name].append(time.perf_counter() - start)
+            if result is not None:
+                timings[name].append(result)
     return walls, timings
 
 
@@ -182,10 +198,8 @@ def main() -> None:
             runners[TORCH] = lambda labels=labels: (model.sample(labels, seed=args.seed), None)[1]
         for name, pipe in pipes.items():
             runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
-        walls: dict[str, list[float]] = {}
-        timings: dict[str, list[Timings]] = {}
-        for name, run in runners.items():
-            walls[name], timings[name] = time_variant(run, args.repeats)
+        walls, timings = time_variants(runners, args.repeats)
+        for name in runners:
             print(f"  B={batch} {name}: {1000 * statistics.median(walls[name]):.1f} ms", flush=True)
         counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
         counted[TORCH] = flops.build_flops(reference.manifest.root, batch)
