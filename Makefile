@@ -1,7 +1,7 @@
 # Entry points, all starting from nothing but python3:
 #   make demo  - set up, build engines from the bundled ecar-digits checkpoint, generate an image grid
 #   make test  - set up, lint, type-check and run the test suite
-#   make bench - every benchmark script (long: ecar-b builds ~2.5 GB of graphs; see benchmarks/README.md)
+#   make bench - every benchmark script (long: the ecar-b builds take ~7.5 GB; see benchmarks/README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -40,7 +40,7 @@ test: $(STAMP) lint typecheck
 bench: $(STAMP)
 	$(BIN)/ecar-export build --out engines
 	$(BIN)/python benchmarks/pipeline_speed.py
-	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32 --repeats 5
+	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32,fused,fp16 --repeats 5
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py

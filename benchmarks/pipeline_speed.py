@@ -9,7 +9,9 @@ the same labels and seeds. ``--variants`` picks a subset (a long ``ecar-b`` run 
 Every variant gets one warm-up call, then the variants are timed round-robin: ``--repeats``
 rounds, each variant once per round in a rotating order, a short pause before each call (idle
 worker threads of the previous variant stop spinning), so that a noisy minute on a shared
-machine hits one round of every variant rather than every round of one. Reported times are
+machine hits one round of every variant rather than every round of one. A variant whose call
+takes under a second gets, in each round, an untimed call and then as many timed calls as
+fill a second, the round counting with their median (timed warm, as in a stream of requests). Reported times are
 medians (min and max are kept in the JSON: on a shared machine the spread is large).
 
 In the same run it measures the machine's float32 GEMM rate through ONNX Runtime: one
@@ -30,6 +32,7 @@ for other presets) and the per-stage chart next to it (``benchmarks/charts.py``)
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -109,28 +112,41 @@ def build(
 
 
 def time_variants(
-    runners: dict[str, Callable[[], Timings | None]], repeats: int, pause: float = 0.3
+    runners: dict[str, Callable[[], Timings | None]], repeats: int, pause: float = 0.3, block: float = 1.0
 ) -> tuple[dict[str, list[float]], dict[str, list[Timings]]]:
-    """Warm every variant up, then time them round-robin: ``repeats`` rounds, each variant once per round.
+    """Warm every variant up, then time them round-robin: ``repeats`` rounds, every variant once per round.
 
     Interleaving keeps the ratios honest on a shared machine: a slow minute of a noisy
     neighbour slows one round of every variant instead of all rounds of one variant. The
-    order rotates between rounds, and ``pause`` before each call lets the previous variant's
-    worker threads go idle (torch's OpenMP threads spin for a while after a parallel region).
+    order rotates between rounds; ``pause`` before each variant's turn lets the previous
+    variant's worker threads go idle (torch's OpenMP threads spin for a while after a parallel
+    region). A variant's turn is one call, or, where a call takes under ``block`` seconds, an
+    untimed call followed by as many timed calls as fill ``block`` seconds, the turn counting
+    with the median of those: millisecond requests are timed warm, as in a stream of requests.
     """
     names = list(runners)
+    calls: dict[str, int] = {}
     for name in names:
         time.sleep(pause)
+        start = time.perf_counter()
         runners[name]()  # warm-up
+        seconds = time.perf_counter() - start
+        calls[name] = 1 if seconds >= block else max(1, math.ceil(block / max(seconds, 1e-6)))
     walls: dict[str, list[float]] = {name: [] for name in names}
     timings: dict[str, list[Timings]] = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             time.sleep(pause)
-            start = time.perf_counter()
-            result = runners[name]()
-            walls[name].append(time.perf_counter() - start)
+            if calls[name] > 1:
+                runners[name]()
+            turn: list[tuple[float, Timings | None]] = []
+            for _ in range(calls[name]):
+                start = time.perf_counter()
+                result = runners[name]()
+                turn.append((time.perf_counter() - start, result))
+            wall, result = sorted(turn, key=lambda item: item[0])[len(turn) // 2]
+            walls[name].append(wall)
             if result is not None:
                 timings[name].append(result)
     return walls, timings
