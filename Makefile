@@ -41,6 +41,8 @@ bench: $(STAMP)
 	$(BIN)/ecar-export build --out engines
 	$(BIN)/python benchmarks/pipeline_speed.py
 	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32,fused,fp16 --repeats 5
+	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32,int8 --repeats 5 \
+		--calibration-requests 245 --out benchmarks/results/pipeline_speed_ecar-b_int8.json --no-chart
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
