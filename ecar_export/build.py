@@ -157,6 +157,8 @@ def build_engines(
             context = _RecipeContext(precision, model, weights_digest, staging, options, toolchain)
             if precision == "int8" and not force:
                 context.calibration = _previous_calibration(out, context)
+            if precision == "int8" and context.calibration is None:
+                reusable = {}  # no kept calibration set to stand on: capture again, requantize every graph
             graphs_data = _export_all(model, staging, out, context, fuse_flow_loop, keys, reusable, progress)
             manifest = _manifest(model, precision, chosen, fuse_flow_loop, max_batch, weights_digest, toolchain)
             manifest["graphs"] = graphs_data
@@ -438,6 +440,8 @@ def _install_calibration(staging: Path, out: Path, options: dict[str, object]) -
     source = staging / "calibration"
     target = out / "calibration"
     retired = out / ".calibration-old"
+    if not source.is_dir():  # never retire the kept set without a new one to put in its place
+        raise RuntimeError(f"internal error: no calibration set was captured into '{source}'")
     shutil.rmtree(retired, ignore_errors=True)
     if target.exists():
         os.replace(target, retired)
