@@ -93,6 +93,12 @@ def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
     assert (out / "calibration" / "calibration.json").read_bytes() == kept
     results, _ = check_build(out, first.model)
     assert all(r.ok for r in results) and {r.inputs for r in results} == {"held-out"}
+    # nothing changed: every graph and the calibration set are kept as they are
+    build_model(first.model, out, max_batch=first.max_batch, precision="int8")
+    unchanged = manifest_io.load(out)
+    assert all(unchanged.raw["graphs"][name]["reused"] for name in unchanged.graphs)
+    assert unchanged.raw["calibration"]["reused"] is True
+    assert (out / "calibration" / "calibration.json").read_bytes() == kept
     # a different plan, --force, or a calibration set that fails its checksums (even with every
     # graph unchanged): capture again
     with pytest.raises(_CaptureCalled):
