@@ -151,11 +151,11 @@ def build_cmd(
     sys.stdout.write(f"{path.parent}\n")
     import json
 
-    graphs = json.loads(path.read_text())["graphs"]
+    written = json.loads(path.read_text())
+    graphs = written["graphs"]
     reused = [name for name, record in graphs.items() if record.get("reused")]
     note = f" ({len(reused)} of {len(graphs)} graphs unchanged and reused; --force rebuilds them)" if reused else ""
-    calibration = json.loads(path.read_text()).get("calibration") or {}
-    if calibration.get("reused"):
+    if (written.get("calibration") or {}).get("reused"):
         note += "; calibration inputs of the previous capture reused (same weights, plan and toolchain)"
     console().print(f"wrote {path}{note}")
 
