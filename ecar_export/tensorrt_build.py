@@ -9,7 +9,9 @@ them).
 
 Every build gets one optimisation profile spanning the manifest's batch range
 (:func:`runtime.graphs.profile_shapes`) and reuses a timing cache, one file per GPU and
-TensorRT version (:func:`timing_cache_file`). Plans are written atomically under
+TensorRT version (:func:`timing_cache_file`); a cache TensorRT refuses (made on another GPU or
+TensorRT version, e.g. in a shared cache directory) is replaced by a fresh one, with a warning.
+The builder's choices are one frozen :class:`PlanOptions`. Plans are written atomically under
 content-addressed names; the manifest is not touched here (:func:`apply_plans` returns the
 fields to write, :func:`build_plans_for_dir` does the whole job for an existing ONNX build).
 
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from runtime import gpu
 from runtime import manifest as manifest_io
-from runtime.backends.tensorrt_backend import (
-    HARDWARE_COMPATIBILITY_LEVELS,
-    LogBook,
-    load_tensorrt,
-    log_tail_text,
-    tensorrt_logger,
-    tensorrt_major,
-)
-from runtime.backends.tensorrt_backend import tensorrt_version as _tensorrt_version
-from runtime.errors import BackendUnavailableError, EngineError, InvalidRequestError, ManifestError
+from runtime.errors import ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.fileio import atomic_path, write_bytes_atomic
 from runtime.graphs import GraphSpec, TensorSpec, profile_shapes
 from runtime.manifest import GraphEntry
+from runtime.trt import loader
+from runtime.trt.compat import HARDWARE_COMPATIBILITY_LEVELS
+from runtime.trt.loader import LogBook, load_tensorrt, log_tail_text, tensorrt_logger, tensorrt_major
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs where installed
     import tensorrt as trt
@@ -57,7 +54,55 @@ PARSER_ERRORS_SHOWN = 10
 
 def tensorrt_version() -> str | None:
     """The installed TensorRT's version, or None where ``import tensorrt`` fails (or finds only stubs)."""
-    return _tensorrt_version()
+    return loader.tensorrt_version()
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How plans are built (one object instead of a list of keyword arguments).
+
+    ``strongly_typed=False`` (TensorRT 10 only) with ``weakly_typed_precision`` "fp16" / "int8"
+    sets the builder's precision flags instead of reading precision from the graphs.
+    ``hardware_compatibility``: "none", "same_compute_capability" or "ampere_plus".
+    ``workspace_bytes``: limit of the builder's workspace pool. ``allow_tf32``: let float32
+    layers use TF32 (off: float32 plans match ONNX Runtime's float32). ``timing_cache``: reuse
+    the per-GPU timing cache in ``timing_cache_dir`` (default :func:`default_timing_cache_dir`).
+    """
+
+    strongly_typed: bool = True
+    weakly_typed_precision: str | None = None
+    hardware_compatibility: str = "none"
+    workspace_bytes: int | None = None
+    allow_tf32: bool = False
+    timing_cache: bool = True
+    timing_cache_dir: str | None = None
+    device_index: int = 0
+
+    def validate(self, version: str, trt_module: Any) -> None:
+        """Refuse options this TensorRT cannot honour (raises :class:`InvalidRequestError`)."""
+        level = self.hardware_compatibility
+        if level not in HARDWARE_COMPATIBILITY_LEVELS:
+            raise InvalidRequestError(
+                f"unknown hardware compatibility {level!r}: use {', '.join(HARDWARE_COMPATIBILITY_LEVELS)}"
+            )
+        if level != "none" and not hasattr(trt_module.HardwareCompatibilityLevel, level.upper()):
+            raise InvalidRequestError(f"TensorRT {version} has no hardware compatibility level {level.upper()}")
+        if self.strongly_typed:
+            if self.weakly_typed_precision is not None:
+                raise InvalidRequestError(
+                    "weakly_typed_precision applies to weakly typed networks only; pass strongly_typed=False"
+                )
+            return
+        if tensorrt_major(version) >= 11 or not hasattr(trt_module.BuilderFlag, "FP16"):
+            raise InvalidRequestError(
+                f"TensorRT {version} builds strongly typed networks only: put the precision into the ONNX graphs "
+                "(FP16 graphs, Q/DQ INT8 graphs) and build with strongly_typed=True"
+            )
+        if self.weakly_typed_precision not in WEAK_PRECISIONS:
+            raise InvalidRequestError(f"weakly_typed_precision must be one of {', '.join(WEAK_PRECISIONS)}")
+
+    def cache_dir(self) -> Path:
+        return Path(self.timing_cache_dir) if self.timing_cache_dir is not None else default_timing_cache_dir()
 
 
 @dataclass(frozen=True)
@@ -71,12 +116,11 @@ class PlanRecord:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
-    hardware_compatibility: str
-    strongly_typed: bool
-    weakly_typed_precision: str | None
+    options: PlanOptions
     profile: Profile
     build_seconds: float
     timing_cache: str | None
+    timing_cache_replaced: bool = False
 
     def manifest_fields(self) -> dict[str, object]:
         return {
@@ -84,9 +128,9 @@ class PlanRecord:
             "plan_sha256": self.plan_sha256,
             "tensorrt_builder": {
                 "tensorrt": self.tensorrt_version,
-                "strongly_typed": self.strongly_typed,
-                "weakly_typed_precision": self.weakly_typed_precision,
-                "hardware_compatibility": self.hardware_compatibility,
+                "strongly_typed": self.options.strongly_typed,
+                "weakly_typed_precision": self.options.weakly_typed_precision,
+                "hardware_compatibility": self.options.hardware_compatibility,
                 "profile": list(self.profile),
                 "build_seconds": round(self.build_seconds, 3),
                 "plan_bytes": self.plan_bytes,
@@ -112,7 +156,14 @@ def timing_cache_file(cache_dir: str | os.PathLike[str], gpu_name: str, compute_
     return Path(cache_dir) / f"trt-{safe_version}-sm{major}{minor}-{slug}.timing-cache"
 
 
-def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogBook, mark: int) -> None:
+def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogBook, mark: int) -> bool:
+    """Give ``config`` the timing cache in ``path`` (or a fresh one); True when a stale cache was set aside.
+
+    ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache whose device
+    properties differ from this GPU's (a cache directory shared between machines, an NFS home):
+    the build then starts from a fresh cache, and :func:`_save_timing_cache` replaces the stale
+    file atomically when the plan is built.
+    """
     data = b""
     if path is not None and path.is_file():
         try:
@@ -120,11 +171,21 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogB
         except OSError:
             data = b""
     cache: trt.ITimingCache | None = config.create_timing_cache(data)
-    if cache is None and data:  # unreadable or from another version: start afresh
-        cache = config.create_timing_cache(b"")
-    if cache is None or not config.set_timing_cache(cache, False):
+    if cache is not None and config.set_timing_cache(cache, False):
+        return False
+    if not data:
         where = f" from '{path}'" if path else ""
         raise EngineError(f"TensorRT cannot use a timing cache{where}" + log_tail_text(book, mark))
+    fresh: trt.ITimingCache | None = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, False):
+        raise EngineError("TensorRT cannot create a fresh timing cache" + log_tail_text(book, mark))
+    warnings.warn(
+        f"timing cache '{path}' was made on another GPU or TensorRT version; starting a fresh one (the file is "
+        "replaced when this build ends)",
+        ECARWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def _save_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
@@ -137,33 +198,6 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
 
 
 # ----------------------------------------------------------------------------- one plan
-def _check_options(
-    version: str, strongly_typed: bool, weakly_typed_precision: str | None, hardware_compatibility: str
-) -> None:
-    import tensorrt as trt
-
-    if hardware_compatibility not in HARDWARE_COMPATIBILITY_LEVELS:
-        raise InvalidRequestError(
-            f"unknown hardware compatibility {hardware_compatibility!r}: use {', '.join(HARDWARE_COMPATIBILITY_LEVELS)}"
-        )
-    level_name = hardware_compatibility.upper()
-    if level_name != "NONE" and not hasattr(trt.HardwareCompatibilityLevel, level_name):
-        raise InvalidRequestError(f"TensorRT {version} has no hardware compatibility level {level_name}")
-    if strongly_typed:
-        if weakly_typed_precision is not None:
-            raise InvalidRequestError(
-                "weakly_typed_precision applies to weakly typed networks only; pass strongly_typed=False"
-            )
-        return
-    if tensorrt_major(version) >= 11 or not hasattr(trt.BuilderFlag, "FP16"):
-        raise InvalidRequestError(
-            f"TensorRT {version} builds strongly typed networks only: put the precision into the ONNX graphs "
-            "(FP16 graphs, Q/DQ INT8 graphs) and build with strongly_typed=True"
-        )
-    if weakly_typed_precision not in WEAK_PRECISIONS:
-        raise InvalidRequestError(f"weakly_typed_precision must be one of {', '.join(WEAK_PRECISIONS)}")
-
-
 def _parser_errors(parser: trt.OnnxParser) -> str:
     lines = []
     for index in range(min(parser.num_errors, PARSER_ERRORS_SHOWN)):
@@ -196,35 +230,22 @@ def _network_inputs(network: trt.INetworkDefinition) -> dict[str, tuple[int, ...
 
 
 def _serialize(
-    onnx_path: Path,
-    spec: GraphSpec,
-    profile: Profile,
-    timing_cache_path: Path | None,
-    strongly_typed: bool,
-    weakly_typed_precision: str | None,
-    hardware_compatibility: str,
-    workspace_bytes: int | None,
-    allow_tf32: bool,
-) -> bytes:
-    """Parse ``onnx_path`` and build one serialized plan (bytes)."""
+    onnx_path: Path, spec: GraphSpec, profile: Profile, options: PlanOptions, timing_cache_path: Path | None
+) -> tuple[bytes, bool]:
+    """Parse ``onnx_path`` and build one serialized plan; returns it and whether a stale timing cache was replaced."""
     load_tensorrt()  # a clear BackendUnavailableError where TensorRT is missing
     import tensorrt as trt
 
     version = str(trt.__version__)
-    _check_options(version, strongly_typed, weakly_typed_precision, hardware_compatibility)
+    options.validate(version, trt)
     min_batch, opt_batch, max_batch = profile
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise InvalidRequestError(f"batch profile {profile} must satisfy 1 <= min <= opt <= max")
     logger, book = tensorrt_logger(trt)
     mark = book.mark()
-    try:
-        builder = trt.Builder(logger)
-    except Exception as exc:  # pybind raises when CUDA cannot initialise
-        raise BackendUnavailableError(
-            f"TensorRT cannot create a builder ({exc}; no usable GPU?)" + log_tail_text(book, mark)
-        ) from None
+    builder = loader.create_builder(trt)
     flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+    if options.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # ignored (always on) in TRT 11
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -238,16 +259,18 @@ def _serialize(
     if unknown:
         raise EngineError(f"'{onnx_path}' has inputs {unknown} that graph '{spec.name}' does not define; re-export it")
     config = builder.create_builder_config()
-    if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if not allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_bytes))
+    if not options.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
-    if not strongly_typed and weakly_typed_precision in ("fp16", "int8"):
+    if not options.strongly_typed and options.weakly_typed_precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
-        if weakly_typed_precision == "int8":
+        if options.weakly_typed_precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ graphs: no calibrator
-    if hardware_compatibility != "none":
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, hardware_compatibility.upper())
+    if options.hardware_compatibility != "none":
+        config.hardware_compatibility_level = getattr(
+            trt.HardwareCompatibilityLevel, options.hardware_compatibility.upper()
+        )
     optimisation = builder.create_optimization_profile()
     for name, (low, opt, high) in profile_shapes(spec, min_batch, opt_batch, max_batch).items():
         if name in inputs and any(d < 0 for d in inputs[name]):  # static inputs need no profile entry
@@ -256,7 +279,7 @@ def _serialize(
         raise EngineError(
             f"TensorRT rejected the batch profile {profile} of graph '{spec.name}'" + log_tail_text(book, mark)
         )
-    _load_timing_cache(config, timing_cache_path, book, mark)
+    replaced = _load_timing_cache(config, timing_cache_path, book, mark)
     serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(
@@ -264,7 +287,7 @@ def _serialize(
             + log_tail_text(book, mark)
         )
     _save_timing_cache(config, timing_cache_path)
-    return bytes(memoryview(serialized))
+    return bytes(memoryview(serialized)), replaced
 
 
 def build_plan(
@@ -272,42 +295,26 @@ def build_plan(
     plan_path: str | os.PathLike[str],
     spec: GraphSpec,
     profile: Profile,
+    options: PlanOptions = PlanOptions(),
     timing_cache_path: str | os.PathLike[str] | None = None,
-    strongly_typed: bool = True,
-    weakly_typed_precision: str | None = None,
-    hardware_compatibility: str = "none",
-    workspace_bytes: int | None = None,
-    *,
-    allow_tf32: bool = False,
-    device_index: int = 0,
 ) -> PlanRecord:
     """Compile one ONNX graph into a TensorRT plan at ``plan_path`` (written atomically).
 
     ``profile``: (min, opt, max) batch. ``timing_cache_path``: a file read before and written
     after the build (None: no timing cache; see :func:`timing_cache_file` for its name).
-    ``strongly_typed=False`` (TensorRT 10 only) with ``weakly_typed_precision`` "fp16" / "int8"
-    sets the builder's precision flags instead. ``hardware_compatibility``: "none",
-    "same_compute_capability" or "ampere_plus". ``workspace_bytes``: limit of the builder's
-    workspace memory pool. Raises :class:`BackendUnavailableError` without TensorRT or a GPU,
-    :class:`EngineError` (with TensorRT's last log lines) when parsing or building fails.
+    Raises :class:`BackendUnavailableError` without TensorRT or a usable GPU (including a
+    driver too old for TensorRT's CUDA build), :class:`EngineError` (with TensorRT's last log
+    lines) when parsing or building fails.
     """
-    version = str(load_tensorrt().__version__)
+    trt = load_tensorrt()
+    version = str(trt.__version__)
     cuda = gpu.driver()
-    cuda.use_device(device_index)
-    info = cuda.info(device_index)
+    info = cuda.info(options.device_index)
+    loader.check_driver(loader.tensorrt_cuda_major(), info.driver_version, version)
+    cuda.use_device(options.device_index)
     begin = time.perf_counter()
     cache = Path(timing_cache_path) if timing_cache_path is not None else None
-    data = _serialize(
-        Path(onnx_path),
-        spec,
-        profile,
-        cache,
-        strongly_typed,
-        weakly_typed_precision,
-        hardware_compatibility,
-        workspace_bytes,
-        allow_tf32,
-    )
+    data, replaced = _serialize(Path(onnx_path), spec, profile, options, cache)
     seconds = time.perf_counter() - begin
     target = Path(plan_path)
     with atomic_path(target) as temp:
@@ -320,12 +327,11 @@ def build_plan(
         tensorrt_version=version,
         gpu_name=info.name,
         compute_capability=info.compute_capability,
-        hardware_compatibility=hardware_compatibility,
-        strongly_typed=strongly_typed,
-        weakly_typed_precision=None if strongly_typed else weakly_typed_precision,
+        options=options,
         profile=profile,
         build_seconds=seconds,
         timing_cache=str(cache) if cache is not None else None,
+        timing_cache_replaced=replaced,
     )
 
 
@@ -353,28 +359,26 @@ def build_plans(
     engine_dir: str | os.PathLike[str],
     manifest_graphs: Mapping[str, GraphEntry | Mapping[str, Any]],
     profile: Profile,
+    options: PlanOptions = PlanOptions(),
     *,
-    timing_cache_dir: str | os.PathLike[str] | None = None,
-    strongly_typed: bool = True,
-    weakly_typed_precision: str | None = None,
-    hardware_compatibility: str = "none",
-    workspace_bytes: int | None = None,
-    allow_tf32: bool = False,
-    device_index: int = 0,
     progress: Progress | None = None,
+    moment: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, PlanRecord], dict[str, object]]:
     """One plan per graph of a build; returns the per-graph records and the manifest's ``tensorrt`` block.
 
     ``manifest_graphs``: :attr:`Manifest.graphs` of a loaded build, or build.py's graph dicts
     (each with ``file`` and the contract fields). Plans go into ``engine_dir`` as
-    ``<graph>-<sha12>.plan`` (atomic writes; nothing else is changed). ``timing_cache_dir``:
-    where the per-GPU timing cache lives (default :func:`default_timing_cache_dir`).
+    ``<graph>-<sha12>.plan`` (atomic writes; nothing else is changed). ``moment`` is called with
+    ``"plan:<graph>"`` after each plan is in place (build.py's kill-test hook).
     """
     version = str(load_tensorrt().__version__)
-    info = gpu.driver().info(device_index)
+    info = gpu.driver().info(options.device_index)
     root = Path(engine_dir)
-    cache_dir = Path(timing_cache_dir) if timing_cache_dir is not None else default_timing_cache_dir()
-    cache = timing_cache_file(cache_dir, info.name, info.compute_capability, version)
+    cache = (
+        timing_cache_file(options.cache_dir(), info.name, info.compute_capability, version)
+        if options.timing_cache
+        else None
+    )
     records: dict[str, PlanRecord] = {}
     items = list(manifest_graphs.items())
     for done, (name, entry) in enumerate(items):
@@ -385,30 +389,20 @@ def build_plans(
         else:
             spec, onnx_file = _spec_from_dict(name, entry), str(entry["file"])
         staging = root / f".{name}.plan.building"
-        record = build_plan(
-            root / onnx_file,
-            staging,
-            spec,
-            profile,
-            cache,
-            strongly_typed,
-            weakly_typed_precision,
-            hardware_compatibility,
-            workspace_bytes,
-            allow_tf32=allow_tf32,
-            device_index=device_index,
-        )
+        record = build_plan(root / onnx_file, staging, spec, profile, options, cache)
         final = f"{name}-{record.plan_sha256[:12]}.plan"
         os.replace(staging, root / final)
         records[name] = dataclasses.replace(record, plan_file=final)
+        if moment:
+            moment(f"plan:{name}")
     if progress:
         progress("done", len(items), len(items))
     block: dict[str, object] = {
         "version": version,
         "gpu_name": info.name,
         "compute_capability": info.compute_capability,
-        "hardware_compatibility": hardware_compatibility,
-        "strongly_typed": strongly_typed,
+        "hardware_compatibility": options.hardware_compatibility,
+        "strongly_typed": options.strongly_typed,
     }
     return records, block
 
@@ -431,17 +425,17 @@ def apply_plans(
     return data
 
 
-def build_plans_for_dir(engine_dir: str | os.PathLike[str], **options: Any) -> Path:
+def build_plans_for_dir(engine_dir: str | os.PathLike[str], options: PlanOptions = PlanOptions()) -> Path:
     """Add TensorRT plans to an existing ONNX build in place; the manifest is replaced atomically last.
 
-    ``options`` are :func:`build_plans`' keyword options. Plan files a previous manifest named
-    and the new one does not are removed after the commit. Returns the manifest's path.
+    Plan files a previous manifest named and the new one does not are removed after the
+    commit. Returns the manifest's path.
     """
     root = Path(engine_dir)
     manifest = manifest_io.load(root)
     old_plans = {entry.plan_file for entry in manifest.graphs.values() if entry.plan_file}
     records, block = build_plans(
-        root, manifest.graphs, (manifest.min_batch, manifest.opt_batch, manifest.max_batch), **options
+        root, manifest.graphs, (manifest.min_batch, manifest.opt_batch, manifest.max_batch), options
     )
     data = apply_plans(json.loads(json.dumps(manifest.raw)), records, block)
     path = manifest_io.write(root, data)

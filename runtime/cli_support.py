@@ -43,11 +43,34 @@ def progress_bar() -> Progress:
     )
 
 
+def show_warnings_as_lines() -> None:
+    """Print every :class:`ECARWarning` as one ``warning: ...`` line on stderr (no file:line, no source)."""
+    import warnings
+
+    from runtime.errors import ECARWarning
+
+    if getattr(warnings.showwarning, "ecar_lines", False):
+        return
+    default = warnings.showwarning
+
+    def show(
+        message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        if issubclass(category, ECARWarning):
+            console().print(f"warning: {message}")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.ecar_lines = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def fail_on_ecar_errors(func: F) -> F:
     """Run a CLI command; an ECARError becomes a one-paragraph message and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        show_warnings_as_lines()
         try:
             return func(*args, **kwargs)
         except ECARError as exc:

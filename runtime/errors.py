@@ -39,3 +39,10 @@ class InvalidRequestError(ECARError, ValueError):
 
 class OutputError(ECARError):
     """Results could not be written where the user asked."""
+
+
+class ECARWarning(UserWarning):
+    """Something the user should know that does not stop the work (a fallback, a discarded cache).
+
+    Raised through :mod:`warnings`; both CLIs print each one as a single ``warning:`` line on stderr.
+    """

@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,14 @@ class GpuInfo:
             "total_memory": self.total_memory,
             "driver_version": self.driver_version,
         }
+
+
+def host_array(pointer: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A numpy array over ``pointer`` (host memory, e.g. from :meth:`CudaDriver.host_alloc`); no copy."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(pointer)
+    array: np.ndarray = np.frombuffer(memoryview(raw), dtype=dtype, count=count).reshape(shape)
+    return array
 
 
 def parse_compute_capability(value: str) -> tuple[int, int]:
@@ -122,6 +131,8 @@ class CudaDriver:
             "cuCtxGetCurrent": [ctypes.POINTER(_P)],
             "cuMemAlloc_v2": [ctypes.POINTER(ctypes.c_uint64), _SIZE],
             "cuMemFree_v2": [ctypes.c_uint64],
+            "cuMemHostAlloc": [ctypes.POINTER(_P), _SIZE, _UINT],
+            "cuMemFreeHost": [_P],
             "cuMemcpyHtoDAsync_v2": [ctypes.c_uint64, _P, _SIZE, _P],
             "cuMemcpyDtoHAsync_v2": [_P, ctypes.c_uint64, _SIZE, _P],
             "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, _SIZE, _P],
@@ -216,6 +227,18 @@ class CudaDriver:
     def free(self, pointer: int) -> None:
         if pointer:
             self.check(self.lib.cuMemFree_v2(pointer), "cuMemFree")
+
+    def host_alloc(self, nbytes: int) -> int:
+        """Page-locked (pinned) host memory: copies from and to it run asynchronously and at full speed."""
+        pointer = _P()
+        self.check(
+            self.lib.cuMemHostAlloc(ctypes.byref(pointer), max(1, int(nbytes)), 0), f"cuMemHostAlloc({nbytes} B)"
+        )
+        return int(pointer.value or 0)
+
+    def host_free(self, pointer: int) -> None:
+        if pointer:
+            self.check(self.lib.cuMemFreeHost(_P(pointer)), "cuMemFreeHost")
 
     def copy_to_device(self, pointer: int, array: np.ndarray, stream: int) -> None:
         """Host -> device, ordered on ``stream``. ``array`` must stay alive until the stream syncs."""

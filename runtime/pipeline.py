@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,12 +18,13 @@ import numpy as np
 from runtime import manifest as manifest_io
 from runtime import schedule
 from runtime.backends import Backend
-from runtime.errors import BackendUnavailableError, InvalidRequestError
+from runtime.errors import BackendUnavailableError, ECARWarning, InvalidRequestError
 from runtime.graphs import stage_times
 from runtime.images import to_uint8
 from runtime.manifest import Manifest
 
 StageCallback = Callable[[int, int], None]  # (stages done, stages in all)
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -64,10 +66,13 @@ class GenerateResult:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+    def __init__(self, manifest: Manifest, backend: Backend, device_resident: bool = True) -> None:
+        """``device_resident``: where the backend can run a whole request on its device (TensorRT's
+        ``generate_on_device``), do so; False walks the graphs through ``backend.run`` instead."""
         self.manifest = manifest
         self.config = manifest.config
         self.backend = backend
+        self.device_resident = device_resident
 
     @classmethod
     def from_dir(
@@ -86,22 +91,27 @@ class Pipeline:
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
+        if backend not in BACKEND_CHOICES:
+            raise InvalidRequestError(f"unknown backend '{backend}': use {', '.join(BACKEND_CHOICES)}")
         manifest = manifest_io.load(path)
-        if backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise BackendUnavailableError(f"unknown backend '{backend}': use auto, onnxruntime or tensorrt")
         if backend == "tensorrt" and manifest.backend != "tensorrt":
             raise BackendUnavailableError(
                 f"'{path}' holds no TensorRT plans (built for {manifest.backend}); "
                 "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
             )
         if manifest.backend == "tensorrt" and backend in ("tensorrt", "auto"):
-            from runtime.backends import tensorrt_backend
+            from runtime.backends import tensorrt
 
-            problem = tensorrt_backend.probe(manifest)
+            problem = tensorrt.probe(manifest)
             if problem is None:
-                return cls(manifest, tensorrt_backend.TensorRTBackend(manifest))
+                return cls(manifest, tensorrt.TensorRTBackend(manifest))
             if backend == "tensorrt":
                 raise BackendUnavailableError(problem)
+            warnings.warn(
+                f"the TensorRT plans in '{path}' cannot run here, using ONNX Runtime instead: {problem}",
+                ECARWarning,
+                stacklevel=2,
+            )
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return cls(manifest, OnnxRuntimeBackend(manifest, device=device, threads=threads))
@@ -220,7 +230,7 @@ class Pipeline:
         config = self.config
         weights = schedule.cfg_weights(config, cfg)
         noise = schedule.draw_noise(config, keys)
-        on_device = getattr(self.backend, "generate_on_device", None)
+        on_device = getattr(self.backend, "generate_on_device", None) if self.device_resident else None
         if on_device is not None:  # TensorRT: every intermediate stays on the GPU for the whole request
             out = on_device(labels, noise, weights, on_stage)
             timings.stages = list(out.stage_seconds)

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""TensorRT smoke test: plans for an existing ONNX build, compared with ONNX Runtime (CPU, fp32).
+"""TensorRT smoke test: plans for an existing ONNX build, compared with ONNX Runtime on the same graphs.
 
     python scripts/gpu_smoke.py --engine-dir engines/ [--out smoke.json] [--requests 4] [--cuda-graphs]
 
-Copies the build's manifest and graphs into a work directory, compiles TensorRT plans there
-(``ecar_export.tensorrt_build.build_plans_for_dir``), then runs N requests three ways — the
-ONNX Runtime pipeline on the original build (the reference), the TensorRT backend through
-``Pipeline`` (host round trip per graph call) and the TensorRT device-resident path
-(``TensorRTBackend.generate_on_device``) — and compares latents and images. Prints a table,
+Copies the build (manifest and every file it names) into a work directory, compiles TensorRT
+plans there (``ecar_export.tensorrt_build.build_plans_for_dir``), then runs N requests three
+ways and compares latents and images:
+
+* reference — ONNX Runtime on the CPU running the build's own graphs (the same precision as
+  the plans: an fp16 build is compared with ORT running its fp16 graphs);
+* "pipeline" — ``Pipeline(..., device_resident=False)``: every graph call through
+  ``TensorRTBackend.run`` (numpy in, numpy out, a host round trip per call);
+* "device" — ``TensorRTBackend.generate_on_device``: the whole request on the GPU. Prints a table,
 writes JSON with ``--out``, and exits 1 on a mismatch, 77 where TensorRT or an NVIDIA GPU is
 absent (the "skipped" exit code of automake-style test drivers), 2 on a usage error.
 
@@ -72,12 +76,14 @@ def unavailable_reason(device_index: int = 0) -> str | None:
 
 
 def copy_build(source: Path, target: Path) -> Path:
-    """Copy the manifest and the graph files it names (nothing else) into ``target``."""
-    manifest = manifest_io.load(source)
+    """Copy the manifest and every file it names (graphs, plans, calibration set; nothing else) into ``target``."""
+    manifest_io.load(source)  # validate first
     target.mkdir(parents=True, exist_ok=True)
-    for entry in manifest.graphs.values():
-        shutil.copy2(source / entry.file, target / entry.file)
-    shutil.copy2(source / manifest_io.MANIFEST_NAME, target / manifest_io.MANIFEST_NAME)
+    for name in sorted(manifest_io.named_files(json.loads((source / manifest_io.MANIFEST_NAME).read_text()))):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source / name, target / name)
     return target
 
 
@@ -115,18 +121,18 @@ def run_smoke(
     timing_cache_dir: Path | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Build plans for a copy of ``engine_dir`` in ``work_dir`` and compare TensorRT with ONNX Runtime."""
-    from ecar_export.tensorrt_build import build_plans_for_dir
-    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from ecar_export.tensorrt_build import PlanOptions, build_plans_for_dir
+    from runtime.backends.tensorrt import TensorRTBackend
     from runtime.pipeline import Pipeline
 
     copy_build(engine_dir, work_dir)
     begin = time.perf_counter()
-    build_plans_for_dir(
-        work_dir,
+    options = PlanOptions(
         hardware_compatibility=hardware_compatibility,
-        timing_cache_dir=timing_cache_dir,
+        timing_cache_dir=str(timing_cache_dir) if timing_cache_dir is not None else None,
         device_index=device_index,
     )
+    build_plans_for_dir(work_dir, options)
     build_seconds = time.perf_counter() - begin
     reference = Pipeline.from_dir(engine_dir, backend="onnxruntime", device="cpu")
     manifest = manifest_io.load(work_dir)
@@ -135,7 +141,7 @@ def run_smoke(
     rng = np.random.default_rng(seed)
     size = min(batch or 4, manifest.max_batch)
     with TensorRTBackend(manifest, device_index=device_index, cuda_graphs=cuda_graphs) as backend:
-        pipeline = Pipeline(manifest, backend)
+        pipeline = Pipeline(manifest, backend, device_resident=False)  # every graph call through run()
         for request in range(requests):
             labels = rng.integers(0, config.num_classes, size=size).tolist()
             request_seed = seed + request

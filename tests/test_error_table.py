@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -240,8 +241,9 @@ def test_disk_full_while_writing_outputs(good: tuple[Path, Path], tmp_path: Path
     assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp")), "no partial files may remain"
 
 
-# TensorRT plans from elsewhere. No TensorRT here: the *running* side (TensorRT version and GPU
-# of this machine) is stood in for; the manifest side and the CLI's handling are the real ones.
+# TensorRT on this machine is stood in for by tests/fake_tensorrt.py (TensorRT cannot be installed
+# here): the fake stands for "this machine's" TensorRT version and GPU; the manifest side, the
+# loading code and the CLI's handling are the real ones.
 PLAN_CASES = {
     "tensorrt-plan-other-version": (
         ("10.13.0.35", "NVIDIA H200", "9.0"),
@@ -256,35 +258,89 @@ PLAN_CASES = {
 }
 
 
+def _fake_here(monkeypatch: pytest.MonkeyPatch, cuda_fails: bool = False) -> Any:
+    """This machine: TensorRT 10.14.1 on an NVIDIA H200 (the fakes of tests/fake_tensorrt.py)."""
+    from fake_tensorrt import install
+
+    import ecar_export.export  # noqa: F401  (torch's exporter first: it probes the `tensorrt` module)
+    from runtime import gpu
+
+    trt, cuda = install(cuda_fails=cuda_fails, patch=monkeypatch)
+    trt.__version__ = "10.14.1"
+    here = gpu.GpuInfo(0, "NVIDIA H200", "9.0", 141 << 30, 12080)
+    monkeypatch.setattr(cuda, "info", lambda index=0: here)
+    return trt
+
+
+def _as_tensorrt_build(engines: Path, version: str, gpu_name: str, capability: str) -> None:
+    """Turn a copy of an ONNX build into a (fake) TensorRT build, written as the builder writes it."""
+    from runtime import manifest as manifest_io
+    from runtime.fileio import sha256_file
+
+    document = json.loads((engines / "manifest.json").read_text())
+    document["backend"] = "tensorrt"
+    document["tensorrt"] = {"version": version, "gpu_name": gpu_name, "compute_capability": capability,
+                            "hardware_compatibility": "none", "strongly_typed": True}  # fmt: skip
+    for name, record in document["graphs"].items():
+        plan = engines / f"{name}-0123456789ab.plan"
+        plan.write_text(json.dumps({"onnx": str(engines / record["file"])}))
+        record["plan_file"], record["plan_sha256"] = plan.name, sha256_file(plan)
+    manifest_io.write(engines, document)
+
+
 @pytest.mark.parametrize("case", sorted(PLAN_CASES))
 def test_tensorrt_plans_for_another_machine_are_refused(
     case: str, good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runtime.backends import tensorrt_backend
-    from runtime.fileio import sha256_file
-
     (version, gpu_name, capability), message = PLAN_CASES[case]
     engines = shutil.copytree(good[0], tmp_path / "engines")
-
-    def as_tensorrt_build(document: dict) -> None:  # type: ignore[type-arg]
-        document["backend"] = "tensorrt"
-        document["tensorrt"] = {"version": version, "gpu_name": gpu_name, "compute_capability": capability,
-                                "hardware_compatibility": "none", "strongly_typed": True}  # fmt: skip
-        for name, record in document["graphs"].items():
-            plan = engines / f"{name}-0123456789ab.plan"
-            plan.write_bytes(b"serialized plan of " + name.encode())
-            record["plan_file"], record["plan_sha256"] = plan.name, sha256_file(plan)
-
-    _edit_manifest(engines, as_tensorrt_build)
-    here = tensorrt_backend.RunningEnvironment("10.14.1", "NVIDIA H200", "9.0")
-    monkeypatch.setattr(tensorrt_backend, "running_environment", lambda device_index=0: here)
+    _as_tensorrt_build(engines, version, gpu_name, capability)
+    trt = _fake_here(monkeypatch)
     result = _invoke("run", _run(engines, "--backend", "tensorrt"))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert re.search(message, " ".join(result.output.split())), result.output
+    assert trt.engines == [], "plans were deserialized before the compatibility check"
+
+
+def test_tensorrt_cannot_start_cuda(good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = shutil.copytree(good[0], tmp_path / "engines")
+    _as_tensorrt_build(engines, "10.14.1", "NVIDIA H200", "9.0")
+    _fake_here(monkeypatch, cuda_fails=True)
+    result = _invoke("run", _run(engines, "--backend", "tensorrt"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert re.search(r"error: TensorRT cannot start CUDA here: creating a trt\.Runtime failed.*nvidia-smi", text), text
+    # the same build with --backend auto runs on ONNX Runtime, saying why in one line
+    result = _invoke("run", _run(engines, "--backend", "auto", "--labels", "1"))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "using ONNX Runtime instead: TensorRT cannot start CUDA here" in warnings[0]
+
+
+def test_tensorrt_timing_cache_from_another_gpu(
+    good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecar_export.tensorrt_build import timing_cache_file
+
+    trt = _fake_here(monkeypatch)
+    cache_dir = tmp_path / "nfs-home-cache"
+    monkeypatch.setenv("ECAR_TENSORRT_CACHE", str(cache_dir))
+    stale = timing_cache_file(cache_dir, "NVIDIA H200", "9.0", "10.14.1")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"other-gpu:written on a machine with another H200 driver")
+    result = _invoke("export", [*_build(good[1], tmp_path)[:-1], "tensorrt"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert re.search(
+        r"warning: timing cache '.*' was made on another GPU or TensorRT version; starting a fresh one", text
+    )
+    assert trt.state.cache_refused and b"other-gpu" not in stale.read_bytes()
 
 
 def test_readme_table_lists_every_scenario() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, re.MULTILINE))
-    assert rows == {s.id for s in SCENARIOS} | {"disk-full"} | set(PLAN_CASES)
+    extra = {"disk-full", "tensorrt-cannot-start-cuda", "tensorrt-timing-cache-other-gpu"}
+    assert rows == {s.id for s in SCENARIOS} | extra | set(PLAN_CASES)

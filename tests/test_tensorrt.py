@@ -22,7 +22,6 @@ Three kinds of tests:
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -32,36 +31,30 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from conftest import BuildCache, needs_demo
+from conftest import BuildCache, build_model, engine_model, needs_demo
+from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, FakeCuda, install, make_fake_trt
 
 from ecar_export import tensorrt_build
-from ecar_export.tensorrt_build import PlanRecord, apply_plans, build_plan, timing_cache_file
+from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
 from runtime import gpu, schedule
 from runtime import manifest as manifest_io
-from runtime.backends import tensorrt_backend
-from runtime.backends.tensorrt_backend import (
-    RunningEnvironment,
-    TensorRTBackend,
-    check_plan_compatibility,
-    resolve_dims,
-)
-from runtime.errors import BackendUnavailableError, EngineError, InvalidRequestError, ManifestError
+from runtime.backends.tensorrt import TensorRTBackend, probe
+from runtime.backends.tensorrt.shapes import resolve_dims
+from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.graphs import graph_specs, profile_shapes
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
+from runtime.trt import loader
+from runtime.trt.compat import RunningEnvironment, check_plan_compatibility
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_VERSION = "10.13.3.9"
-FAKE_GPU = gpu.GpuInfo(0, "NVIDIA Fake H100", "9.0", 80 << 30, 12080)
 ENV = RunningEnvironment(FAKE_VERSION, FAKE_GPU.name, FAKE_GPU.compute_capability)
 TINY = "tiny-1-2-4"
 TWO_STAGE = "two-stage-2-6"
@@ -86,10 +79,10 @@ def test_modules_import_without_torch_or_tensorrt() -> None:
                 return None
 
         sys.meta_path.insert(0, Block())
-        import runtime.gpu, runtime.backends.tensorrt_backend as backend
-        assert backend.tensorrt_version() is None
+        import runtime.gpu, runtime.backends.tensorrt, runtime.trt.loader as loader
+        assert loader.tensorrt_version() is None
         try:
-            backend.load_tensorrt()
+            loader.load_tensorrt()
         except Exception as exc:
             print("ERROR", type(exc).__name__, exc)
         bad = sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "tensorrt"))
@@ -99,7 +92,7 @@ def test_modules_import_without_torch_or_tensorrt() -> None:
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout, result.stdout
     assert "ERROR BackendUnavailableError TensorRT is not importable" in result.stdout, result.stdout
-    assert "pip install '.[tensorrt]'" in result.stdout
+    assert "pip install 'ecar-export[tensorrt]'" in result.stdout
 
 
 def test_build_module_imports_without_tensorrt_and_reports_no_version() -> None:
@@ -117,11 +110,11 @@ def test_build_module_imports_without_tensorrt_and_reports_no_version() -> None:
 
 def test_tensorrt_version_is_none_here() -> None:
     # where the stubs are installed, `import tensorrt` finds an empty namespace package: still "not installed"
-    if tensorrt_backend.tensorrt_version() is not None:
+    if loader.tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
     assert tensorrt_build.tensorrt_version() is None
     with pytest.raises(BackendUnavailableError, match=r"TensorRT is not (importable|installed)"):
-        tensorrt_backend.load_tensorrt()
+        loader.load_tensorrt()
 
 
 @pytest.fixture
@@ -252,251 +245,6 @@ def test_resolve_dims_reads_batch_and_tokens(tiny_config: Any) -> None:
         resolve_dims(flow, {k: v for k, v in shapes.items() if k != "cfg"})
 
 
-# ============================================================================ fakes
-class FakeCuda:
-    """CUDA driver double: "device memory" is host memory, streams run work at once (or record it)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, np.ndarray] = {}
-        self.capturing: list[Callable[[], None]] | None = None
-        self.graphs: dict[int, list[Callable[[], None]]] = {}
-        self.launches = 0
-        self.captures = 0
-        self.events: dict[int, float] = {}
-        self.streams = 0
-        self.current: dict[int, int] = {}
-
-    def use_device(self, index: int) -> None:
-        self.current[threading.get_ident()] = index
-
-    def info(self, index: int = 0) -> gpu.GpuInfo:
-        return FAKE_GPU
-
-    def device_count(self) -> int:
-        return 1
-
-    def malloc(self, nbytes: int) -> int:
-        array = np.full(nbytes + 256, 0xCD, dtype=np.uint8)  # garbage, as fresh device memory would be
-        pointer = -(-array.ctypes.data // 256) * 256  # cuMemAlloc returns (at least) 256-byte aligned memory
-        self.buffers[pointer] = array
-        return int(pointer)
-
-    def free(self, pointer: int) -> None:
-        del self.buffers[pointer]
-
-    def _do(self, work: Callable[[], None]) -> None:
-        if self.capturing is not None:
-            self.capturing.append(work)
-        else:
-            work()
-
-    def copy_to_device(self, pointer: int, array: np.ndarray, stream: int) -> None:
-        data = array.copy()  # the copy is staged when issued, like a pageable cuMemcpyHtoDAsync
-        self._do(lambda: ctypes.memmove(pointer, data.ctypes.data, data.nbytes))
-
-    def copy_to_host(self, array: np.ndarray, pointer: int, stream: int) -> None:
-        self._do(lambda: ctypes.memmove(array.ctypes.data, pointer, array.nbytes))
-
-    def copy_device(self, destination: int, source: int, nbytes: int, stream: int) -> None:
-        self._do(lambda: ctypes.memmove(destination, source, nbytes))
-
-    def stream_create(self) -> int:
-        self.streams += 1
-        return 1000 + self.streams
-
-    def stream_synchronize(self, stream: int) -> None:
-        assert self.capturing is None, "synchronize during capture"
-
-    def stream_destroy(self, stream: int) -> None:
-        self.streams -= 1
-
-    def event_create(self) -> int:
-        event = len(self.events) + 1
-        self.events[event] = 0.0
-        return event
-
-    def event_record(self, event: int, stream: int) -> None:
-        assert self.capturing is None, "events are not recorded inside captures here"
-        self.events[event] = time.perf_counter()
-
-    def event_elapsed_ms(self, start: int, end: int) -> float:
-        return 1000.0 * (self.events[end] - self.events[start])
-
-    def event_destroy(self, event: int) -> None:
-        self.events.pop(event)
-
-    def begin_capture(self, stream: int) -> None:
-        self.capturing = []
-
-    def end_capture(self, stream: int) -> int:
-        assert self.capturing is not None
-        graph = len(self.graphs) + 1
-        self.graphs[graph], self.capturing = self.capturing, None
-        self.captures += 1
-        return graph
-
-    def graph_instantiate(self, graph: int) -> int:
-        return graph
-
-    def graph_launch(self, executable: int, stream: int) -> None:
-        self.launches += 1
-        for work in self.graphs[executable]:
-            work()
-
-    def graph_destroy(self, graph: int = 0, executable: int = 0) -> None:
-        self.graphs.pop(graph, None)
-
-
-class HostIO:
-    """How fake engines reach FakeCuda's "device" memory (host memory) and its capture queue."""
-
-    def __init__(self, cuda: FakeCuda) -> None:
-        self.cuda = cuda
-
-    def read(self, pointer: int, shape: tuple[int, ...], dtype: np.dtype[Any], stream: int) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        raw = (ctypes.c_char * nbytes).from_address(pointer)
-        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
-
-    def write(self, pointer: int, array: np.ndarray, stream: int) -> None:
-        ctypes.memmove(pointer, array.ctypes.data, array.nbytes)
-
-    def submit(self, work: Callable[[], None]) -> None:
-        self.cuda._do(work)
-
-
-class DeviceIO:
-    """Fake engines on a real GPU: inputs copied to the host, ONNX Runtime, outputs copied back (no capture)."""
-
-    def __init__(self, cuda: gpu.CudaDriver) -> None:
-        self.cuda = cuda
-        self.held: list[np.ndarray] = []
-
-    def read(self, pointer: int, shape: tuple[int, ...], dtype: np.dtype[Any], stream: int) -> np.ndarray:
-        array = np.empty(shape, dtype)
-        self.cuda.copy_to_host(array, pointer, stream)
-        self.cuda.stream_synchronize(stream)
-        return array
-
-    def write(self, pointer: int, array: np.ndarray, stream: int) -> None:
-        self.held = [*self.held[-64:], array]
-        self.cuda.copy_to_device(pointer, array, stream)
-
-    def submit(self, work: Callable[[], None]) -> None:
-        work()
-
-
-class FakeContext:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.shapes[name] = tuple(shape)
-        return all(d > 0 for d in shape)
-
-    def set_tensor_address(self, name: str, pointer: int) -> bool:
-        self.addresses[name] = pointer
-        return pointer % 256 == 0  # TensorRT wants aligned addresses
-
-    def _feeds(self, zero: bool, stream: int = 0) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name in self.engine.inputs:
-            dtype, shape, io = self.engine.dtypes[name], self.shapes[name], self.engine.io
-            feeds[name] = np.zeros(shape, dtype) if zero else io.read(self.addresses[name], shape, dtype, stream)
-        return feeds
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        index = self.engine.outputs.index(name)
-        return tuple(self.engine.session.run(None, self._feeds(zero=True))[index].shape)
-
-    def execute_async_v3(self, stream: int) -> bool:
-        snapshot = (dict(self.shapes), dict(self.addresses))
-
-        def work() -> None:
-            saved = (self.shapes, self.addresses)
-            self.shapes, self.addresses = snapshot
-            outputs = self.engine.session.run(self.engine.outputs, self._feeds(zero=False, stream=stream))
-            for name, value in zip(self.engine.outputs, outputs):
-                value = np.ascontiguousarray(value, dtype=self.engine.dtypes[name])
-                self.engine.io.write(self.addresses[name], value, stream)
-            self.shapes, self.addresses = saved
-
-        self.engine.executions += 1
-        self.engine.io.submit(work)
-        return True
-
-
-class FakeEngine:
-    def __init__(self, onnx_path: str, io: HostIO | DeviceIO) -> None:
-        import onnxruntime
-
-        self.path = onnx_path
-        self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        types = {"tensor(float)": np.dtype(np.float32), "tensor(int64)": np.dtype(np.int64)}
-        self.dtypes = {i.name: types[i.type] for i in (*self.session.get_inputs(), *self.session.get_outputs())}
-        self.io = io
-        self.executions = 0
-        self.contexts = 0
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self.inputs) + len(self.outputs)
-
-    def get_tensor_name(self, index: int) -> str:
-        return [*self.inputs, *self.outputs][index]
-
-    def get_tensor_mode(self, name: str) -> str:
-        return "INPUT" if name in self.inputs else "OUTPUT"
-
-    def get_tensor_dtype(self, name: str) -> np.dtype[Any]:
-        return self.dtypes[name]
-
-    def get_tensor_location(self, name: str) -> str:
-        return "DEVICE"
-
-    def create_execution_context(self) -> FakeContext:
-        self.contexts += 1
-        return FakeContext(self)
-
-
-def make_fake_trt(cuda: FakeCuda | None, builder: Any = None, io: DeviceIO | None = None) -> ModuleType:
-    """A ``tensorrt`` module double: plans are JSON naming an ONNX file, run by ONNX Runtime."""
-    trt = ModuleType("tensorrt")
-    trt.__version__ = FAKE_VERSION
-    engines: list[FakeEngine] = []
-
-    class ILogger:
-        def __init__(self) -> None:
-            pass
-
-    class Runtime:
-        def __init__(self, logger: ILogger) -> None:
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
-            try:
-                plan = json.loads(data)
-            except ValueError:
-                self.logger.log(SimpleNamespace(name="ERROR"), "Serialization assertion failed: magic tag mismatch")
-                return None
-            engine = FakeEngine(plan["onnx"], io or HostIO(cuda or FakeCuda()))
-            engines.append(engine)
-            return engine
-
-    trt.ILogger = ILogger
-    trt.Runtime = Runtime
-    trt.Builder = builder or object
-    trt.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    trt.TensorLocation = SimpleNamespace(DEVICE="DEVICE", HOST="HOST")
-    trt.nptype = lambda dtype: dtype
-    trt.engines = engines
-    return trt
-
-
 def fake_tensorrt_build(source: Path, target: Path, tensorrt: dict[str, Any] | None = None) -> manifest_io.Manifest:
     """Copy an ONNX build and give it fake plans (JSON naming each ONNX file) and a tensorrt block."""
     shutil.copytree(source, target)
@@ -507,8 +255,8 @@ def fake_tensorrt_build(source: Path, target: Path, tensorrt: dict[str, Any] | N
         plan = f"{name}-fake.plan"
         (target / plan).write_bytes(data)
         records[name] = PlanRecord(
-            name, plan, hashlib.sha256(data).hexdigest(), len(data), FAKE_VERSION, FAKE_GPU.name, "9.0", "none",
-            True, None, (manifest.min_batch, manifest.opt_batch, manifest.max_batch), 0.1, None,
+            name, plan, hashlib.sha256(data).hexdigest(), len(data), FAKE_VERSION, FAKE_GPU.name, "9.0",
+            PlanOptions(), (manifest.min_batch, manifest.opt_batch, manifest.max_batch), 0.1, None,
         )  # fmt: skip
     meta = tensorrt or block()
     manifest_io.write(target, apply_plans(manifest.raw, records, meta))
@@ -517,7 +265,7 @@ def fake_tensorrt_build(source: Path, target: Path, tensorrt: dict[str, Any] | N
 
 @pytest.fixture
 def fresh_logger(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensorrt_backend, "_LOGGER", None)
+    monkeypatch.setattr(loader, "_LOGGER", None)
 
 
 def fake_backend(manifest: manifest_io.Manifest, cuda_graphs: bool = False) -> tuple[TensorRTBackend, FakeCuda]:
@@ -551,15 +299,21 @@ def test_fake_backend_matches_onnxruntime_on_both_paths(
     manifest = fake_tensorrt_build(build.dir, tmp_path / "trt")
     ort = reference(build.dir)
     backend, cuda = fake_backend(manifest)
-    pipeline = Pipeline(manifest, backend)
+    host_pipeline = Pipeline(manifest, backend, device_resident=False)  # every graph call through run()
+    device_pipeline = Pipeline(manifest, backend)
     config = manifest.config
+    runs = {e.path: e for e in backend.trt.engines}
     for batch in (1, build.max_batch, 2, build.max_batch):
         labels, seed = request(rng, config.num_classes, batch)
         where = f"{case} labels={labels} seed={seed}"
         ref = ort.generate(labels, seed=seed)
-        host = pipeline.generate(labels, seed=seed)
+        before = sum(e.executions for e in runs.values())
+        host = host_pipeline.generate(labels, seed=seed)
+        assert sum(e.executions for e in runs.values()) - before == sum(ref.timings.calls.values())
         assert np.array_equal(host.latents, ref.latents), where
         assert np.array_equal(host.images, ref.images), where
+        assert dict(host.timings.calls) == dict(ref.timings.calls)
+        assert np.array_equal(device_pipeline.generate(labels, seed=seed).images, ref.images), where
         device = on_device(backend, labels, seed)
         assert device.latents.dtype == np.float32 and device.image.dtype == np.float32
         assert np.array_equal(device.latents, ref.latents), where
@@ -569,11 +323,20 @@ def test_fake_backend_matches_onnxruntime_on_both_paths(
         assert set(device.graph_seconds) == set(device.graph_calls)
     # one workspace per batch size, reused
     assert sorted(backend._workspaces) == sorted({1, 2, build.max_batch})
+    # every copy in and out went through pinned host memory
+    assert cuda.pageable_copies == 0, "copies from pageable host memory"
+    # every context has no memory of its own: all share one buffer sized to the largest need
+    contexts = [c for e in backend.trt.engines for c in e.contexts]
+    assert contexts and all(c.strategy == "USER_MANAGED" for c in contexts)
+    needed = max(e.device_memory_size_v2 for e in backend.trt.engines)
+    assert {c.memory for c in contexts} == {(contexts[0].memory[0], backend.scratch_bytes)}
+    assert needed <= backend.scratch_bytes < needed + 256
+    assert backend.describe()["shared_activation_bytes"] == backend.scratch_bytes
     described = backend.describe()
     assert described["backend"] == "tensorrt" and described["tensorrt"] == FAKE_VERSION
     assert described["plans"] == {name: f"{name}-fake.plan" for name in manifest.graphs}
     backend.close()
-    assert not cuda.buffers and cuda.streams == 0, "close() leaks device memory or streams"
+    assert not cuda.buffers and not cuda.pinned and cuda.streams == 0, "close() leaks memory or streams"
     with pytest.raises(EngineError, match="closed"):
         on_device(backend, [1], 0)
 
@@ -598,7 +361,8 @@ def test_fake_cuda_graphs_capture_then_replay(
         assert cuda.launches == stages * max(0, number - 1)
     assert not backend.warnings
     flow = next(e for e in backend.trt.engines if "flow_step" in e.path)
-    assert flow.contexts == 1 + stages  # the shared one, and one per stage for the batch size used
+    assert len(flow.contexts) == 1 + stages  # the shared one, and one per stage for the batch size used
+    assert len({c.memory for e in backend.trt.engines for c in e.contexts}) == 1, "one shared activation buffer"
     backend.close()
     assert not cuda.graphs and not cuda.buffers
 
@@ -676,134 +440,11 @@ def test_fake_backend_checks_the_machine_before_loading(
 
 
 # ============================================================================ builder with a fake TensorRT
-class FakeBuilderState:
-    def __init__(self) -> None:
-        self.profiles: list[dict[str, tuple[Any, Any, Any]]] = []
-        self.flags: set[str] = {"TF32"}
-        self.network_flags = 0
-        self.hardware: Any = None
-        self.workspace: int | None = None
-        self.cache_in: bytes | None = None
-        self.fail_parse = False
-        self.fail_build = False
-
-
-def make_fake_builder_trt(state: FakeBuilderState) -> ModuleType:
-    cuda = FakeCuda()
-
-    class Network:
-        def __init__(self) -> None:
-            self.inputs: list[SimpleNamespace] = []
-
-        @property
-        def num_inputs(self) -> int:
-            return len(self.inputs)
-
-        def get_input(self, index: int) -> SimpleNamespace:
-            return self.inputs[index]
-
-    class Parser:
-        def __init__(self, network: Network, logger: Any) -> None:
-            self.network, self.logger = network, logger
-            self.num_errors = 0
-
-        def parse_from_file(self, path: str) -> bool:
-            if state.fail_parse:
-                self.num_errors = 2
-                self.logger.log(SimpleNamespace(name="ERROR"), "ModelImporter.cpp:1234: failed to import node")
-                return False
-            model = onnx.load(path, load_external_data=False)
-            for value in model.graph.input:
-                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
-                self.network.inputs.append(SimpleNamespace(name=value.name, shape=dims))
-            return True
-
-        def get_error(self, index: int) -> Any:
-            return SimpleNamespace(
-                node_name=lambda: f"/blocks.{index}/attn/Softmax",
-                node_operator=lambda: "Softmax",
-                desc=lambda: "unsupported data type",
-                code=lambda: "UNSUPPORTED_NODE",
-                node=lambda: index,
-            )
-
-    class Cache:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def serialize(self) -> bytes:
-            return b"timing-cache:" + self.data
-
-    class Config:
-        hardware_compatibility_level = None
-
-        def set_memory_pool_limit(self, pool: str, size: int) -> None:
-            state.workspace = size
-
-        def clear_flag(self, flag: str) -> None:
-            state.flags.discard(flag)
-
-        def set_flag(self, flag: str) -> None:
-            state.flags.add(flag)
-
-        def add_optimization_profile(self, profile: dict[str, Any]) -> int:
-            state.profiles.append(profile)
-            return 0
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            state.cache_in = bytes(data)
-            return Cache(bytes(data))
-
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self) -> Cache:
-            return self.cache
-
-    class Profile(dict[str, Any]):
-        def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
-            self[name] = (tuple(low), tuple(opt), tuple(high))
-
-    class Builder:
-        def __init__(self, logger: Any) -> None:
-            self.logger = logger
-
-        def create_network(self, flags: int) -> Network:
-            state.network_flags = flags
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
-            state.hardware = config.hardware_compatibility_level
-            if state.fail_build:
-                self.logger.log(SimpleNamespace(name="ERROR"), "Error Code 10: Could not find any implementation")
-                return None
-            return b"PLAN:" + ",".join(i.name for i in network.inputs).encode()
-
-    trt = make_fake_trt(cuda, builder=Builder)
-    trt.OnnxParser = Parser
-    trt.Dims = tuple
-    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
-    trt.BuilderFlag = SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.HardwareCompatibilityLevel = SimpleNamespace(
-        NONE="NONE", AMPERE_PLUS="AMPERE_PLUS", SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY"
-    )
-    return trt
-
-
 @pytest.fixture
-def fake_builder(monkeypatch: pytest.MonkeyPatch, fresh_logger: None, build_cache: BuildCache) -> FakeBuilderState:
+def fake_builder(monkeypatch: pytest.MonkeyPatch, build_cache: BuildCache) -> FakeBuilderState:
     build_cache.get(TINY)  # export before the fake `tensorrt` module exists: torch.export probes for TensorRT
-    state = FakeBuilderState()
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_builder_trt(state))
-    monkeypatch.setattr(gpu, "driver", lambda: FakeCuda())
+    trt, _ = install(patch=monkeypatch)
+    state: FakeBuilderState = trt.state
     return state
 
 
@@ -814,7 +455,9 @@ def test_fake_build_plans_profiles_cache_and_manifest(
     target = tmp_path / "engines"
     shutil.copytree(build.dir, target)
     cache_dir = tmp_path / "cache"
-    path = tensorrt_build.build_plans_for_dir(target, timing_cache_dir=cache_dir, workspace_bytes=1 << 28)
+    path = tensorrt_build.build_plans_for_dir(
+        target, PlanOptions(timing_cache_dir=str(cache_dir), workspace_bytes=1 << 28)
+    )
     manifest = manifest_io.load(path.parent)  # verifies every plan's sha256
     assert manifest.backend == "tensorrt"
     assert manifest.raw["tensorrt"] == block(hardware_compatibility="none")
@@ -822,7 +465,7 @@ def test_fake_build_plans_profiles_cache_and_manifest(
     profile = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
     for (name, entry), seen in zip(manifest.graphs.items(), fake_builder.profiles):
         assert entry.plan_file and entry.plan_file.startswith(f"{name}-") and entry.plan_file.endswith(".plan")
-        assert (target / entry.plan_file).read_bytes().startswith(b"PLAN:")
+        assert json.loads((target / entry.plan_file).read_bytes())["onnx"] == str((target / entry.file).resolve())
         dynamic = {k: v for k, v in profile_shapes(entry.spec, *profile).items() if k not in ("t", "dt", "cfg")}
         assert seen == dynamic, name
         assert manifest.raw["graphs"][name]["tensorrt_builder"]["profile"] == list(profile)
@@ -835,7 +478,9 @@ def test_fake_build_plans_profiles_cache_and_manifest(
     assert not list(target.glob(".*.building")) + list(target.glob(".*.tmp")), "staging files left behind"
     # a second build replaces the plans and removes the old ones after the commit
     fake_builder.flags = {"TF32"}
-    tensorrt_build.build_plans_for_dir(target, timing_cache_dir=cache_dir, hardware_compatibility="ampere_plus")
+    tensorrt_build.build_plans_for_dir(
+        target, PlanOptions(timing_cache_dir=str(cache_dir), hardware_compatibility="ampere_plus")
+    )
     assert fake_builder.hardware == "AMPERE_PLUS"
     again = manifest_io.load(target)
     assert again.raw["tensorrt"]["hardware_compatibility"] == "ampere_plus"
@@ -847,22 +492,25 @@ def test_fake_build_weakly_typed_option(
 ) -> None:
     build = build_cache.get(TINY)
     entry = manifest_io.load(build.dir).graphs["decoder"]
-    record = build_plan(
-        build.dir / entry.file, tmp_path / "d.plan", entry.spec, (1, 2, 5), None, strongly_typed=False,
-        weakly_typed_precision="int8",
-    )  # fmt: skip
+    weak_int8 = PlanOptions(strongly_typed=False, weakly_typed_precision="int8")
+    record = build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, (1, 2, 5), weak_int8)
     assert fake_builder.network_flags == 0 and {"FP16", "INT8"} <= fake_builder.flags
-    assert record.weakly_typed_precision == "int8" and not record.strongly_typed and record.timing_cache is None
+    assert record.options == weak_int8 and record.timing_cache is None
+    assert record.manifest_fields()["tensorrt_builder"]["weakly_typed_precision"] == "int8"  # type: ignore[index]
+    source, spec = build.dir / entry.file, entry.spec
     with pytest.raises(InvalidRequestError, match="strongly_typed=False"):
-        build_plan(build.dir / entry.file, tmp_path / "e.plan", entry.spec, (1, 2, 5), weakly_typed_precision="fp16")
+        build_plan(source, tmp_path / "e.plan", spec, (1, 2, 5), PlanOptions(weakly_typed_precision="fp16"))
     with pytest.raises(InvalidRequestError, match="hardware compatibility"):
-        build_plan(build.dir / entry.file, tmp_path / "e.plan", entry.spec, (1, 2, 5), hardware_compatibility="all")
+        build_plan(source, tmp_path / "e.plan", spec, (1, 2, 5), PlanOptions(hardware_compatibility="all"))
     sys.modules["tensorrt"].__version__ = "11.0.0.9"
     with pytest.raises(InvalidRequestError, match="11.0.0.9 builds strongly typed networks only"):
         build_plan(
-            build.dir / entry.file, tmp_path / "e.plan", entry.spec, (1, 2, 5), strongly_typed=False,
-            weakly_typed_precision="fp16",
-        )  # fmt: skip
+            source,
+            tmp_path / "e.plan",
+            spec,
+            (1, 2, 5),
+            PlanOptions(strongly_typed=False, weakly_typed_precision="fp16"),
+        )
 
 
 def test_fake_build_failures_show_nodes_and_log(
@@ -882,9 +530,153 @@ def test_fake_build_failures_show_nodes_and_log(
     assert not (tmp_path / "b.plan").exists() and not list(tmp_path.iterdir())
 
 
+# ============================================================================ through the real entry points
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, FakeCuda]:
+    """The fake TensorRT and CUDA driver behind ``build_engines`` and ``Pipeline.from_dir``."""
+    import ecar_export.export  # noqa: F401  (torch's exporter first: it probes the `tensorrt` module)
+
+    return install(patch=monkeypatch)
+
+
+def unnamed_files(out: Path) -> list[str]:
+    """Entries of an engine directory that its manifest does not name."""
+    named = manifest_io.named_files(json.loads((out / manifest_io.MANIFEST_NAME).read_text()))
+    return sorted(set(os.listdir(out)) - named)
+
+
+def test_unchanged_tensorrt_rebuild_keeps_its_plans(
+    fake_trt: tuple[ModuleType, FakeCuda], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    model, out = engine_model(TINY), tmp_path / "engines"
+    build_model(model, out, backend="tensorrt", max_batch=4)
+    first = json.loads((out / "manifest.json").read_text())
+    build_model(model, out, backend="tensorrt", max_batch=4)
+    second = json.loads((out / "manifest.json").read_text())
+    assert all(record["reused"] for record in second["graphs"].values())
+    plans = {name: record["plan_file"] for name, record in second["graphs"].items()}
+    assert plans == {name: record["plan_file"] for name, record in first["graphs"].items()}
+    assert all((out / plan).is_file() for plan in plans.values()), "the rebuild deleted its own plans"
+    assert unnamed_files(out) == []
+    labels, seed = request(rng, model.config.num_classes, 3)
+    trt_pipe = Pipeline.from_dir(out, backend="tensorrt")
+    assert trt_pipe.backend.name == "tensorrt"
+    expected = reference(out).generate(labels, seed=seed)
+    got = trt_pipe.generate(labels, seed=seed)
+    assert np.array_equal(got.latents, expected.latents) and np.array_equal(got.images, expected.images)
+
+
+def test_tensorrt_then_onnxruntime_then_tensorrt_builds_each_describe_themselves(
+    fake_trt: tuple[ModuleType, FakeCuda], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    model, out = engine_model(TINY), tmp_path / "engines"
+    labels, seed = request(rng, model.config.num_classes, 4)
+    expected = None
+    for backend in ("tensorrt", "onnxruntime", "tensorrt"):
+        build_model(model, out, backend=backend, max_batch=4)
+        data = json.loads((out / "manifest.json").read_text())
+        assert data["backend"] == backend and ("tensorrt" in data) == (backend == "tensorrt")
+        for name, record in data["graphs"].items():
+            for key in ("plan_file", "plan_sha256", "tensorrt_builder"):
+                assert (key in record) == (backend == "tensorrt"), f"{backend} build, graph {name}: {key}"
+        assert unnamed_files(out) == [], backend
+        pipe = Pipeline.from_dir(out, backend=backend)
+        assert pipe.backend.name == backend
+        result = pipe.generate(labels, seed=seed)
+        expected = expected if expected is not None else result.images
+        assert np.array_equal(result.images, expected), backend
+
+
+def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, build_cache: BuildCache, tmp_path: Path
+) -> None:
+    build = build_cache.get(TINY)
+    fake_tensorrt_build(build.dir, tmp_path / "trt")
+    import ecar_export.export  # noqa: F401
+
+    install(patch=monkeypatch)
+    assert probe(manifest_io.load(tmp_path / "trt")) is None
+    trt, _ = install(cuda_fails=True, patch=monkeypatch)  # trt.Runtime(...) raises as TensorRT's bindings do
+    reason = probe(manifest_io.load(tmp_path / "trt"))
+    assert reason and reason.startswith("TensorRT cannot start CUDA here") and "factory function returned" in reason
+    assert trt.engines == [], "probe deserialized a plan"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = Pipeline.from_dir(tmp_path / "trt", backend="auto")
+    assert pipe.backend.name == "onnxruntime"
+    messages = [str(w.message) for w in caught if issubclass(w.category, ECARWarning)]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert "using ONNX Runtime instead: TensorRT cannot start CUDA here" in messages[0]
+    with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
+        Pipeline.from_dir(tmp_path / "trt", backend="tensorrt")
+    entry = manifest_io.load(build.dir).graphs["decoder"]
+    with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
+        build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, (1, 2, 5))
+
+
+def test_timing_cache_from_another_gpu_starts_afresh_and_is_replaced(
+    fake_builder: FakeBuilderState, build_cache: BuildCache, tmp_path: Path
+) -> None:
+    target = tmp_path / "engines"
+    shutil.copytree(build_cache.get(TINY).dir, target)
+    cache_dir = tmp_path / "shared-cache"
+    cache = timing_cache_file(cache_dir, FAKE_GPU.name, "9.0", FAKE_VERSION)
+    cache.parent.mkdir()
+    cache.write_bytes(b"other-gpu:tactics of an A100")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tensorrt_build.build_plans_for_dir(target, PlanOptions(timing_cache_dir=str(cache_dir)))
+    messages = [str(w.message) for w in caught if issubclass(w.category, ECARWarning)]
+    assert len(messages) == 1 and "made on another GPU or TensorRT version; starting a fresh one" in messages[0]
+    assert fake_builder.cache_refused == [b"other-gpu:tactics of an A100"]
+    assert cache.read_bytes().startswith(b"timing-cache:") and b"other-gpu" not in cache.read_bytes()
+    assert not list(cache_dir.glob(".*.tmp")), "the cache was not replaced atomically"
+    assert manifest_io.load(target).backend == "tensorrt"
+
+
+def test_a_driver_older_than_tensorrts_cuda_build_is_refused_naming_both() -> None:
+    with pytest.raises(BackendUnavailableError) as error:
+        loader.check_driver(13, 12080, "10.13.3.9")
+    text = str(error.value)
+    assert "TensorRT 10.13.3.9 is built for CUDA 13" in text and "supports CUDA 12.8" in text
+    assert "R580" in text and "tensorrt-cu12==10.13.3.9" in text
+    loader.check_driver(12, 12080, "10.13.3.9")
+    loader.check_driver(13, 13000, "10.13.3.9")
+    loader.check_driver(None, 11040, "10.13.3.9")  # TensorRT's CUDA build unknown: nothing to compare
+
+
+def test_tensorrts_cuda_build_is_read_from_its_wheel_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    def dists(*names: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=name) for name in names]
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists("numpy", "tensorrt", "tensorrt_cu13_libs"))
+    assert loader.tensorrt_cuda_major() == 13
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists("tensorrt-cu12", "tensorrt-cu12-bindings"))
+    assert loader.tensorrt_cuda_major() == 12
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists("numpy", "tensorrt"))
+    assert loader.tensorrt_cuda_major() is None
+
+
+def test_probe_refuses_a_driver_too_old_for_tensorrt(
+    monkeypatch: pytest.MonkeyPatch, build_cache: BuildCache, tmp_path: Path
+) -> None:
+    manifest = fake_tensorrt_build(build_cache.get(TINY).dir, tmp_path / "trt")
+    import ecar_export.export  # noqa: F401
+
+    trt, _ = install(patch=monkeypatch)
+    monkeypatch.setattr(loader, "tensorrt_cuda_major", lambda: 13)  # a CUDA 13 TensorRT; the fake driver is 12.8
+    reason = probe(manifest)
+    assert reason and "needs an NVIDIA driver for CUDA 13.0" in reason and "supports CUDA 12.8" in reason
+    with pytest.raises(BackendUnavailableError, match="R580"):
+        TensorRTBackend(manifest)
+    assert trt.engines == []
+
+
 # ============================================================================ real GPU
 def gpu_skip_reason() -> str | None:
-    if tensorrt_backend.tensorrt_version() is None:
+    if loader.tensorrt_version() is None:
         return "TensorRT not installed"
     if not gpu.gpu_available():
         return "no NVIDIA GPU"
