@@ -2,12 +2,20 @@
 
 A build exports every graph of the contract into a staging directory inside the
 target, gives each file a content-addressed name (``backbone_1-<sha12>.onnx``), moves
-the files in beside whatever an earlier build left there, and then replaces
-``manifest.json`` atomically — the single commit point. A build that dies before that
-leaves the previous build loadable and untouched; files of the previous build that
-the new manifest no longer names are removed only after the commit. One build at a time
-may write into a directory (an advisory lock); graphs whose build key is unchanged since
-the previous build are reused.
+the files (graphs, then TensorRT plans) in beside whatever an earlier build left there,
+and then replaces ``manifest.json`` atomically — the single commit point. A build that
+dies before that leaves the previous build loadable and untouched. After the commit the
+directory is swept: every content-addressed file and build leftover that the manifest
+just written does not name is removed — the previous build's files, and those of any
+build that was killed before its commit. One build at a time may write into a directory
+(an advisory lock on the directory itself); graphs whose build key is unchanged since the
+previous build are reused.
+
+``ECAR_BUILD_KILL_AT=<moment>`` (a test hook) makes the build SIGKILL itself at one of its
+named moments: ``export:<graph>`` (a graph traced to ONNX), ``placed:<graph>`` (its file
+moved into the directory), ``calibration:<request>`` (during the INT8 capture),
+``plan:<graph>`` (a TensorRT plan serialised), ``staged`` (everything in place, manifest not
+yet written) and ``committed`` (manifest written, sweep not yet done).
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +50,18 @@ MAX_BATCH_LIMIT = 4096
 # precision are redone, the others stay reusable. int8 2: Gemm biases split off, one Q/DQ
 # pair per quantized node (ORT's CPU provider fuses and runs them as uint8 kernels).
 RECIPE_VERSIONS = {"fp32": 1, "fp16": 1, "int8": 2}
+# What a reused graph record keeps from the previous build: its ONNX file and how it was made.
+REUSED_FIELDS = ("file", "sha256", "precision", "build_key", "builder")
+KILL_AT = "ECAR_BUILD_KILL_AT"
+# Names a build gives its files; the sweep after a commit removes those no manifest names.
+CONTENT_ADDRESSED = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.(onnx|plan)$")
+LEFTOVERS = (
+    re.compile(r"^\.staging-.+$"),  # a killed build's staging directory
+    re.compile(r"^\..+\.plan\.building$"),  # a plan being written
+    re.compile(r"^\.manifest\.json\..+\.tmp$"),  # a manifest being written
+    re.compile(r"^\.calibration-old$"),  # a calibration set being replaced
+    re.compile(r"^\.build\.lock$"),  # the lock file of earlier toolchain versions
+)
 CALIBRATION_METHODS = (
     "minmax",
     "entropy",
@@ -136,8 +158,6 @@ def build_engines(
             f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
         ) from None
     with _build_lock(out):
-        for leftover in out.glob(".staging-*"):  # from builds that were killed
-            shutil.rmtree(leftover, ignore_errors=True)
         try:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         except OSError as exc:
@@ -169,33 +189,65 @@ def build_engines(
                     manifest["calibration"] = {**_install_calibration(staging, out, options), "reused": False}
             if chosen == "tensorrt":
                 manifest = _add_tensorrt_plans(out, manifest, max_batch, progress)
-            previous = _previous_files(out)
+            moment("staged")
             path = manifest_io.write(out, manifest)
-            current = {str(entry["file"]) for entry in graphs_data.values()}
-            for stale in previous - current:
-                (out / stale).unlink(missing_ok=True)
-            return path
+            moment("committed")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        sweep(out, manifest)
+        return path
+
+
+def moment(name: str) -> None:
+    """A named moment of a build: where ``ECAR_BUILD_KILL_AT`` names it, the build dies here (tests)."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sweep(out: Path, manifest: dict[str, Any]) -> list[str]:
+    """After a commit: remove every build artifact in ``out`` that ``manifest`` does not name.
+
+    That is the previous build's files and any killed build's leftovers (content-addressed
+    graphs and plans moved in before a commit that never came, staging directories, temporary
+    files, a calibration set no int8 manifest names). Files the toolchain did not write — a
+    README, the user's own files — do not match these names and stay. Returns what was removed.
+    """
+    keep = manifest_io.named_files(manifest)
+    removed = []
+    for entry in sorted(os.listdir(out)):
+        if entry in keep:
+            continue
+        stale_calibration = entry == "calibration" and (out / entry / "calibration.json").is_file()
+        if not (CONTENT_ADDRESSED.match(entry) or stale_calibration or any(p.match(entry) for p in LEFTOVERS)):
+            continue
+        target = out / entry
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
-    """One build at a time per engine directory (an advisory lock the OS drops if we die)."""
+    """One build at a time per engine directory: an advisory lock on the directory itself (dropped if we die)."""
     import fcntl
 
     try:
-        handle = open(out / ".build.lock", "a+b")  # noqa: SIM115 - held for the whole build
+        handle = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise OutputError(
             f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
         ) from None
-    with handle:
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputError(f"another build is writing into '{out}'; wait for it or choose another --out") from None
         yield
+    finally:
+        os.close(handle)
 
 
 def _graph_key(
@@ -259,10 +311,12 @@ def _export_all(
             progress(f"export {spec.name}", done, steps)
         with torch.no_grad():
             export.export_graph(model, spec, fp32_dir / f"{spec.name}.onnx")
+        moment(f"export:{spec.name}")
     result: dict[str, dict[str, object]] = {}
     for spec in specs:
-        if spec.name in reusable:
-            result[spec.name] = {**reusable[spec.name], "reused": True}
+        if spec.name in reusable:  # the ONNX side of the old record only: plans are this build's to add
+            kept = {key: reusable[spec.name][key] for key in REUSED_FIELDS if key in reusable[spec.name]}
+            result[spec.name] = {**spec.to_dict(), **kept, "reused": True}
     for done, spec in enumerate(todo):
         if progress:
             progress(f"{precision} {spec.name}", len(todo) + done, steps)
@@ -272,6 +326,7 @@ def _export_all(
         digest = sha256_file(temp)
         name = f"{spec.name}-{digest[:12]}.onnx"
         os.replace(temp, out / name)
+        moment(f"placed:{spec.name}")
         result[spec.name] = {
             **spec.to_dict(),
             "file": name,
@@ -335,7 +390,9 @@ class _RecipeContext:
             requests = self.options.get("calibration_requests", 64)
             assert isinstance(requests, int)
             plan = CalibrationPlan.for_config(self.model.config, num_requests=requests)
-            self.calibration = capture(pipe, plan, self.staging / "calibration")
+            self.calibration = capture(
+                pipe, plan, self.staging / "calibration", progress=lambda done, _: moment(f"calibration:{done}")
+            )
         return self.calibration
 
 
@@ -394,7 +451,9 @@ def _add_tensorrt_plans(
         out,
         manifest["graphs"],
         (profile["min_batch"], profile["opt_batch"], max_batch),
+        tensorrt_build.PlanOptions(),
         progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,
+        moment=moment,
     )
     return tensorrt_build.apply_plans(manifest, records, block)
 
@@ -475,14 +534,6 @@ def _manifest(
         "toolchain": toolchain,
         "graphs": {},
     }
-
-
-def _previous_files(out: Path) -> set[str]:
-    try:
-        old = manifest_io.load(out, verify_files=False)
-    except ECARError:
-        return set()
-    return {entry.file for entry in old.graphs.values()} | {e.plan_file for e in old.graphs.values() if e.plan_file}
 
 
 def _schedule_summary(model: ECAR) -> dict[str, object]:

@@ -3,11 +3,15 @@
 The runtime validates a manifest completely before loading any graph: format and
 version, schema, the model config, every graph named by the config's contract with
 exactly the contract's inputs and outputs, file names that stay inside the directory,
-and each file's sha256.
+each file's sha256, and last the manifest's own ``manifest_sha256`` — a digest of its
+content that :func:`write` adds, so that a manifest edited or damaged after the build
+wrote it (a changed guidance scale, batch profile or precision that still parses) is
+refused instead of silently changing what the engines do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +28,14 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
+DIGEST_FIELD = "manifest_sha256"
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (canonical JSON of everything but :data:`DIGEST_FIELD`)."""
+    body = {key: value for key, value in data.items() if key != DIGEST_FIELD}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,11 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
     entries = {}
     for name, spec in specs.items():
         entries[name] = _graph_entry(root, where, name, spec, raw_graphs[name], verify_files)
+    if data.get(DIGEST_FIELD) != content_digest(data):
+        raise ManifestError(
+            f"{where}: the manifest was edited or damaged after the build wrote it (its {DIGEST_FIELD} does not "
+            "match its content); rebuild the engines"
+        )
     return Manifest(
         root=root,
         config=config,
@@ -193,8 +210,23 @@ def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, v
     return GraphEntry(spec, file, digest, precision, plan, plan_digest)
 
 
+def named_files(data: dict[str, Any]) -> set[str]:
+    """Every top-level entry of an engine directory that a manifest (its JSON data) names."""
+    names = {MANIFEST_NAME}
+    graphs = data.get("graphs")
+    for record in graphs.values() if isinstance(graphs, dict) else ():
+        for key in ("file", "plan_file"):
+            if isinstance(record, dict) and isinstance(record.get(key), str):
+                names.add(record[key])
+    calibration = data.get("calibration")
+    if isinstance(calibration, dict) and isinstance(calibration.get("dir"), str):
+        names.add(calibration["dir"])
+    return names
+
+
 def write(engine_dir: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (the commit point of a build)."""
+    """Write ``manifest.json`` atomically (the commit point of a build), with its content digest."""
     path = Path(engine_dir) / MANIFEST_NAME
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    document = {**data, DIGEST_FIELD: content_digest(data)}
+    write_bytes_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
     return path
