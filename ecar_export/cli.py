@@ -12,7 +12,13 @@ from rich.console import Console
 from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar
 
 app = typer.Typer(
-    help="Export ECAR image generators: train the demo model, evaluate checkpoints, sample image grids.",
+    help=(
+        "Export ECAR image generators for deployment. `build` traces a checkpoint's stages into ONNX graphs "
+        "(fp32, fp16 or int8) and, where TensorRT and a GPU exist, compiles TensorRT plans, into an engine directory "
+        "that `ecar-run` runs; `check` compares a build with the torch model graph by graph; `inspect` lists its "
+        "graphs, sizes and FLOPs; `eval` scores generated digits; `sample` runs the torch reference; `train-demo` "
+        "retrains the bundled demo model."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -33,10 +33,10 @@ _ECAR_B = ECARConfig(
 
 _CONFIGS: dict[str, ECARConfig] = {
     # Trained demo: 16×16 grey digits, conv tokenizer to 8×8×4 latents, four stages.
-    "ecar-digits": ECARConfig(cfg_scale=1.5),
+    "ecar-digits": ECARConfig(cfg_scale=1.1),
     # The DiT-style single-stage baseline of the demo: one window [1, 0] at full resolution,
     # the same total number of flow steps (16).
-    "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,), cfg_scale=1.5),
+    "ecar-digits-s1": ECARConfig(name="ecar-digits-s1", scales=(8,), steps=(16,), cfg_scale=1.1),
     "ecar-b": _ECAR_B,
     # The single-stage (S = 1) baseline of ecar-b: one window at the full 16×16 grid, the same
     # total number of flow steps (20 = 5 × 4); architecture otherwise identical.
