@@ -502,3 +502,10 @@ def test_corrupt_engine_directories_are_refused(name: str | None, build_cache: B
         Pipeline.from_dir(root, backend="onnxruntime", device="cpu")
     with pytest.raises(ManifestError, match=message):
         manifest_io.load(root)
+
+
+@pytest.mark.parametrize("backend", ["bogus", "TensorRT", "", "cuda"])
+def test_an_unknown_backend_is_a_value_error_naming_the_choices(backend: str, build_cache: BuildCache) -> None:
+    with pytest.raises(ValueError, match=r"unknown backend .*use auto, onnxruntime, tensorrt") as error:
+        Pipeline.from_dir(build_cache.get(TINY).dir, backend=backend)
+    assert isinstance(error.value, ECARError)
