@@ -1,30 +1,30 @@
 """Capture real stage inputs: run the fp32 pipeline over a plan and record every graph's feeds.
 
-:class:`RecordingBackend` wraps any backend and keeps a copy of the feeds of every call.
+:class:`RecordingBackend` wraps any backend and keeps a copy of the feeds of every call,
+with the call's place in the request (:func:`runtime.graphs.request_plan`: stage, step).
 :func:`capture` swaps it into a :class:`runtime.pipeline.Pipeline` and runs the
-:class:`CalibrationPlan`. Because ``flow_step`` runs once per Euler step of every stage,
-its recorded inputs cover every stage and step of the schedule.
+:class:`CalibrationPlan`. Because ``flow_step`` runs once per Euler step of every stage, and
+the backbone once per stage, the recorded inputs cover the whole schedule.
 
 What is stored (see :mod:`calibration.dataset` for the file layout):
 
-* batch graphs (backbones, decoder) keep whole samples, one row per sample (with its
-  ``past_kv`` slice and both guidance rows); at most ``plan.max_samples`` per split,
-  drawn evenly across the split's requests and balanced across classes;
+* batch graphs (the backbone per stage, the decoder) keep whole samples, one row per sample
+  (with its ``past_kv`` rows and both guidance rows); at most ``plan.max_samples`` per group
+  and split, drawn evenly across the split's requests and balanced across classes;
 * ``flow_step`` keeps token rows (``x``, the token's conditional and unconditional ``z``,
   ``t``, ``dt``, ``cfg``, and its stage and step): per (stage, step) at most
   ``plan.max_rows`` rows per split, again spread evenly across requests. Tokens are
   independent along M, so a reader concatenates rows of the same (stage, step) from
   different requests into batches of a fixed row count;
-* both caps shrink until no graph's split exceeds ``plan.max_mib`` MiB.
+* both caps shrink until no group's split exceeds ``plan.max_mib`` MiB.
 
-Subsets are drawn with ``numpy.random.default_rng([plan.seed, request, crc32(graph)])``, so
-a capture is deterministic (and its files, named by content, are the same every time).
+Subsets are drawn with ``numpy.random.default_rng([plan.seed, request, crc32(graph/group)])``,
+so a capture is deterministic (and its files, named by content, are the same every time).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import threading
 import time
 import zlib
@@ -36,29 +36,35 @@ from pathlib import Path
 import numpy as np
 
 from calibration import layout
-from calibration.dataset import CalibrationSet, load_calibration, meta_fields, write_calibration
+from calibration.dataset import (
+    ALL,
+    CalibrationSet,
+    group_dims,
+    groups,
+    load_calibration,
+    meta_fields,
+    stored_specs,
+    write_calibration,
+)
 from calibration.errors import CalibrationError
 from calibration.plan import SPLITS, CalibrationPlan
 from runtime.backends import Backend
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
-from runtime.graphs import GraphSpec, graph_specs, stage_times
+from runtime.graphs import Call, GraphSpec, request_plan
 from runtime.pipeline import Pipeline
 
 __all__ = ["CalibrationPlan", "CalibrationSet", "RecordedCall", "RecordingBackend", "capture", "load_calibration"]
 
 Progress = Callable[[int, int], None]  # requests done, requests in all
-_BACKBONE = re.compile(r"^backbone_(\d+)$")
-_FLOW_LOOP = re.compile(r"^flow_loop_(\d+)$")
 
 
 @dataclass(frozen=True)
 class RecordedCall:
     """One backend call: the graph, a private copy of its feeds, and where it ran in a request.
 
-    ``stage`` (1-based) and ``step`` (0-based) locate a ``flow_step`` call in the schedule:
-    the stage of the last backbone the same thread ran and the number of ``flow_step``
-    calls since. ``flow_loop_s`` calls carry their stage; other calls carry None.
+    ``stage`` (1-based) and ``step`` (0-based, flow_step only) locate the call in the request
+    plan the recorder was given; without a plan both are None.
     """
 
     graph: str
@@ -69,22 +75,19 @@ class RecordedCall:
     sequence: int
 
 
-@dataclass
-class _Position:
-    stage: int | None = None
-    step: int = 0
-
-
 class RecordingBackend:
     """A backend that records a copy of every call's feeds and passes the outputs through.
 
-    Thread-safe: calls from several threads are recorded with their thread id; the stage /
-    step bookkeeping is per thread, so concurrent requests do not mix up their positions.
+    With ``plan`` (a request plan, :func:`runtime.graphs.request_plan`), each thread's calls
+    are matched to it in order, which gives every call its stage and step; a call that is not
+    the one the plan expects is an error. Thread-safe: calls from several threads are recorded
+    with their thread id, and each thread walks the plan on its own.
     """
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, plan: tuple[Call, ...] | None = None) -> None:
         self.inner = inner
         self.name = inner.name
+        self.plan = plan
         self._lock = threading.Lock()
         self._calls: list[RecordedCall] = []
         self._local = threading.local()
@@ -114,20 +117,16 @@ class RecordingBackend:
             return calls
 
     def _advance(self, graph: str) -> tuple[int | None, int | None]:
-        position = getattr(self._local, "position", None)
-        if position is None:
-            position = self._local.position = _Position()
-        if match := _BACKBONE.match(graph):
-            position.stage, position.step = int(match.group(1)), 0
+        if self.plan is None:
             return None, None
-        if graph == "flow_step":
-            step = position.step
-            position.step += 1
-            return position.stage, step
-        if match := _FLOW_LOOP.match(graph):
-            return int(match.group(1)), None
-        position.stage, position.step = None, 0
-        return None, None
+        position = getattr(self._local, "position", 0)
+        expected = self.plan[position]
+        if expected.graph != graph:
+            raise CalibrationError(
+                f"call {position} of a request ran graph '{graph}', the request plan expects '{expected.graph}'"
+            )
+        self._local.position = (position + 1) % len(self.plan)
+        return expected.stage, expected.step
 
 
 @dataclass
@@ -140,9 +139,9 @@ class _Collector:
     def add(self, rows: dict[str, np.ndarray]) -> None:
         self.parts.append(rows)
 
-    def result(self, spec: GraphSpec) -> dict[str, np.ndarray]:
+    def result(self, what: str) -> dict[str, np.ndarray]:
         if not self.parts:
-            raise CalibrationError(f"the capture recorded no calls of graph '{spec.name}'")
+            raise CalibrationError(f"the capture recorded no calls of graph {what}")
         return layout.concatenate(self.parts)
 
 
@@ -162,38 +161,45 @@ def capture(
     if manifest.fuse_flow_loop:
         raise InvalidRequestError(
             f"calibration needs a build without --fuse-flow-loop ('{manifest.root}' is fused): flow_step must "
-            "run once per Euler step; the fused flow_loop graphs are calibrated from flow_step's rows"
+            "run once per Euler step; a fused build's flow_loop is calibrated from flow_step's rows"
         )
     if plan.num_classes != config.num_classes:
         raise InvalidRequestError(
             f"calibration plan covers {plan.num_classes} classes, the model has {config.num_classes}"
         )
     begin = time.perf_counter()
-    recorder = RecordingBackend(pipeline.backend)
+    recorder = RecordingBackend(pipeline.backend, request_plan(config))
     recording = Pipeline(manifest, recorder)
-    specs = {spec.name: spec for spec in graph_specs(config)}
-    steps = [len(stage_times(config, s)) for s in range(1, config.num_stages + 1)]
+    specs = stored_specs(config)
+    steps = sum(config.steps)
     per_split = {split: len(plan.indices(split)) for split in SPLITS}
     keep = {
-        (name, split): _quota(spec, plan, per_split[split], sum(steps))
+        (name, group, split): _quota(config, spec, group, plan, per_split[split], steps)
         for name, spec in specs.items()
+        for group in groups(config, spec)
         for split in SPLITS
     }
-    collected = {(name, split): _Collector() for name in specs for split in SPLITS}
+    collected = {key: _Collector() for key in keep}
     for index, (request_labels, seed) in enumerate(plan.requests()):
         recorder.take()
         recording.generate_many(request_labels, seed=seed, cfg=plan.cfg)
         calls = recorder.take()
         split = plan.split(index)
         for name, spec in specs.items():
-            rows = _request_rows(spec, [c for c in calls if c.graph == name], config, index)
-            rng = np.random.default_rng([plan.seed, index, zlib.crc32(name.encode())])
-            row_labels = np.asarray(request_labels)[rows["meta.sample"]] if spec.kind != "flow_step" else None
-            collector = collected[name, split]
-            collector.add(_subsample(spec, rows, keep[name, split], rng, row_labels, collector.class_counts))
+            for group, rows in _request_rows(spec, [c for c in calls if c.graph == name], config, index).items():
+                rng = np.random.default_rng([plan.seed, index, zlib.crc32(f"{name}/{group}".encode())])
+                row_labels = np.asarray(request_labels)[rows["meta.sample"]] if spec.kind != "flow_step" else None
+                collector = collected[name, group, split]
+                collector.add(_subsample(spec, rows, keep[name, group, split], rng, row_labels, collector.class_counts))
         if progress:
             progress(index + 1, plan.num_requests)
-    data = {name: {split: collected[name, split].result(spec) for split in SPLITS} for name, spec in specs.items()}
+    data = {
+        name: {
+            group: {split: collected[name, group, split].result(f"{name} {group}") for split in SPLITS}
+            for group in groups(config, spec)
+        }
+        for name, spec in specs.items()
+    }
     extra = {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "capture": {
@@ -207,14 +213,14 @@ def capture(
     return load_calibration(out_dir)
 
 
-def _quota(spec: GraphSpec, plan: CalibrationPlan, requests: int, groups: int) -> int:
-    """Rows kept per request (per stage and step for flow_step) in a split of ``requests`` requests.
+def _quota(config: ECARConfig, spec: GraphSpec, group: str, plan: CalibrationPlan, requests: int, steps: int) -> int:
+    """Rows kept per request (per stage and step for flow_step) of one group in a split of ``requests`` requests.
 
     The split's total stays within its cap, except that every request keeps at least one row.
     """
-    row = layout.row_bytes(spec) + 4 * len(meta_fields(spec))
+    row = layout.row_bytes(spec, group_dims(config, group)) + 4 * len(meta_fields(spec))
     if spec.kind == "flow_step":
-        cap = min(plan.max_rows, plan.max_bytes // (groups * row))
+        cap = min(plan.max_rows, plan.max_bytes // (steps * row))
     else:
         cap = min(plan.max_samples, plan.max_bytes // row)
     return max(1, cap // requests)
@@ -222,13 +228,15 @@ def _quota(spec: GraphSpec, plan: CalibrationPlan, requests: int, groups: int) -
 
 def _request_rows(
     spec: GraphSpec, calls: list[RecordedCall], config: ECARConfig, request: int
-) -> dict[str, np.ndarray]:
-    """All rows one request fed a graph (across the batches generate_many split it into)."""
+) -> dict[str, dict[str, np.ndarray]]:
+    """All rows one request fed a graph (across the batches generate_many split it into), per group."""
     if not calls:
         raise CalibrationError(f"request {request} made no call of graph '{spec.name}'")
-    parts = []
+    parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
     offsets: dict[tuple[int | None, int | None], int] = defaultdict(int)
     for call in calls:
+        if call.stage is None:
+            raise CalibrationError(f"a call of graph '{spec.name}' has no place in the request plan")
         rows = layout.to_rows(spec, call.feeds)
         count = layout.row_count(rows)
         key = (call.stage, call.step)
@@ -236,22 +244,14 @@ def _request_rows(
         offsets[key] += count
         rows["meta.request"] = np.full(count, request, np.int32)
         rows["meta.sample"] = position
+        rows["meta.stage"] = np.full(count, call.stage, np.int32)
         if spec.kind == "flow_step":
-            if call.stage is None or call.step is None:
-                raise CalibrationError("a flow_step call ran before any backbone; cannot tell its stage")
-            times = stage_times(config, call.stage)
-            t = float(call.feeds["t"].reshape(-1)[0])
-            if call.step >= len(times) or t != times[call.step][0]:
-                raise CalibrationError(
-                    f"flow_step call at t={t} does not match step {call.step} of stage {call.stage}; "
-                    "was the pipeline run with another schedule?"
-                )
             tokens = config.tokens_per_stage[call.stage - 1]
             rows["meta.sample"], rows["meta.token"] = position // tokens, position % tokens
-            rows["meta.stage"] = np.full(count, call.stage, np.int32)
             rows["meta.step"] = np.full(count, call.step, np.int32)
-        parts.append(rows)
-    return layout.concatenate(parts)
+        group = f"stage{call.stage}" if spec.kind == "backbone" else ALL
+        parts[group].append(rows)
+    return {group: layout.concatenate(found) for group, found in parts.items()}
 
 
 def _subsample(
@@ -265,7 +265,7 @@ def _subsample(
     """At most ``quota`` rows (per stage and step for flow_step), in their original order.
 
     Token rows are drawn at random. Samples of batch graphs are drawn class-balanced:
-    one at a time, a sample of the class kept least so far in this graph and split
+    one at a time, a sample of the class kept least so far in this graph, group and split
     (ties broken at random), so a capped split still covers every class it can.
     """
     if spec.kind == "flow_step":

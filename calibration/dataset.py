@@ -3,20 +3,22 @@
 Layout (written by :func:`calibration.capture.capture`)::
 
     calibration.json            format, plan, model config, checkpoint sha256, per-graph entries
-    backbone_1-<sha12>.npz      one file per graph of the contract (fused flow_loop_s excepted),
-    ...                         named by content
-    flow_step-<sha12>.npz
+    backbone-<sha12>.npz        one file per stored graph (backbone, flow_step, decoder),
+    flow_step-<sha12>.npz       named by content
+    decoder-<sha12>.npz
 
-Each ``.npz`` holds, for both splits ("calibration", "held_out"), the graph's inputs in
-the row layout of :mod:`calibration.layout` under ``<split>.<input>``, plus int32
-provenance under ``<split>.meta.<field>``: ``request`` (the plan's request index) and
-``sample`` (the sample within it) for every row, and for ``flow_step`` also ``token`` (the
-token within the sample's stage grid), ``stage`` (1-based) and ``step`` (0-based Euler
-step inside the stage). ``calibration.json`` is written last and
-atomically: a capture interrupted half-way never leaves a directory that loads.
+A graph's rows are kept in *groups* (:func:`groups`): the backbone one per stage (its rows'
+shapes differ by stage), every other graph one group, ``all``. Each ``.npz`` holds, for every
+group and both splits ("calibration", "held_out"), the graph's stored inputs in the row layout
+of :mod:`calibration.layout` under ``<group>.<split>.<input>``, plus int32 provenance under
+``<group>.<split>.meta.<field>``: ``request`` (the plan's request index), ``sample`` (the
+sample within it) and ``stage`` for every row, and for ``flow_step`` also ``token`` (the
+token within the sample's stage grid) and ``step`` (0-based Euler step inside the stage).
+``calibration.json`` is written last and atomically: a capture interrupted half-way never
+leaves a directory that loads.
 
-A fused build's ``flow_loop_s`` graph reads a stage's first Euler step, so its rows are
-derived from the ``flow_step`` rows with ``stage == s`` and ``step == 0``.
+A fused build's ``flow_loop`` reads each stage's first Euler step, so its rows are derived from
+the ``flow_step`` rows with ``step == 0``, one group per stage.
 """
 
 from __future__ import annotations
@@ -37,31 +39,65 @@ import numpy as np
 from calibration import layout
 from calibration.errors import CalibrationError
 from calibration.plan import SPLITS, CalibrationPlan
+from runtime import graphs
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ECARError, InvalidRequestError
 from runtime.fileio import sha256_file, write_bytes_atomic
-from runtime.graphs import GraphSpec, graph_specs
+from runtime.graphs import GraphSpec
 
 FORMAT = "ecar-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "calibration.json"
-META_FIELDS = ("request", "sample")
-FLOW_META_FIELDS = ("request", "sample", "token", "stage", "step")
+META_FIELDS = ("request", "sample", "stage")
+FLOW_META_FIELDS = ("request", "sample", "stage", "token", "step")
+ALL = "all"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.npz$")
 
 
+def stored_specs(config: ECARConfig) -> dict[str, GraphSpec]:
+    """The graphs a calibration set stores rows of: those of an unfused build."""
+    return {spec.name: spec for spec in graphs.graph_specs(config, fuse_flow_loop=False)}
+
+
 def meta_fields(spec: GraphSpec) -> tuple[str, ...]:
-    return FLOW_META_FIELDS if spec.kind == "flow_step" else META_FIELDS
+    return FLOW_META_FIELDS if spec.kind in ("flow_step", "flow_loop") else META_FIELDS
 
 
-def array_layout(spec: GraphSpec, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every array key of one split of a graph's file: (shape, dtype)."""
+def groups(config: ECARConfig, spec: GraphSpec) -> list[str]:
+    """Group names of a graph's rows: ``stage1``.. for graphs whose row shapes differ by stage, else ``all``."""
+    if spec.kind in ("backbone", "flow_loop"):
+        return [f"stage{s}" for s in range(1, config.num_stages + 1)]
+    return [ALL]
+
+
+def group_stage(config: ECARConfig, group: str) -> int:
+    """The stage whose dims a group's rows have (``all``: the last stage; only stage-free shapes)."""
+    return int(group[len("stage") :]) if group != ALL else config.num_stages
+
+
+def group_dims(config: ECARConfig, group: str) -> dict[str, int]:
+    return graphs.stage_dims(config, group_stage(config, group), 1)
+
+
+def array_layout(config: ECARConfig, spec: GraphSpec, group: str, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array key of one group and split of a graph's file: (shape, dtype)."""
+    dims = group_dims(config, group)
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
-    for tensor in spec.inputs:
-        arrays[tensor.name] = ((rows, *layout.row_shape(tensor)), tensor.dtype)
+    for tensor in layout.stored_inputs(spec):
+        arrays[tensor.name] = ((rows, *layout.row_shape(tensor, dims)), tensor.dtype)
     for name in meta_fields(spec):
         arrays[f"meta.{name}"] = ((rows,), "int32")
     return arrays
+
+
+def stage_constants(config: ECARConfig, spec: GraphSpec, group: str) -> dict[str, np.ndarray]:
+    """The stage inputs (not stored) a group's feeds take: see :func:`calibration.layout.is_stage_input`."""
+    if spec.kind == "backbone":
+        return graphs.stage_inputs(config, group_stage(config, group))
+    if spec.kind == "flow_loop":
+        times = graphs.stage_times(config, group_stage(config, group))
+        return {"t": np.array([t for t, _ in times], np.float32), "dt": np.array([d for _, d in times], np.float32)}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -71,7 +107,7 @@ class GraphData:
     spec: GraphSpec
     file: str
     sha256: str
-    rows: dict[str, int]  # per split
+    rows: dict[str, dict[str, int]]  # group -> split -> rows
 
     @property
     def name(self) -> str:
@@ -87,22 +123,23 @@ class CalibrationSet:
         config: ECARConfig,
         plan: CalibrationPlan,
         checkpoint_sha256: str,
-        graphs: dict[str, GraphData],
+        graphs_data: dict[str, GraphData],
         raw: dict[str, Any],
     ) -> None:
         self.root = root
         self.config = config
         self.plan = plan
         self.checkpoint_sha256 = checkpoint_sha256
-        self.graphs = graphs
+        self.graphs = graphs_data
         self.raw = raw
-        self._specs = {spec.name: spec for spec in graph_specs(config, fuse_flow_loop=True)}
+        self._specs = {spec.name: spec for spec in graphs.graph_specs(config)}
+        self._specs["flow_loop"] = graphs.flow_loop_spec(config)
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- queries
     def graph_names(self) -> list[str]:
-        """Every graph this set can feed: the stored ones and the derived ``flow_loop_s``."""
+        """Every graph this set can feed: the stored ones and the derived ``flow_loop``."""
         return list(self._specs)
 
     def spec(self, graph: str) -> GraphSpec:
@@ -113,36 +150,67 @@ class CalibrationSet:
                 f"calibration set has no graph '{graph}'; it holds {', '.join(self._specs)}"
             ) from None
 
-    def rows(self, graph: str, split: str = "calibration") -> dict[str, np.ndarray]:
-        """The graph's inputs of one split in the row layout of :mod:`calibration.layout`."""
-        data = self._split(graph, split)
-        return {t.name: data[t.name] for t in self.spec(graph).inputs}
+    def groups(self, graph: str) -> list[str]:
+        return groups(self.config, self.spec(graph))
 
-    def meta(self, graph: str, split: str = "calibration") -> dict[str, np.ndarray]:
-        """Provenance of each row: ``request``, ``sample`` (and ``token``, ``stage``, ``step`` for flow graphs)."""
-        data = self._split(graph, split)
+    def rows(self, graph: str, split: str = "calibration", group: str | None = None) -> dict[str, np.ndarray]:
+        """One group's stored inputs of one split, in the row layout of :mod:`calibration.layout`.
+
+        ``group`` may be omitted for graphs with one group.
+        """
+        data = self._group(graph, split, group)
+        return {t.name: data[t.name] for t in layout.stored_inputs(self.spec(graph))}
+
+    def meta(self, graph: str, split: str = "calibration", group: str | None = None) -> dict[str, np.ndarray]:
+        """Provenance of each row: ``request``, ``sample``, ``stage`` (and ``token``, ``step`` for flow graphs)."""
+        data = self._group(graph, split, group)
         return {key[len("meta.") :]: value for key, value in data.items() if key.startswith("meta.")}
 
     def count(self, graph: str, split: str = "calibration") -> int:
-        return layout.row_count(self.rows(graph, split))
+        """Rows of a split, over every group."""
+        return sum(layout.row_count(self.rows(graph, split, group)) for group in self.groups(graph))
+
+    def constants(self, graph: str, group: str) -> dict[str, np.ndarray]:
+        return stage_constants(self.config, self.spec(graph), group)
 
     def default_batch_rows(self, graph: str) -> int:
         """Rows per batch: the plan's batch of samples, or of tokens at the largest stage."""
         spec = self.spec(graph)
         if spec.kind in ("flow_step", "flow_loop"):
-            return self.plan.batch * max(spec.tokens_per_row)
+            return self.plan.batch * max(self.config.tokens_per_stage)
         return self.plan.batch
 
     def feeds(
-        self, graph: str, split: str = "calibration", batch_rows: int | None = None, fixed: bool = False
+        self,
+        graph: str,
+        split: str = "calibration",
+        batch_rows: int | None = None,
+        fixed: bool = False,
+        group: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Feeds of the graph, ``batch_rows`` rows per call (default :meth:`default_batch_rows`).
+        """Feeds of the graph, ``batch_rows`` rows per call (default :meth:`default_batch_rows`), group by group.
 
-        ``fixed``: every call has the same row count (see :func:`calibration.layout.batches`).
+        ``fixed``: every call of a group has the same row count (see :func:`calibration.layout.batches`).
+        ``group``: only that group.
         """
         spec = self.spec(graph)
-        rows = self.rows(graph, split)
-        yield from layout.batches(spec, rows, batch_rows or self.default_batch_rows(graph), fixed)
+        size = batch_rows or self.default_batch_rows(graph)
+        for name in [group] if group is not None else self.groups(graph):
+            rows = self.rows(graph, split, name)
+            yield from layout.batches(spec, rows, size, fixed, self.constants(graph, name))
+
+    def stage_feeds(
+        self, graph: str, stage: int, split: str = "held_out", batch_rows: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Feeds of the rows a request fed ``graph`` at ``stage`` (the decoder: the last stage's)."""
+        spec = self.spec(graph)
+        group = f"stage{stage}" if spec.kind in ("backbone", "flow_loop") else ALL
+        rows, meta = self.rows(graph, split, group), self.meta(graph, split, group)
+        index = np.flatnonzero(meta["stage"] == stage)
+        picked = layout.select(rows, index)
+        if len(index):
+            size = batch_rows or self.default_batch_rows(graph)
+            yield from layout.batches(spec, picked, size, False, self.constants(graph, group))
 
     def check_compatible(self, config: ECARConfig, checkpoint_sha256: str) -> None:
         """Refuse a calibration set captured from another model or checkpoint."""
@@ -158,20 +226,28 @@ class CalibrationSet:
             )
 
     # --------------------------------------------------------------- internals
-    def _split(self, graph: str, split: str) -> dict[str, np.ndarray]:
+    def _group(self, graph: str, split: str, group: str | None) -> dict[str, np.ndarray]:
         if split not in SPLITS:
             raise InvalidRequestError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         spec = self.spec(graph)
+        names = groups(self.config, spec)
+        if group is None:
+            if len(names) != 1:
+                raise InvalidRequestError(f"graph '{graph}' keeps its rows per stage: name a group ({names[0]}, ...)")
+            group = names[0]
+        if group not in names:
+            raise InvalidRequestError(f"graph '{graph}' has no row group '{group}'; it has {', '.join(names)}")
         if spec.kind == "flow_loop":
-            return self._flow_loop_split(spec, split)
+            return self._flow_loop_group(spec, split, group)
         arrays = self._load(graph)
-        prefix = f"{split}."
+        prefix = f"{group}.{split}."
         return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
 
-    def _flow_loop_split(self, spec: GraphSpec, split: str) -> dict[str, np.ndarray]:
-        data = self._split("flow_step", split)
-        first = np.flatnonzero((data["meta.stage"] == spec.stage) & (data["meta.step"] == 0))
-        picked = {t.name: data[t.name][first] for t in spec.inputs}
+    def _flow_loop_group(self, spec: GraphSpec, split: str, group: str) -> dict[str, np.ndarray]:
+        data = self._group("flow_step", split, ALL)
+        stage = group_stage(self.config, group)
+        first = np.flatnonzero((data["meta.stage"] == stage) & (data["meta.step"] == 0))
+        picked = {t.name: data[t.name][first] for t in layout.stored_inputs(spec)}
         picked.update({f"meta.{name}": data[f"meta.{name}"][first] for name in FLOW_META_FIELDS})
         return picked
 
@@ -185,9 +261,10 @@ class CalibrationSet:
     def raw_arrays(self, graph: str) -> dict[str, tuple[tuple[int, ...], str]]:
         entry = self.graphs[graph]
         expected: dict[str, tuple[tuple[int, ...], str]] = {}
-        for split in SPLITS:
-            for key, value in array_layout(entry.spec, entry.rows[split]).items():
-                expected[f"{split}.{key}"] = value
+        for group, counts in entry.rows.items():
+            for split in SPLITS:
+                for key, value in array_layout(self.config, entry.spec, group, counts[split]).items():
+                    expected[f"{group}.{split}.{key}"] = value
         return expected
 
 
@@ -209,37 +286,37 @@ def write_calibration(
     config: ECARConfig,
     checkpoint_sha256: str,
     plan: CalibrationPlan,
-    splits: dict[str, dict[str, dict[str, np.ndarray]]],
+    data: dict[str, dict[str, dict[str, dict[str, np.ndarray]]]],
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write one ``.npz`` per graph, then ``calibration.json`` atomically; returns the manifest path.
 
-    ``splits[graph][split]`` maps input names and ``meta.<field>`` keys to row arrays.
-    Files of an earlier capture that the new manifest no longer names are removed after
-    the manifest is replaced.
+    ``data[graph][group][split]`` maps stored input names and ``meta.<field>`` keys to row
+    arrays. Files of an earlier capture that the new manifest no longer names are removed
+    after the manifest is replaced.
     """
     root = Path(out_dir)
     previous = _previous_files(root)
-    specs = {spec.name: spec for spec in graph_specs(config)}
     entries: dict[str, Any] = {}
-    for name, spec in specs.items():
+    for name, spec in stored_specs(config).items():
         arrays: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        for split in SPLITS:
-            data = splits[name][split]
-            counts[split] = layout.row_count(data)
-            for key, (shape, dtype) in array_layout(spec, counts[split]).items():
-                value = np.ascontiguousarray(data[key], dtype=dtype)
-                if value.shape != shape:
-                    raise ValueError(f"graph '{name}' {split}.{key}: shape {value.shape}, expected {shape}")
-                arrays[f"{split}.{key}"] = value
+        counts: dict[str, dict[str, int]] = {}
+        for group in groups(config, spec):
+            counts[group] = {}
+            for split in SPLITS:
+                part = data[name][group][split]
+                counts[group][split] = layout.row_count(part)
+                for key, (shape, dtype) in array_layout(config, spec, group, counts[group][split]).items():
+                    value = np.ascontiguousarray(part[key], dtype=dtype)
+                    if value.shape != shape:
+                        raise ValueError(f"graph '{name}' {group}.{split}.{key}: shape {value.shape}, expected {shape}")
+                    arrays[f"{group}.{split}.{key}"] = value
         blob = encode_npz(arrays)
         digest = _sha256(blob)
         file = f"{name}-{digest[:12]}.npz"
         write_bytes_atomic(root / file, blob)
         entry: dict[str, Any] = {
             "kind": spec.kind,
-            "stage": spec.stage,
             "inputs": [t.to_dict() for t in spec.inputs],
             "file": file,
             "sha256": digest,
@@ -249,7 +326,7 @@ def write_calibration(
         }
         if spec.kind == "flow_step":
             entry["rows_per_step"] = {
-                split: _per_step(splits[name][split]["meta.stage"], splits[name][split]["meta.step"])
+                split: _per_step(data[name][ALL][split]["meta.stage"], data[name][ALL][split]["meta.step"])
                 for split in SPLITS
             }
         entries[name] = entry
@@ -343,24 +420,24 @@ def _parse(root: Path, manifest: Path, data: Any, verify: bool) -> CalibrationSe
     raw_graphs = data.get("graphs")
     if not isinstance(raw_graphs, dict):
         raise CalibrationError(f"{where}: missing field 'graphs'")
-    specs = {spec.name: spec for spec in graph_specs(config)}
+    specs = stored_specs(config)
     if set(raw_graphs) != set(specs):
         missing, extra = sorted(set(specs) - set(raw_graphs)), sorted(set(raw_graphs) - set(specs))
         raise CalibrationError(f"{where}: graphs do not match the model (missing {missing}, unexpected {extra})")
-    graphs = {name: _graph_entry(root, where, spec, raw_graphs[name]) for name, spec in specs.items()}
-    result = CalibrationSet(root, config, plan, checkpoint, graphs, data)
+    entries = {name: _graph_entry(config, where, spec, raw_graphs[name]) for name, spec in specs.items()}
+    result = CalibrationSet(root, config, plan, checkpoint, entries, data)
     if verify:
-        for name, entry in graphs.items():
+        for name, entry in entries.items():
             _verify_file(root / entry.file, entry, result.raw_arrays(name))
     return result
 
 
-def _graph_entry(root: Path, where: str, spec: GraphSpec, raw: Any) -> GraphData:
+def _graph_entry(config: ECARConfig, where: str, spec: GraphSpec, raw: Any) -> GraphData:
     here = f"{where} graph '{spec.name}'"
     if not isinstance(raw, dict):
         raise CalibrationError(f"{here}: must be a JSON object")
     contract = spec.to_dict()
-    for key in ("kind", "stage", "inputs"):
+    for key in ("kind", "inputs"):
         if raw.get(key) != contract[key]:
             raise CalibrationError(f"{here}: '{key}' does not match the model's graph contract; capture again")
     file = raw.get("file")
@@ -370,13 +447,18 @@ def _graph_entry(root: Path, where: str, spec: GraphSpec, raw: Any) -> GraphData
     if not isinstance(digest, str):
         raise CalibrationError(f"{here}: missing field 'sha256'")
     rows = raw.get("rows")
-    if (
-        not isinstance(rows, dict)
-        or set(rows) != set(SPLITS)
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rows.values())
-    ):
-        raise CalibrationError(f"{here}: 'rows' must give a positive row count per split {list(SPLITS)}")
-    return GraphData(spec, file, digest, dict(rows))
+    names = groups(config, spec)
+
+    def counts_ok(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and set(value) == set(SPLITS)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values())
+        )
+
+    if not isinstance(rows, dict) or set(rows) != set(names) or not all(counts_ok(v) for v in rows.values()):
+        raise CalibrationError(f"{here}: 'rows' must give a positive row count per group {names} and split")
+    return GraphData(spec, file, digest, {group: dict(rows[group]) for group in names})
 
 
 def _verify_file(path: Path, entry: GraphData, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:

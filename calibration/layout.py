@@ -1,34 +1,40 @@
 """Row layout of stored calibration inputs: every graph's feeds as independent rows.
 
-Every graph of the contract (DESIGN §4) is row-independent along its batch axis: a
-backbone's sample *i* reads ``labels[i]``, ``noise[i]``, ``prev[i]`` and the guidance rows
-*i* and *B + i* of ``past_kv``; a flow graph's token *m* reads ``x[m]`` and the guidance
-rows *m* and *M + m* of ``z``. So a calibration set stores rows, not calls, and rebuilds
-feeds of any batch size from any subset of rows:
+Every graph of the contract (:mod:`runtime.graphs`) is row-independent along its batch
+axis: a backbone's sample *i* reads ``labels[i]``, ``prev[i]``, ``noise[i]`` and the
+guidance rows *i* and *B + i* of ``past_kv``; a flow graph's token *m* reads ``x[m]`` and the
+guidance rows *m* and *M + m* of ``z``. So a calibration set stores rows, not calls, and
+rebuilds feeds of any batch size from any subset of rows:
 
 * an input whose row axis is ``B`` / ``M`` is stored with that axis first: ``[rows, ...]``;
 * an input whose row axis is ``2B`` / ``2M`` (conditional rows, then unconditional rows)
   is stored as ``[rows, 2, ...]``: ``[:, 0]`` the conditional and ``[:, 1]`` the
-  unconditional row of each sample or token (``past_kv`` [L, 2, 2B, h, T, d] becomes
-  [rows, 2, L, 2, h, T, d]);
+  unconditional row of each sample or token (``past_kv`` [T, L, 2, 2B, h, dh] becomes
+  [rows, 2, T, L, 2, h, dh]);
 * a scalar input of shape ``[1]`` (``t``, ``dt``, ``cfg``) is stored once per row,
-  ``[rows]``; a batch only ever joins rows that share every scalar value.
+  ``[rows]``; a batch only ever joins rows that share every scalar value;
+* a *stage input* — the same for every call of a stage (the backbone's ``up``, ``fresh``,
+  ``renoise``, ``positions``, ``level``, ``kv_tokens``; a fused loop's ``t`` / ``dt``) — is not
+  stored: feeds take it from the schedule (``constants``).
+
+Rows of one graph whose shapes differ by stage (the backbone's ``prev``, ``noise`` and
+``past_kv``) are kept in one *group* per stage; a batch never mixes groups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from runtime.graphs import GraphSpec, TensorSpec
+from runtime.graphs import STAGE_INPUTS, GraphSpec, TensorSpec
 
 ROW_DIMS = ("B", "M")
 PAIRED_DIMS = ("2B", "2M")
 
 
 def row_axis(tensor: TensorSpec) -> tuple[int, bool] | None:
-    """(axis, paired) of a tensor's row axis, or None for a per-call scalar."""
+    """(axis, paired) of a tensor's row axis, or None where it has none."""
     for axis, dim in enumerate(tensor.shape):
         if dim in ROW_DIMS:
             return axis, False
@@ -37,39 +43,50 @@ def row_axis(tensor: TensorSpec) -> tuple[int, bool] | None:
     return None
 
 
+def is_stage_input(spec: GraphSpec, tensor: TensorSpec) -> bool:
+    """Inputs fixed by the stage: the backbone's stage data, a fused loop's per-step times."""
+    if spec.kind == "backbone":
+        return tensor.name in STAGE_INPUTS
+    return spec.kind == "flow_loop" and tensor.name in ("t", "dt")
+
+
+def stored_inputs(spec: GraphSpec) -> list[TensorSpec]:
+    """The inputs a calibration set stores per row: row inputs and per-call scalars."""
+    return [t for t in spec.inputs if not is_stage_input(spec, t)]
+
+
 def scalar_inputs(spec: GraphSpec) -> list[str]:
-    return [t.name for t in spec.inputs if row_axis(t) is None]
+    return [t.name for t in stored_inputs(spec) if row_axis(t) is None]
 
 
-def row_shape(tensor: TensorSpec) -> tuple[int, ...]:
-    """The stored shape of one row (without the leading row axis)."""
+def row_shape(tensor: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """The stored shape of one row (without the leading row axis), at a stage's ``dims``."""
     found = row_axis(tensor)
     if found is None:
         return ()
     axis, paired = found
-    rest = tuple(int(d) for i, d in enumerate(tensor.shape) if i != axis)
+    rest = tuple(int(d) if isinstance(d, int) else int(dims[d]) for i, d in enumerate(tensor.shape) if i != axis)
     return (2, *rest) if paired else rest
 
 
-def row_bytes(spec: GraphSpec) -> int:
-    """Stored bytes per row of a graph (all inputs)."""
+def row_bytes(spec: GraphSpec, dims: Mapping[str, int]) -> int:
+    """Stored bytes per row of a graph (all stored inputs) at a stage's ``dims``."""
     total = 0
-    for tensor in spec.inputs:
-        total += int(np.prod(row_shape(tensor), dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+    for tensor in stored_inputs(spec):
+        total += int(np.prod(row_shape(tensor, dims), dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
     return total
 
 
-def to_rows(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One call's feeds as rows (see the module doc); every input gets the same row count."""
+def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One call's feeds as rows (see the module doc); every stored input gets the same row count."""
     rows: dict[str, np.ndarray] = {}
     count: int | None = None
-    for tensor in spec.inputs:
-        value = np.asarray(feeds[tensor.name])
+    for tensor in stored_inputs(spec):
         found = row_axis(tensor)
         if found is None:
             continue
         axis, paired = found
-        moved = np.moveaxis(value, axis, 0)
+        moved = np.moveaxis(np.asarray(feeds[tensor.name]), axis, 0)
         if paired:
             half = moved.shape[0] // 2
             moved = np.stack([moved[:half], moved[half:]], axis=1)
@@ -79,19 +96,28 @@ def to_rows(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarr
         rows[tensor.name] = np.ascontiguousarray(moved)
     if count is None:
         raise ValueError(f"graph '{spec.name}' has no row axis")
-    for tensor in spec.inputs:
-        if row_axis(tensor) is None:
-            value = np.asarray(feeds[tensor.name]).reshape(-1)
-            if value.size != 1:
-                raise ValueError(f"graph '{spec.name}': scalar input '{tensor.name}' holds {value.size} values")
-            rows[tensor.name] = np.full(count, value[0], dtype=value.dtype)
+    for name in scalar_inputs(spec):
+        value = np.asarray(feeds[name]).reshape(-1)
+        if value.size != 1:
+            raise ValueError(f"graph '{spec.name}': scalar input '{name}' holds {value.size} values")
+        rows[name] = np.full(count, value[0], dtype=value.dtype)
     return rows
 
 
-def from_rows(spec: GraphSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds of one call from rows; scalar inputs must hold one value across the rows."""
+def from_rows(
+    spec: GraphSpec, rows: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Feeds of one call from rows of one group; stage inputs from ``constants``.
+
+    Scalar inputs must hold one value across the rows.
+    """
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
+        if is_stage_input(spec, tensor):
+            if constants is None or tensor.name not in constants:
+                raise ValueError(f"graph '{spec.name}': no value for stage input '{tensor.name}'")
+            feeds[tensor.name] = np.array(constants[tensor.name])
+            continue
         value = rows[tensor.name]
         found = row_axis(tensor)
         if found is None:
@@ -106,14 +132,14 @@ def from_rows(spec: GraphSpec, rows: dict[str, np.ndarray]) -> dict[str, np.ndar
     return feeds
 
 
-def row_count(rows: dict[str, np.ndarray]) -> int:
+def row_count(rows: Mapping[str, np.ndarray]) -> int:
     counts = {int(array.shape[0]) for array in rows.values()}
     if len(counts) != 1:
         raise ValueError(f"rows disagree on their count: {sorted(counts)}")
     return counts.pop()
 
 
-def select(rows: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+def select(rows: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
     return {name: array[index] for name, array in rows.items()}
 
 
@@ -124,9 +150,13 @@ def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def batches(
-    spec: GraphSpec, rows: dict[str, np.ndarray], batch_rows: int, fixed: bool = False
+    spec: GraphSpec,
+    rows: Mapping[str, np.ndarray],
+    batch_rows: int,
+    fixed: bool = False,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds of ``batch_rows`` rows each.
+    """Feeds of ``batch_rows`` rows each, from the rows of one group.
 
     Rows are grouped by their scalar inputs (a flow graph's ``t``, ``dt``, ``cfg``), in
     order of first appearance, so every batch is one valid call of the graph. The last
@@ -136,7 +166,7 @@ def batches(
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
-    inputs = {t.name: rows[t.name] for t in spec.inputs}
+    inputs = {t.name: rows[t.name] for t in stored_inputs(spec)}
     count = row_count(inputs)
     if count == 0:
         return
@@ -154,4 +184,4 @@ def batches(
             index = group[start : start + batch_rows]
             if fixed and len(index) < batch_rows:
                 index = np.concatenate([index, group[: batch_rows - len(index)]])
-            yield from_rows(spec, select(inputs, index))
+            yield from_rows(spec, select(inputs, index), constants)

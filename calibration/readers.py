@@ -16,12 +16,15 @@ from calibration.dataset import CalibrationSet
 
 
 class GraphReader(CalibrationDataReader):
-    """Feeds of one graph's calibration split, ``batch_rows`` rows per call, all calls one shape.
+    """Feeds of one graph's calibration split, ``batch_rows`` rows per call, one shape per group.
 
     Batch graphs get ``batch_rows`` samples per call (default: the plan's batch); flow
     graphs get ``batch_rows`` token rows of one (stage, step) per call (default: the
-    plan's batch × the largest stage's tokens). ``max_batches`` caps the number of calls.
-    Supports ``len`` and ``set_range`` (ORT's strided calibration) and ``rewind``.
+    plan's batch × the largest stage's tokens). Feeds come group by group (the backbone's
+    stages); within a group every call has the same shapes. ``max_batches`` caps the calls
+    per group, ``group`` reads one group only. :meth:`parts` gives one reader per group: ORT's
+    histogram calibrators stack a tensor's values over one ``collect_data`` call, which needs
+    one shape. Supports ``len`` and ``set_range`` (ORT's strided calibration) and ``rewind``.
     """
 
     def __init__(
@@ -30,17 +33,29 @@ class GraphReader(CalibrationDataReader):
         graph: str,
         batch_rows: int | None = None,
         max_batches: int | None = None,
+        group: str | None = None,
     ) -> None:
         self.calibration = calibration
         self.graph = graph
         self.batch_rows = batch_rows or calibration.default_batch_rows(graph)
-        # ORT's histogram calibrators (entropy, percentile) stack every batch of a tensor, so
-        # all batches must have one shape: fixed-size batches (see layout.batches).
-        feeds = list(calibration.feeds(graph, "calibration", self.batch_rows, fixed=True))
-        if max_batches is not None:
-            feeds = _spread(feeds, max_batches)
-        self._feeds: list[dict[str, np.ndarray]] = feeds
+        self.max_batches = max_batches
+        self.group_names = [group] if group is not None else calibration.groups(graph)
+        feeds: list[dict[str, np.ndarray]] = []
+        for name in self.group_names:
+            part = list(calibration.feeds(graph, "calibration", self.batch_rows, fixed=True, group=name))
+            feeds += _spread(part, max_batches) if max_batches is not None else part
+        self._feeds = feeds
         self._start, self._stop, self._next = 0, len(feeds), 0
+
+    def parts(self) -> list[GraphReader]:
+        """One reader per group (the same batches, split by shape), each at its start."""
+        if len(self.group_names) == 1:
+            self.rewind()
+            return [self]
+        return [
+            GraphReader(self.calibration, self.graph, self.batch_rows, self.max_batches, group)
+            for group in self.group_names
+        ]
 
     def get_next(self) -> dict[str, Any] | None:
         if self._next >= self._stop:

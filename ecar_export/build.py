@@ -21,7 +21,6 @@ yet written) and ``committed`` (manifest written, sweep not yet done).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
@@ -37,12 +36,12 @@ from typing import Any
 
 import torch
 
-from ecar_export import checkpoint, export, presets
+from ecar_export import checkpoint, export, flow_loop, presets, weights_io
 from ecar_export.model import ECAR
 from runtime import manifest as manifest_io
 from runtime.errors import BackendUnavailableError, ECARError, InvalidRequestError, OutputError
 from runtime.fileio import sha256_file
-from runtime.graphs import graph_specs
+from runtime.graphs import GraphSpec, flow_step_spec, graph_specs
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
 MAX_BATCH_LIMIT = 4096
@@ -50,11 +49,9 @@ MAX_BATCH_LIMIT = 4096
 # precision are redone, the others stay reusable. int8 2: Gemm biases split off, one Q/DQ
 # pair per quantized node (ORT's CPU provider fuses and runs them as uint8 kernels).
 RECIPE_VERSIONS = {"fp32": 1, "fp16": 1, "int8": 2}
-# What a reused graph record keeps from the previous build: its ONNX file and how it was made.
-REUSED_FIELDS = ("file", "sha256", "precision", "build_key", "builder")
 KILL_AT = "ECAR_BUILD_KILL_AT"
 # Names a build gives its files; the sweep after a commit removes those no manifest names.
-CONTENT_ADDRESSED = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.(onnx|plan)$")
+CONTENT_ADDRESSED = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.(onnx|weights|plan)$")
 LEFTOVERS = (
     re.compile(r"^\.staging-.+$"),  # a killed build's staging directory
     re.compile(r"^\..+\.plan\.building$"),  # a plan being written
@@ -100,7 +97,7 @@ def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]
         digest = hashlib.sha256()
         for name, tensor in sorted(source.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(memoryview(tensor.detach().cpu().contiguous().numpy()).cast("B"))
         digest.update(source.config.to_json().encode())
         return source.eval(), digest.hexdigest()
     path = Path(source) if source is not None else presets.checkpoint_path(presets.DEMO)
@@ -167,9 +164,10 @@ def build_engines(
             options: dict[str, object] = {}
             if precision == "int8":
                 options = {"calibration_method": calibration_method, "calibration_requests": calibration_requests}
+            specs = graph_specs(model.config, fuse_flow_loop)
             keys = {
                 spec.name: _graph_key(spec.to_dict(), spec.name, weights_digest, model, precision, toolchain, options)
-                for spec in graph_specs(model.config, fuse_flow_loop)
+                for spec in specs
             }
             reusable = {} if force else _reusable_graphs(out, keys)
             if precision == "int8" and set(reusable) != set(keys):
@@ -179,22 +177,33 @@ def build_engines(
                 context.calibration = _previous_calibration(out, context)
             if precision == "int8" and context.calibration is None:
                 reusable = {}  # no kept calibration set to stand on: capture again, requantize every graph
-            graphs_data = _export_all(model, staging, out, context, fuse_flow_loop, keys, reusable, progress)
-            manifest = _manifest(model, precision, chosen, fuse_flow_loop, max_batch, weights_digest, toolchain)
-            manifest["graphs"] = graphs_data
+            records = _export_all(model, staging, out, context, specs, keys, reusable, progress)
+            document = manifest_io.document(
+                model.config,
+                precision=precision,
+                backend=chosen,
+                fuse_flow_loop=fuse_flow_loop,
+                max_batch=max_batch,
+                checkpoint_sha256=weights_digest,
+                opset=export.OPSET,
+                export_version=export.EXPORT_VERSION,
+                toolchain=toolchain,
+                graphs=records,
+            )
             if precision == "int8":
-                if context.calibration_reused:
-                    manifest["calibration"] = {"dir": "calibration", **options, "reused": True}
-                else:
-                    manifest["calibration"] = {**_install_calibration(staging, out, options), "reused": False}
+                if not context.calibration_reused:
+                    _install_calibration(staging, out)
+                document = manifest_io.with_calibration(
+                    document, calibration_method, calibration_requests, reused=context.calibration_reused
+                )
             if chosen == "tensorrt":
-                manifest = _add_tensorrt_plans(out, manifest, max_batch, progress)
+                document = _add_tensorrt_plans(out, document, model, max_batch, progress)
             moment("staged")
-            path = manifest_io.write(out, manifest)
+            path = manifest_io.write(out, document)
             moment("committed")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        sweep(out, manifest)
+        sweep(out, document)
         return path
 
 
@@ -204,15 +213,16 @@ def moment(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sweep(out: Path, manifest: dict[str, Any]) -> list[str]:
-    """After a commit: remove every build artifact in ``out`` that ``manifest`` does not name.
+def sweep(out: Path, document: dict[str, Any]) -> list[str]:
+    """After a commit: remove every build artifact in ``out`` that ``document`` (the manifest) does not name.
 
     That is the previous build's files and any killed build's leftovers (content-addressed
-    graphs and plans moved in before a commit that never came, staging directories, temporary
-    files, a calibration set no int8 manifest names). Files the toolchain did not write — a
-    README, the user's own files — do not match these names and stay. Returns what was removed.
+    graphs, weights and plans moved in before a commit that never came, staging directories,
+    temporary files, a calibration set no int8 manifest names). Files the toolchain did not
+    write — a README, the user's own files — do not match these names and stay. Returns what
+    was removed.
     """
-    keep = manifest_io.named_files(manifest)
+    keep = manifest_io.named_files(document)
     removed = []
     for entry in sorted(os.listdir(out)):
         if entry in keep:
@@ -275,18 +285,18 @@ def _graph_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _reusable_graphs(out: Path, keys: dict[str, str]) -> dict[str, dict[str, object]]:
-    """Graph records of the previous build whose key is unchanged and whose file is intact."""
+def _reusable_graphs(out: Path, keys: dict[str, str]) -> dict[str, manifest_io.GraphEntry]:
+    """Graphs of the previous build whose key is unchanged and whose files are intact."""
     try:
         old = manifest_io.load(out)
     except ECARError:
         return {}
-    records = old.raw.get("graphs", {})
-    reusable = {}
-    for name, record in records.items():
-        if name in keys and isinstance(record, dict) and record.get("build_key") == keys[name]:
-            reusable[name] = record
-    return reusable
+    return {name: entry for name, entry in old.graphs.items() if name in keys and entry.build_key == keys[name]}
+
+
+def traced_spec(spec: GraphSpec, model: ECAR) -> GraphSpec:
+    """The graph torch traces for ``spec``: ``flow_loop`` is ``flow_step`` wrapped in a Loop afterwards."""
+    return flow_step_spec(model.config) if spec.kind == "flow_loop" else spec
 
 
 def _export_all(
@@ -294,57 +304,68 @@ def _export_all(
     staging: Path,
     out: Path,
     context: _RecipeContext,
-    fused: bool,
+    specs: list[GraphSpec],
     keys: dict[str, str],
-    reusable: dict[str, dict[str, object]],
+    reusable: dict[str, manifest_io.GraphEntry],
     progress: Progress | None,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Export every graph in fp32, apply the precision recipe, move the results into ``out``."""
     precision = context.precision
-    specs = graph_specs(model.config, fused)
     todo = [spec for spec in specs if spec.name not in reusable]
     fp32_dir = staging / "fp32"
     fp32_dir.mkdir()
     steps = max(1, 2 * len(todo))
     for done, spec in enumerate(todo):
+        traced = traced_spec(spec, model)
         if progress:
             progress(f"export {spec.name}", done, steps)
         with torch.no_grad():
-            export.export_graph(model, spec, fp32_dir / f"{spec.name}.onnx")
+            export.export_graph(model, traced, fp32_dir / f"{traced.name}.onnx")
         moment(f"export:{spec.name}")
-    result: dict[str, dict[str, object]] = {}
+    result: dict[str, dict[str, Any]] = {}
     for spec in specs:
         if spec.name in reusable:  # the ONNX side of the old record only: plans are this build's to add
-            kept = {key: reusable[spec.name][key] for key in REUSED_FIELDS if key in reusable[spec.name]}
-            result[spec.name] = {**spec.to_dict(), **kept, "reused": True}
+            result[spec.name] = manifest_io.reused_record(spec, reusable[spec.name])
     for done, spec in enumerate(todo):
+        traced = traced_spec(spec, model)
         if progress:
             progress(f"{precision} {spec.name}", len(todo) + done, steps)
-        source = fp32_dir / f"{spec.name}.onnx"
-        temp = staging / f"{spec.name}.onnx"
-        recipe = _apply_recipe(source, temp, spec.name, context)
-        digest = sha256_file(temp)
-        name = f"{spec.name}-{digest[:12]}.onnx"
-        os.replace(temp, out / name)
+        work = staging / spec.name
+        work.mkdir()
+        target = work / f"{spec.name}.onnx"
+        recipe = _apply_recipe(fp32_dir / f"{traced.name}.onnx", target, traced.name, context)
+        if spec.kind == "flow_loop":
+            wrapped = flow_loop.wrap(weights_io.load_graph(target), spec)
+            onnx_save(wrapped, target)
+            recipe["flow_loop"] = "onnx Loop over the flow_step graph"
+        export.check(target)
+        files = weights_io.finalize(target, out, spec.name)
         moment(f"placed:{spec.name}")
-        result[spec.name] = {
-            **spec.to_dict(),
-            "file": name,
-            "sha256": digest,
-            "precision": precision,
-            "build_key": keys[spec.name],
-            "reused": False,
-            "builder": {
+        result[spec.name] = manifest_io.graph_record(
+            spec,
+            file=str(files["file"]),
+            sha256=str(files["sha256"]),
+            data_files=dict(files["data_files"]),  # type: ignore[call-overload]
+            precision=precision,
+            build_key=keys[spec.name],
+            builder={
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": export.OPSET,
-                "constant_folding": "polygraphy",
+                "weights": "ONNX external data",
                 "cleanup": "onnx-graphsurgeon",
                 **recipe,
             },
-        }
+        )
     if progress:
         progress("done", steps, steps)
     return {spec.name: result[spec.name] for spec in specs}
+
+
+def onnx_save(model: Any, path: Path) -> None:
+    import onnx
+
+    path.unlink(missing_ok=True)
+    onnx.save_model(model, str(path))
 
 
 @dataclass
@@ -372,16 +393,29 @@ class _RecipeContext:
             from runtime.pipeline import Pipeline
 
             fp32_dir = self.staging / "fp32"
-            staged = _manifest(self.model, "fp32", "onnxruntime", False, 8, self.weights_digest, self.toolchain)
-            staged["graphs"] = {
-                spec.name: {
-                    **spec.to_dict(),
-                    "file": f"{spec.name}.onnx",
-                    "sha256": sha256_file(fp32_dir / f"{spec.name}.onnx"),
-                    "precision": "fp32",
-                }
-                for spec in graph_specs(self.model.config, False)
-            }
+            records = {}
+            for spec in graph_specs(self.model.config, False):
+                model_file = fp32_dir / f"{spec.name}.onnx"
+                data = export.data_path(model_file)
+                records[spec.name] = manifest_io.graph_record(
+                    spec,
+                    file=model_file.name,
+                    sha256=sha256_file(model_file),
+                    data_files={data.name: sha256_file(data)} if data.is_file() else {},
+                    precision="fp32",
+                )
+            staged = manifest_io.document(
+                self.model.config,
+                precision="fp32",
+                backend="onnxruntime",
+                fuse_flow_loop=False,
+                max_batch=8,
+                checkpoint_sha256=self.weights_digest,
+                opset=export.OPSET,
+                export_version=export.EXPORT_VERSION,
+                toolchain=self.toolchain,
+                graphs=records,
+            )
             manifest_io.write(fp32_dir, staged)
             loaded = manifest_io.load(fp32_dir)
             # every core: the capture is the long part of an int8 build, and MLAS splits a GEMM by
@@ -397,18 +431,35 @@ class _RecipeContext:
 
 
 def _apply_recipe(source: Path, target: Path, graph: str, context: _RecipeContext) -> dict[str, object]:
-    """Write the ``precision`` version of the fp32 graph ``source`` to ``target``; returns its recipe record."""
+    """Write the ``precision`` version of the fp32 graph ``source`` (and its weights) to ``target``.
+
+    ``graph`` names the traced graph (its calibration rows). fp32 moves the weights file;
+    fp16 streams them through the fp16 conversion tensor by tensor; int8 loads them
+    (quantization reads and rewrites every weight). Returns the recipe's record.
+    """
     import onnx
 
+    source_data, target_data = export.data_path(source), export.data_path(target)
     if context.precision == "fp32":
-        os.replace(source, target)
+        model = weights_io.load_graph(source)
+        if source_data.is_file():
+            os.replace(source_data, target_data)
+            for tensor in weights_io.initializers(model.graph):
+                if weights_io.is_external(tensor):
+                    for entry in tensor.external_data:
+                        if entry.key == "location":
+                            entry.value = target_data.name
+        onnx_save(model, target)
         return {"recipe": "fp32"}
     if context.precision == "fp16":
         from ecar_export.precision import fp16
 
-        fp32_graph = onnx.load(str(source))
-        kept = fp16.fp32_nodes(fp32_graph)
-        onnx.save_model(fp16.convert(fp32_graph), str(target))
+        model = weights_io.load_graph(source)
+        original = {t.name: t.data_type for t in weights_io.initializers(model.graph)}
+        kept = fp16.fp32_nodes(model)
+        converted = fp16.convert(model)
+        weights_io.rewrite_data(converted, source.parent, target_data, weights_io.to_float16(original))
+        onnx_save(converted, target)
         return {
             "recipe": "fp16",
             "converter": "onnxruntime.transformers.float16",
@@ -421,11 +472,12 @@ def _apply_recipe(source: Path, target: Path, graph: str, context: _RecipeContex
 
         calibration = context.calibration_set()
         method = str(context.options["calibration_method"])
-        fp32_graph = onnx.load(str(source))
+        fp32_graph = onnx.load(str(source))  # with its weights: quantization rewrites them all
         quantized = int8.quantize(fp32_graph, GraphReader(calibration, graph), method, threads=1)
         records = int8.check_qdq(quantized)
         agreement = int8.compare_graphs(fp32_graph, quantized, held_out_feeds(calibration, graph))
-        onnx.save_model(quantized, str(target))
+        del fp32_graph
+        weights_io.save_with_external_data(quantized, target)
         return {
             "recipe": "int8",
             "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric int8, per-channel weights)",
@@ -438,24 +490,25 @@ def _apply_recipe(source: Path, target: Path, graph: str, context: _RecipeContex
 
 
 def _add_tensorrt_plans(
-    out: Path, manifest: dict[str, Any], max_batch: int, progress: Progress | None
+    out: Path, document: dict[str, Any], model: ECAR, max_batch: int, progress: Progress | None
 ) -> dict[str, Any]:
-    """Compile one TensorRT plan per graph (strongly typed: precision comes from the graphs).
+    """Compile one TensorRT plan per graph, one optimisation profile per stage (strongly typed).
 
     Never run on a real TensorRT installation yet (see README "What has run where").
     """
     from ecar_export import tensorrt_build
 
-    profile = manifest["profile"]
+    profile = document["profile"]
     records, block = tensorrt_build.build_plans(
         out,
-        manifest["graphs"],
+        document["graphs"],
+        model.config,
         (profile["min_batch"], profile["opt_batch"], max_batch),
         tensorrt_build.PlanOptions(),
         progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,
         moment=moment,
     )
-    return tensorrt_build.apply_plans(manifest, records, block)
+    return tensorrt_build.apply_plans(document, records, block)
 
 
 def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
@@ -473,19 +526,18 @@ def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
         old = manifest_io.load(out)
     except ECARError:
         return None
-    record = old.raw.get("calibration")
     requests = context.options.get("calibration_requests")
     if (
         old.precision != "int8"
-        or not isinstance(record, dict)
-        or record.get("calibration_requests") != requests
-        or old.raw.get("opset") != export.OPSET
-        or old.raw.get("export_version") != export.EXPORT_VERSION
+        or old.calibration is None
+        or old.calibration.requests != requests
+        or old.opset != export.OPSET
+        or old.export_version != export.EXPORT_VERSION
         or old.toolchain != context.toolchain
     ):
         return None
     try:
-        calibration = load_calibration(out / str(record.get("dir", "calibration")))
+        calibration = load_calibration(out / old.calibration.dir)
         calibration.check_compatible(context.model.config, context.weights_digest)
     except ECARError:
         return None
@@ -494,7 +546,7 @@ def _previous_calibration(out: Path, context: _RecipeContext) -> Any:
     return calibration
 
 
-def _install_calibration(staging: Path, out: Path, options: dict[str, object]) -> dict[str, object]:
+def _install_calibration(staging: Path, out: Path) -> None:
     """Keep the calibration set with the build (``out/calibration``): ``check`` validates on its held-out split."""
     source = staging / "calibration"
     target = out / "calibration"
@@ -506,40 +558,3 @@ def _install_calibration(staging: Path, out: Path, options: dict[str, object]) -
         os.replace(target, retired)
     os.replace(source, target)
     shutil.rmtree(retired, ignore_errors=True)
-    return {"dir": "calibration", **options}
-
-
-def _manifest(
-    model: ECAR,
-    precision: str,
-    backend: str,
-    fused: bool,
-    max_batch: int,
-    weights_digest: str,
-    toolchain: dict[str, str | None],
-) -> dict[str, Any]:
-    return {
-        "format": manifest_io.FORMAT,
-        "format_version": manifest_io.FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": model.config.to_dict(),
-        "schedule": _schedule_summary(model),
-        "precision": precision,
-        "backend": backend,
-        "fuse_flow_loop": fused,
-        "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
-        "checkpoint_sha256": weights_digest,
-        "opset": export.OPSET,
-        "export_version": export.EXPORT_VERSION,
-        "toolchain": toolchain,
-        "graphs": {},
-    }
-
-
-def _schedule_summary(model: ECAR) -> dict[str, object]:
-    return {
-        "scales": list(model.config.scales),
-        "window_bounds": list(model.config.window_bounds),
-        "steps": list(model.config.steps),
-        "start_times": [st.t_start for st in model.stages],
-    }

@@ -40,7 +40,7 @@ PresetOpt = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-l.",
+        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-l, ecar-h.",
     ),
 ]
 LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated class labels, e.g. 3,1,4.")]
@@ -185,7 +185,7 @@ def check_cmd(
     seed: Annotated[int | None, typer.Option(help="Seed of the random inputs (default: fresh).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare every graph of a build with the torch model on fresh random inputs (polygraphy Comparator)."""
+    """Compare every graph of a build with the torch model at every stage it runs (polygraphy Comparator)."""
     import json
 
     from rich.table import Table
@@ -198,11 +198,12 @@ def check_cmd(
         sys.stdout.write(json.dumps({"seed": used_seed, "graphs": [vars(r) for r in results]}, indent=2) + "\n")
     else:
         table = Table(title=f"{engine_dir} vs torch (input seed {used_seed})")
-        for column in ("graph", "file", "sha256", "inputs", "max abs", "cosine", "result"):
+        for column in ("graph", "stage", "file", "sha256", "inputs", "max abs", "cosine", "result"):
             table.add_column(column)
         for r in results:
             table.add_row(
                 r.graph,
+                str(r.stage),
                 r.file,
                 "ok" if r.sha_ok else "MISMATCH",
                 r.inputs,
@@ -211,7 +212,7 @@ def check_cmd(
                 "pass" if r.ok else f"FAIL{': ' + r.error if r.error else ''}",
             )
         Console(highlight=False).print(table)
-    failed = [r.graph for r in results if not r.ok]
+    failed = [f"{r.graph}@stage{r.stage}" for r in results if not r.ok]
     if failed:
         console().print(f"check failed for: {', '.join(failed)}")
         raise SystemExit(1)

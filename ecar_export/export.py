@@ -1,14 +1,22 @@
-"""Per-stage ONNX export: torch wrappers that expose exactly the graphs of DESIGN §4.
+"""ONNX export of the contract's graphs (:mod:`runtime.graphs`), weights as external data.
 
-Each wrapper's forward takes the inputs of its :class:`runtime.graphs.GraphSpec`
-in order; export traces it with ``torch.onnx.export`` (dynamo, opset ≥ 18) and a
-dynamic batch / token axis, then folds constants, cleans up with onnx-graphsurgeon
-and checks the result with ``onnx.checker`` and shape inference.
+Each wrapper's forward takes the inputs of its :class:`runtime.graphs.GraphSpec` in order;
+export traces it with ``torch.onnx.export`` (dynamo, opset 18, every symbolic dim dynamic)
+and writes the graph and its weights as two files: ``<name>.onnx`` (the graph, small) and
+``<name>.onnx.data`` (every initializer above 1 KiB, ONNX external data), streamed from the
+torch tensors — no copy of the weights is ever held in a protobuf, which caps a file at
+2 GB. The graph is then cleaned (onnx-graphsurgeon: dead nodes, topological order),
+shape-inferred and checked (``onnx.checker`` on the file pair) without loading the weights.
+
+``flow_loop`` (fused builds) is not traced: :mod:`ecar_export.flow_loop` wraps the finished
+``flow_step`` graph in an ONNX ``Loop``, after the precision recipe.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,7 +25,6 @@ from torch import nn
 
 from ecar_export.model import ECAR
 from ecar_export.quiet import quiet
-from runtime import graphs
 from runtime.errors import EngineError
 from runtime.graphs import GraphSpec
 
@@ -25,31 +32,35 @@ OPSET = 18
 # Bump when the exported graphs change for the same weights and config (a new operator
 # pattern, a different decomposition): graph build keys and calibration reuse depend on it.
 # 2: the backbone MLP's GELU in the form ONNX Runtime fuses (layers.TanhGELU).
-EXPORT_VERSION = 2
+# 3: graph contract 2 (one backbone for every stage, external weight data).
+EXPORT_VERSION = 3
+DATA_SUFFIX = ".data"
+# Sizes of the dims when tracing: all different (so no two dynamic dims are unified) and >= 2
+# (torch.export specialises sizes 0 and 1). The graphs run at any size, 0 included for T and E.
+TRACE_DIMS = {"B": 2, "P": 3, "N": 5, "T": 7, "E": 4, "M": 6, "K": 3}
 
 
-class FirstBackboneGraph(nn.Module):
-    """``backbone_1``: start tokens only, no cache to read."""
+class BackboneGraph(nn.Module):
+    """``backbone``: every stage, the stage's data as inputs."""
 
     def __init__(self, model: ECAR) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model.stage_forward(0, labels, None, noise, None)
-
-
-class BackboneGraph(nn.Module):
-    """``backbone_s`` for s ≥ 2: renoising, the stage's tokens against the KV cache."""
-
-    def __init__(self, model: ECAR, stage: int) -> None:
-        super().__init__()
-        self.model, self.stage = model, stage
-
     def forward(
-        self, labels: torch.Tensor, prev: torch.Tensor, noise: torch.Tensor, past_kv: torch.Tensor
+        self,
+        labels: torch.Tensor,
+        prev: torch.Tensor,
+        noise: torch.Tensor,
+        up: torch.Tensor,
+        fresh: torch.Tensor,
+        renoise: torch.Tensor,
+        positions: torch.Tensor,
+        level: torch.Tensor,
+        past_kv: torch.Tensor,
+        kv_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        return self.model.stage_forward(self.stage - 1, labels, prev, noise, past_kv)
+        return self.model.backbone_graph(labels, prev, noise, up, fresh, renoise, positions, level, past_kv, kv_tokens)
 
 
 class FlowStepGraph(nn.Module):
@@ -63,17 +74,18 @@ class FlowStepGraph(nn.Module):
         return self.model.flow_step(x, z, t, dt, cfg)
 
 
-class FlowLoopGraph(nn.Module):
-    """A stage's whole Euler loop, unrolled with its times baked in."""
+class FlowLoopReference(nn.Module):
+    """The torch reference of ``flow_loop`` (for checks): ``flow_step`` at each given time, in order."""
 
-    def __init__(self, model: ECAR, stage: int) -> None:
+    def __init__(self, model: ECAR) -> None:
         super().__init__()
         self.model = model
-        self.times = graphs.stage_times(model.config, stage)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
-        for t, dt in self.times:
-            x = self.model.flow_step(x, z, torch.full((1,), t), torch.full((1,), dt), cfg)
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
+    ) -> torch.Tensor:
+        for step in range(t.shape[0]):
+            x = self.model.flow_step(x, z, t[step : step + 1], dt[step : step + 1], cfg)
         return x
 
 
@@ -88,19 +100,15 @@ class DecoderGraph(nn.Module):
 
 def wrapper(model: ECAR, spec: GraphSpec) -> nn.Module:
     """The torch module whose forward is the graph ``spec`` describes."""
-    if spec.kind == "backbone":
-        assert spec.stage is not None
-        if spec.stage == 1:
-            return FirstBackboneGraph(model).eval()
-        return BackboneGraph(model, spec.stage).eval()
-    if spec.kind == "flow_step":
-        return FlowStepGraph(model).eval()
-    if spec.kind == "flow_loop":
-        assert spec.stage is not None
-        return FlowLoopGraph(model, spec.stage).eval()
-    if spec.kind == "decoder":
-        return DecoderGraph(model).eval()
-    raise ValueError(f"unknown graph kind {spec.kind!r}")
+    modules = {
+        "backbone": BackboneGraph,
+        "flow_step": FlowStepGraph,
+        "flow_loop": FlowLoopReference,
+        "decoder": DecoderGraph,
+    }
+    if spec.kind not in modules:
+        raise ValueError(f"unknown graph kind {spec.kind!r}")
+    return modules[spec.kind](model).eval()
 
 
 def run_torch(model: ECAR, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,18 +122,56 @@ def run_torch(model: ECAR, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dic
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    tokens = torch.export.Dim("tokens", min=1, max=1 << 20)
-    symbols = {"B": batch, "2B": 2 * batch, "M": tokens, "2M": 2 * tokens}
-    return tuple({axis: symbols[dim] for axis, dim in enumerate(t.shape) if isinstance(dim, str)} for t in spec.inputs)
+    def dim(name: str, largest: int) -> Any:
+        return torch.export.Dim(name, min=1, max=largest)
+
+    batch = dim("batch", 4096)
+    tokens = dim("tokens", 1 << 20)
+    symbols: dict[str, Any] = {
+        "B": batch,
+        "2B": 2 * batch,
+        "N": tokens,
+        "P": dim("prev_tokens", 1 << 20),
+        "T": dim("past_tokens", 1 << 20),
+        "E": dim("emitted_tokens", 1 << 20),
+        "M": dim("rows", 1 << 24),
+        "K": dim("steps", 1 << 12),
+    }
+    symbols["2M"] = 2 * symbols["M"]
+    return tuple({axis: symbols[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
-def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -> onnx.ModelProto:
-    """Trace one graph to ONNX at ``path`` (plain file, weights inline) and return the cleaned model."""
-    module = wrapper(model, spec)
+def trace_inputs(model: ECAR, spec: GraphSpec) -> dict[str, np.ndarray]:
+    """Inputs to trace ``spec`` with: every dim at its :data:`TRACE_DIMS` size, values in range."""
+    config = model.config
+    dims = {**TRACE_DIMS, "2B": 2 * TRACE_DIMS["B"], "2M": 2 * TRACE_DIMS["M"]}
     rng = np.random.default_rng(0)
-    # Trace with a batch of 2 so no dynamic axis specialises to 1.
-    sample = spec.sample_inputs(model.config, 2, rng)
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete(dims)
+        if tensor.name == "labels":
+            feeds[tensor.name] = rng.integers(0, config.num_classes, size=shape, dtype=np.int64)
+        elif tensor.name == "positions":
+            feeds[tensor.name] = np.arange(shape[0], dtype=np.int64) % config.total_tokens
+        elif tensor.name == "level":
+            feeds[tensor.name] = np.array([1 % config.num_stages], np.int64)
+        elif tensor.name == "kv_tokens":
+            feeds[tensor.name] = np.arange(shape[0], dtype=np.int64)
+        else:
+            feeds[tensor.name] = rng.uniform(0.1, 1.0, size=shape).astype(np.float32)
+    return feeds
+
+
+def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
+    """Trace one graph to ``path`` with its weights in ``path + '.data'``; returns ``path``.
+
+    The weights are written from the torch tensors as they are (no protobuf copy); the graph
+    file is cleaned, shape-inferred and checked without loading them.
+    """
+    if spec.kind == "flow_loop":
+        raise ValueError("flow_loop is not traced: ecar_export.flow_loop wraps the finished flow_step graph")
+    module = wrapper(model, spec)
+    sample = trace_inputs(model, spec)
     args = tuple(torch.from_numpy(sample[name]) for name in spec.input_names())
     with quiet():
         program = torch.onnx.export(
@@ -141,28 +187,42 @@ def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -
         )
     if program is None:
         raise EngineError(f"torch.onnx.export returned no program for graph '{spec.name}'")
-    proto = clean(program.model_proto, spec)
+    path = Path(path)
+    data = data_path(path)
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
+    with quiet():
+        program.save(str(path), external_data=True)
+    del program
+    proto = clean(onnx.load(str(path), load_external_data=False), spec)
     onnx.save_model(proto, str(path))
-    return proto
+    check(path)
+    return path
+
+
+def data_path(path: Path) -> Path:
+    return Path(str(path) + DATA_SUFFIX)
 
 
 def clean(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
-    """Fold constants, drop dead nodes, name the I/O as the spec does, then check the graph."""
+    """Drop dead nodes, sort, name the I/O as the spec does and infer shapes (weights not loaded)."""
     import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants
 
     with quiet():
-        proto = fold_constants(proto, error_ok=True)
         graph = gs.import_onnx(proto)
         graph.cleanup().toposort()
-        proto = gs.export_onnx(graph)
-    proto.producer_name = "ecar-export"
-    names_in = [i.name for i in proto.graph.input]
-    names_out = [o.name for o in proto.graph.output]
+        cleaned = gs.export_onnx(graph)
+    cleaned.producer_name = "ecar-export"
+    names_in = [i.name for i in cleaned.graph.input]
+    names_out = [o.name for o in cleaned.graph.output]
     if names_in != spec.input_names() or names_out != spec.output_names():
         raise EngineError(
             f"exported graph '{spec.name}' has inputs {names_in} / outputs {names_out}, "
             f"expected {spec.input_names()} / {spec.output_names()}"
         )
-    onnx.checker.check_model(proto, full_check=True)
-    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    return onnx.shape_inference.infer_shapes(cleaned, check_type=True, strict_mode=True)
+
+
+def check(path: str | os.PathLike[str]) -> None:
+    """``onnx.checker`` (full check) on a graph file and its external data, without a 2 GB limit."""
+    onnx.checker.check_model(str(path), full_check=True)

@@ -9,7 +9,9 @@ matrix products.
 
     graph_flops(model, dims, spec)  -> {"by_op": {...}, "total": N, "unknown": [...]}
     build_flops(engine_dir, batch)  -> per-graph, per-stage and per-image totals of a build
-    inspect_rows(engine_dir)        -> one row per graph for ``ecar-export inspect``
+    inspect_rows(engine_dir)        -> one row per graph and stage for ``ecar-export inspect``
+
+Both walk :func:`runtime.graphs.request_plan`, the order a request calls the graphs in.
 """
 
 from __future__ import annotations
@@ -23,11 +25,22 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
+from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.graphs import GraphSpec, profile_shapes
 
 # The exporter's names for the dynamic axes, and the contract's names for the same axes.
-DIM_ALIASES = {"batch": "B", "2*batch": "2B", "tokens": "M", "2*tokens": "2M"}
+DIM_ALIASES = {
+    "batch": "B",
+    "2*batch": "2B",
+    "tokens": "N",
+    "prev_tokens": "P",
+    "past_tokens": "T",
+    "emitted_tokens": "E",
+    "rows": "M",
+    "2*rows": "2M",
+    "steps": "K",
+}
 # Index of (A, B) for matrix products and (X, W) for convolutions, per op type.
 _OPERANDS = {
     "MatMul": (0, 1),
@@ -86,7 +99,12 @@ def infer_concrete(
 
 
 def infer_shapes_from_inputs(model: onnx.ModelProto, inputs: dict[str, Shape]) -> dict[str, Shape | None]:
-    """:func:`infer_concrete` with the graph inputs' concrete shapes given by name."""
+    """:func:`infer_concrete` with the graph inputs' concrete shapes given by name.
+
+    Shape arithmetic the exporter leaves in the graph (``Shape`` -> ``Squeeze`` -> ``Mul`` ->
+    ``Concat`` -> ``Reshape``; ONNX's data propagation stops at 0-d tensors) is folded into
+    constants first, round by round, so every dynamic dim becomes concrete.
+    """
     work = onnx.ModelProto()
     work.CopyFrom(model)
     graph = work.graph
@@ -96,7 +114,7 @@ def infer_shapes_from_inputs(model: onnx.ModelProto, inputs: dict[str, Shape]) -
     del graph.value_info[:]  # drop the exporter's symbolic shapes; inference redoes them
     for value in graph.output:
         value.type.tensor_type.ClearField("shape")
-    inferred = shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=True)
+    inferred = _fold_shape_arithmetic(work)
     shapes: dict[str, Shape | None] = {}
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
@@ -114,6 +132,86 @@ def infer_shapes_from_inputs(model: onnx.ModelProto, inputs: dict[str, Shape]) -
         known = all(d.HasField("dim_value") for d in dims)
         shapes[value.name] = tuple(int(d.dim_value) for d in dims) if known else None
     return shapes
+
+
+# Ops whose values (not only shapes) are computed here when all their inputs are small constants:
+# the shape arithmetic of exported graphs.
+_SHAPE_OPS = {
+    "Shape", "Size", "Gather", "Squeeze", "Unsqueeze", "Concat", "Mul", "Add", "Sub", "Div", "Reshape", "Cast",
+    "Slice", "Equal", "Where", "Max", "Min", "Identity", "Range", "ConstantOfShape", "Expand",
+}  # fmt: skip
+_SMALL = 1 << 16  # elements
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+    """Shape-inferred ``model`` with its shape computations replaced by constants (in place)."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values: dict[str, np.ndarray] = {
+        i.name: numpy_helper.to_array(i)
+        for i in graph.initializer
+        if i.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(i.dims, dtype=np.int64)) <= _SMALL
+    }
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    for _ in range(rounds):
+        shapes = {
+            v.name: v.type.tensor_type.shape
+            for v in (*inferred.graph.input, *inferred.graph.value_info)
+            if v.type.tensor_type.HasField("shape")
+        }
+        folded = False
+        for node in graph.node:
+            if node.op_type not in _SHAPE_OPS or all(o in values for o in node.output):
+                continue
+            if node.op_type == "Shape":
+                known = shapes.get(node.input[0])
+                if known is None or not all(d.HasField("dim_value") for d in known.dim):
+                    continue
+                full = np.array([d.dim_value for d in known.dim], np.int64)
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), len(full))
+                values[node.output[0]] = full[start:end]
+                folded = True
+                continue
+            inputs = [i for i in node.input if i]
+            if not all(i in values for i in inputs) or any(values[i].size > _SMALL for i in inputs):
+                continue
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node],
+                    "fold",
+                    [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
+                    [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+                ),
+                opset_imports=list(model.opset_import),
+            )
+            try:
+                results = ReferenceEvaluator(single).run(None, {i: values[i] for i in inputs})
+            except Exception:  # an op the reference cannot evaluate here: leave it to shape inference
+                continue
+            values.update(zip(node.output, (np.asarray(r) for r in results)))
+            folded = True
+        if not folded:
+            break
+        rebuilt = []
+        for node in graph.node:
+            if node.op_type in _SHAPE_OPS and all(o in values for o in node.output) and node.op_type != "Constant":
+                rebuilt += [
+                    onnx.helper.make_node("Constant", [], [o], value=numpy_helper.from_array(values[o], o))
+                    for o in node.output
+                ]
+            else:
+                rebuilt.append(node)
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+        del graph.value_info[:]
+        inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    return inferred
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -188,15 +286,20 @@ def count_flops(model: onnx.ModelProto, inputs: dict[str, Shape]) -> dict[str, A
 
 
 def _models(manifest: manifest_io.Manifest) -> dict[str, onnx.ModelProto]:
-    return {name: onnx.load(str(manifest.path(entry.file))) for name, entry in manifest.graphs.items()}
+    """Every graph of a build without its weights (shapes are all FLOP counting needs)."""
+    return {
+        name: onnx.load(str(manifest.path(entry.file)), load_external_data=False)
+        for name, entry in manifest.graphs.items()
+    }
 
 
 def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any]:
-    """FLOPs of one request of ``batch`` samples on a build, per graph, per stage and per image.
+    """FLOPs of one request of ``batch`` samples on a build, per graph call, per stage and per image.
 
-    ``flow_step`` serves every stage: at stage s it runs ``steps_s`` times on M = batch × N_s
-    tokens. A fused build runs ``flow_loop_s`` once per stage instead. Stage s costs
-    ``backbone_s`` once plus its flow graph calls; the request adds the decoder once.
+    Walks the request plan: the backbone once per stage at that stage's shapes, the flow
+    graph once per Euler step (or once per stage, fused) on M = batch × N_s token rows, the
+    decoder once. A fused loop's FLOPs are its body's times its steps (ONNX shape inference
+    does not count inside a Loop).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -204,59 +307,94 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
     config = manifest.config
     models = _models(manifest)
     specs = {name: entry.spec for name, entry in manifest.graphs.items()}
-    graphs: dict[str, Any] = {}
-    stages = []
-    for index, (tokens, steps) in enumerate(zip(config.tokens_per_stage, config.steps)):
-        stage = index + 1
-        name = f"backbone_{stage}"
-        backbone = graph_flops(models[name], specs[name].dims(batch), specs[name])
-        graphs[name] = {
-            "calls": 1,
-            "per_call": backbone["total"],
-            "total": backbone["total"],
-            "by_op": backbone["by_op"],
-        }
-        if manifest.fuse_flow_loop:
-            flow_name, calls = f"flow_loop_{stage}", 1
-        else:
-            flow_name, calls = "flow_step", steps
-        flow = graph_flops(models[flow_name], specs[flow_name].dims(batch, tokens), specs[flow_name])
-        key = flow_name if manifest.fuse_flow_loop else f"flow_step@stage{stage}"
-        graphs[key] = {
-            "calls": calls,
-            "M": batch * tokens,
-            "per_call": flow["total"],
-            "total": calls * flow["total"],
-            "by_op": flow["by_op"],
-        }
-        stage_total = backbone["total"] + calls * flow["total"]
-        stages.append(
-            {
-                "stage": stage,
-                "tokens": tokens,
-                "steps": steps,
-                "M": batch * tokens,
-                "backbone": backbone["total"],
-                "flow_graph": flow_name,
-                "flow_calls": calls,
-                "flow_per_call": flow["total"],
-                "flow": calls * flow["total"],
-                "total": stage_total,
-            }
+    per_call: dict[tuple[str, int], dict[str, Any]] = {}
+    graph_rows: dict[str, dict[str, Any]] = {}
+    stages: dict[int, dict[str, Any]] = {}
+    for call in graphs.request_plan(config, manifest.fuse_flow_loop):
+        key = (call.graph, call.stage)
+        if key not in per_call:
+            per_call[key] = call_flops(models[call.graph], specs[call.graph], config, call.stage, batch)
+        counted = per_call[key]
+        label = call.graph if call.graph == "decoder" else f"{call.graph}@stage{call.stage}"
+        row = graph_rows.setdefault(
+            label, {"calls": 0, "per_call": counted["total"], "total": 0, "by_op": counted["by_op"]}
         )
-    decoder = graph_flops(models["decoder"], specs["decoder"].dims(batch), specs["decoder"])
-    graphs["decoder"] = {"calls": 1, "per_call": decoder["total"], "total": decoder["total"], "by_op": decoder["by_op"]}
-    total = sum(s["total"] for s in stages) + decoder["total"]
+        row["calls"] += 1
+        row["total"] += counted["total"]
+        if call.graph == "decoder":
+            continue
+        dims = graphs.stage_dims(config, call.stage, batch)
+        stage = stages.setdefault(
+            call.stage,
+            {
+                "stage": call.stage,
+                "tokens": dims["N"],
+                "steps": config.steps[call.stage - 1],
+                "M": dims["M"],
+                "backbone": 0,
+                "flow_graph": graphs.flow_graph(manifest.fuse_flow_loop),
+                "flow_calls": 0,
+                "flow_per_call": 0,
+                "flow": 0,
+                "total": 0,
+            },
+        )
+        if call.graph == "backbone":
+            stage["backbone"] += counted["total"]
+        else:
+            stage["flow_calls"] += 1
+            stage["flow_per_call"] = counted["total"]
+            stage["flow"] += counted["total"]
+        stage["total"] += counted["total"]
+    decoder = graph_rows["decoder"]["total"]
+    total = sum(s["total"] for s in stages.values()) + decoder
     return {
         "engine_dir": str(engine_dir),
         "precision": manifest.precision,
         "fuse_flow_loop": manifest.fuse_flow_loop,
         "batch": batch,
-        "graphs": graphs,
-        "stages": stages,
-        "decoder": decoder["total"],
+        "graphs": graph_rows,
+        "stages": [stages[s] for s in sorted(stages)],
+        "decoder": decoder,
         "total": total,
         "per_image": total / batch,
+    }
+
+
+def call_flops(model: onnx.ModelProto, spec: GraphSpec, config: Any, stage: int, batch: int) -> dict[str, Any]:
+    """FLOPs of one call of a graph at a stage and batch (a fused loop: its body, once per step)."""
+    dims = graphs.stage_dims(config, stage, batch)
+    if spec.kind != "flow_loop":
+        return graph_flops(model, dims, spec)
+    body = next(a.g for node in model.graph.node if node.op_type == "Loop" for a in node.attribute if a.name == "body")
+    step = onnx.ModelProto()
+    step.CopyFrom(model)
+    del step.graph.node[:]
+    step.graph.node.extend(n for n in body.node)
+    del step.graph.input[:]
+    step.graph.input.extend(
+        onnx.helper.make_tensor_value_info(name, dtype, shape)
+        for name, dtype, shape in (
+            ("loop_x", onnx.TensorProto.FLOAT, [dims["M"], config.latent_channels]),
+            ("z", onnx.TensorProto.FLOAT, [dims["2M"], config.width]),
+            ("loop_t", onnx.TensorProto.FLOAT, [1]),
+            ("loop_dt", onnx.TensorProto.FLOAT, [1]),
+            ("cfg", onnx.TensorProto.FLOAT, [1]),
+            ("t", onnx.TensorProto.FLOAT, [dims["K"]]),
+            ("dt", onnx.TensorProto.FLOAT, [dims["K"]]),
+            ("loop_iteration", onnx.TensorProto.INT64, []),
+        )
+    )
+    del step.graph.output[:]
+    step.graph.output.extend(body.output[1:])
+    once = count_flops(
+        step, {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in step.graph.input}
+    )
+    steps = dims["K"]
+    return {
+        "by_op": {op: steps * flops for op, flops in once["by_op"].items()},
+        "total": steps * once["total"],
+        "unknown": once["unknown"],
     }
 
 
@@ -265,32 +403,36 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
 
 
 def inspect_rows(engine_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """One row per graph of a build, in execution order, for ``ecar-export inspect``.
+    """One row per graph and stage it runs at, in the order of a request, for ``ecar-export inspect``.
 
-    Each row: ``name``, ``kind``, ``stage``, ``precision``, ``file``, ``size_bytes``,
-    ``inputs`` (``[{"name", "dtype", "shape", "opt_shape"}]``: the contract's symbolic shape
-    and the concrete shape at the build's opt batch), ``flops`` (one call at the opt-batch
-    profile shapes: flow graphs at the largest stage's M, as the TensorRT profile) and
-    ``flops_by_op``, ``unknown`` (counted nodes whose shapes inference left unknown).
+    Each row: ``name``, ``kind``, ``stage``, ``precision``, ``file``, ``size_bytes`` (the graph
+    and its weights), ``inputs`` (``[{"name", "dtype", "shape", "opt_shape"}]``: the contract's
+    symbolic shape and the concrete shape of that stage's profile at the build's opt batch),
+    ``flops`` (one call at those shapes) and ``flops_by_op``, ``unknown`` (counted nodes whose
+    shapes inference left unknown).
     """
     manifest = manifest_io.load(engine_dir)
+    config = manifest.config
+    models = _models(manifest)
     rows = []
-    for name, entry in manifest.graphs.items():
+    seen: set[tuple[str, int]] = set()
+    for call in graphs.request_plan(config, manifest.fuse_flow_loop):
+        if (call.graph, call.stage) in seen:
+            continue
+        seen.add((call.graph, call.stage))
+        entry = manifest.graphs[call.graph]
         spec = entry.spec
-        path = manifest.path(entry.file)
-        opt = {
-            key: shapes[1]
-            for key, shapes in profile_shapes(spec, manifest.min_batch, manifest.opt_batch, manifest.max_batch).items()
-        }
-        counted = count_flops(onnx.load(str(path)), opt)
+        shapes = profile_shapes(spec, config, call.stage, manifest.min_batch, manifest.opt_batch, manifest.max_batch)
+        opt = {name: value[1] for name, value in shapes.items()}
+        counted = call_flops(models[call.graph], spec, config, call.stage, manifest.opt_batch)
         rows.append(
             {
-                "name": name,
+                "name": call.graph,
                 "kind": spec.kind,
-                "stage": spec.stage,
+                "stage": call.stage,
                 "precision": entry.precision,
                 "file": entry.file,
-                "size_bytes": Path(path).stat().st_size,
+                "size_bytes": sum(Path(manifest.path(f)).stat().st_size for f in (entry.file, *entry.data_files)),
                 "inputs": [
                     {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "opt_shape": list(opt[t.name])}
                     for t in spec.inputs
@@ -306,11 +448,12 @@ def inspect_rows(engine_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """``inspect_rows`` as a plain-text table (one line per graph)."""
-    header = f"{'graph':12} {'precision':9} {'size':>10} {'GFLOP@opt':>10}  inputs (symbolic -> opt batch)"
+    header = f"{'graph':10} {'stage':>5} {'precision':9} {'size':>13} {'GFLOP@opt':>10}  inputs at the opt batch"
     lines = [header]
     for row in rows:
-        inputs = " ".join(f"{i['name']}{_shape_text(tuple(i['shape']))}" for i in row["inputs"])
+        inputs = " ".join(f"{i['name']}{_shape_text(tuple(i['opt_shape']))}" for i in row["inputs"])
         lines.append(
-            f"{row['name']:12} {row['precision']:9} {row['size_bytes']:>10,} {row['flops'] / 1e9:>10.4f}  {inputs}"
+            f"{row['name']:10} {row['stage']:>5} {row['precision']:9} {row['size_bytes']:>13,} "
+            f"{row['flops'] / 1e9:>10.4f}  {inputs}"
         )
     return "\n".join(lines)

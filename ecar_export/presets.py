@@ -42,6 +42,10 @@ _CONFIGS: dict[str, ECARConfig] = {
     # total number of flow steps (20 = 5 × 4); architecture otherwise identical.
     "ecar-b-s1": replace(_ECAR_B, name="ecar-b-s1", scales=(16,), steps=(20,), window_bounds=()),
     "ecar-l": replace(_ECAR_B, name="ecar-l", width=1024, depth=24, heads=16, head_width=1024, head_depth=8),
+    # Paper scale, for the scale benchmark: ecar-b's latent layout with the backbone of the peers' largest
+    # models (VAR-d30: width 1920, depth 30, 30 heads of 64) and MAR-H's flow head (width 1536, 12 blocks).
+    # 2.1 B parameters, 8.6 GB of float32 weights.
+    "ecar-h": replace(_ECAR_B, name="ecar-h", width=1920, depth=30, heads=30, head_width=1536, head_depth=12),
 }
 TRAINED = {DEMO: WEIGHTS_DIR / f"{DEMO}.safetensors"}
 

@@ -7,8 +7,11 @@ TensorRT 10 the weakly typed path (BuilderFlag.FP16 / INT8 on a float32 graph) i
 an option; INT8 there still needs Q/DQ graphs (calibrators are not used: TensorRT 11 removed
 them).
 
-Every build gets one optimisation profile spanning the manifest's batch range
-(:func:`runtime.graphs.profile_shapes`) and reuses a timing cache, one file per GPU and
+One engine per graph kind (its weights once on the GPU), with one optimisation profile per
+stage the graph runs at (:func:`runtime.graphs.graph_stages`): the stage's exact token, cache
+and step counts, the batch spanning the manifest's range with the opt shape at its opt batch
+(:func:`runtime.graphs.profile_shapes`) — the runtime gives each profile its own execution
+context. Builds reuse a timing cache, one file per GPU and
 TensorRT version (:func:`timing_cache_file`); a cache TensorRT refuses (made on another GPU or
 TensorRT version, e.g. in a shared cache directory) is replaced by a fresh one, with a warning.
 The builder's choices are one frozen :class:`PlanOptions`. Plans are written atomically under
@@ -20,10 +23,8 @@ TensorRT is imported lazily: importing this module works without it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import time
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime import gpu
+from runtime import gpu, graphs
 from runtime import manifest as manifest_io
+from runtime.config import ECARConfig
 from runtime.errors import ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.fileio import atomic_path, write_bytes_atomic
 from runtime.graphs import GraphSpec, TensorSpec, profile_shapes
@@ -121,6 +123,8 @@ class PlanRecord:
     build_seconds: float
     timing_cache: str | None
     timing_cache_replaced: bool = False
+    # per optimisation profile (in index order): its stage and every dynamic input's (min, opt, max)
+    profiles: tuple[dict[str, Any], ...] = ()
 
     def manifest_fields(self) -> dict[str, object]:
         return {
@@ -131,7 +135,8 @@ class PlanRecord:
                 "strongly_typed": self.options.strongly_typed,
                 "weakly_typed_precision": self.options.weakly_typed_precision,
                 "hardware_compatibility": self.options.hardware_compatibility,
-                "profile": list(self.profile),
+                "batch_profile": list(self.profile),
+                "profiles": [dict(p) for p in self.profiles],
                 "build_seconds": round(self.build_seconds, 3),
                 "plan_bytes": self.plan_bytes,
             },
@@ -229,10 +234,36 @@ def _network_inputs(network: trt.INetworkDefinition) -> dict[str, tuple[int, ...
     return inputs
 
 
+def stage_profiles(
+    spec: GraphSpec, config: ECARConfig, profile: Profile, dynamic: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """The optimisation profiles of a graph's engine: one per stage it runs at, in index order.
+
+    Each: ``{"stage": s, "shapes": {input: [min, opt, max]}}`` for the inputs in ``dynamic``
+    (default: every input; static inputs need no profile entry).
+    """
+    result = []
+    for stage in graphs.graph_stages(config, spec):
+        shapes = profile_shapes(spec, config, stage, *profile)
+        chosen = {
+            name: [list(s) for s in value] for name, value in shapes.items() if dynamic is None or name in dynamic
+        }
+        result.append({"stage": stage, "shapes": chosen})
+    return result
+
+
 def _serialize(
-    onnx_path: Path, spec: GraphSpec, profile: Profile, options: PlanOptions, timing_cache_path: Path | None
-) -> tuple[bytes, bool]:
-    """Parse ``onnx_path`` and build one serialized plan; returns it and whether a stale timing cache was replaced."""
+    onnx_path: Path,
+    spec: GraphSpec,
+    model_config: ECARConfig,
+    profile: Profile,
+    options: PlanOptions,
+    timing_cache_path: Path | None,
+) -> tuple[bytes, bool, list[dict[str, Any]]]:
+    """Parse ``onnx_path`` and build one serialized plan with a profile per stage.
+
+    Returns the plan, whether a stale timing cache was replaced, and the profiles.
+    """
     load_tensorrt()  # a clear BackendUnavailableError where TensorRT is missing
     import tensorrt as trt
 
@@ -271,14 +302,17 @@ def _serialize(
         config.hardware_compatibility_level = getattr(
             trt.HardwareCompatibilityLevel, options.hardware_compatibility.upper()
         )
-    optimisation = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes(spec, min_batch, opt_batch, max_batch).items():
-        if name in inputs and any(d < 0 for d in inputs[name]):  # static inputs need no profile entry
+    dynamic = {name for name, dims in inputs.items() if any(d < 0 for d in dims)}
+    profiles = stage_profiles(spec, model_config, profile, dynamic)
+    for entry in profiles:
+        optimisation = builder.create_optimization_profile()
+        for name, (low, opt, high) in entry["shapes"].items():
             optimisation.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
-    if config.add_optimization_profile(optimisation) < 0:
-        raise EngineError(
-            f"TensorRT rejected the batch profile {profile} of graph '{spec.name}'" + log_tail_text(book, mark)
-        )
+        if config.add_optimization_profile(optimisation) < 0:
+            raise EngineError(
+                f"TensorRT rejected the profile of stage {entry['stage']} (batch {profile}) of graph '{spec.name}'"
+                + log_tail_text(book, mark)
+            )
     replaced = _load_timing_cache(config, timing_cache_path, book, mark)
     serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -287,20 +321,22 @@ def _serialize(
             + log_tail_text(book, mark)
         )
     _save_timing_cache(config, timing_cache_path)
-    return bytes(memoryview(serialized)), replaced
+    return bytes(memoryview(serialized)), replaced, profiles
 
 
 def build_plan(
     onnx_path: str | os.PathLike[str],
     plan_path: str | os.PathLike[str],
     spec: GraphSpec,
+    config: ECARConfig,
     profile: Profile,
     options: PlanOptions = PlanOptions(),
     timing_cache_path: str | os.PathLike[str] | None = None,
 ) -> PlanRecord:
     """Compile one ONNX graph into a TensorRT plan at ``plan_path`` (written atomically).
 
-    ``profile``: (min, opt, max) batch. ``timing_cache_path``: a file read before and written
+    ``profile``: (min, opt, max) batch; the plan gets one optimisation profile per stage of
+    ``config`` the graph runs at. ``timing_cache_path``: a file read before and written
     after the build (None: no timing cache; see :func:`timing_cache_file` for its name).
     Raises :class:`BackendUnavailableError` without TensorRT or a usable GPU (including a
     driver too old for TensorRT's CUDA build), :class:`EngineError` (with TensorRT's last log
@@ -314,7 +350,7 @@ def build_plan(
     cuda.use_device(options.device_index)
     begin = time.perf_counter()
     cache = Path(timing_cache_path) if timing_cache_path is not None else None
-    data, replaced = _serialize(Path(onnx_path), spec, profile, options, cache)
+    data, replaced, profiles = _serialize(Path(onnx_path), spec, config, profile, options, cache)
     seconds = time.perf_counter() - begin
     target = Path(plan_path)
     with atomic_path(target) as temp:
@@ -332,6 +368,7 @@ def build_plan(
         build_seconds=seconds,
         timing_cache=str(cache) if cache is not None else None,
         timing_cache_replaced=replaced,
+        profiles=tuple(profiles),
     )
 
 
@@ -343,14 +380,7 @@ def _spec_from_dict(name: str, data: Mapping[str, Any]) -> GraphSpec:
         def tensors(items: Any) -> tuple[TensorSpec, ...]:
             return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
 
-        return GraphSpec(
-            name,
-            str(data["kind"]),
-            data.get("stage"),
-            tensors(data["inputs"]),
-            tensors(data["outputs"]),
-            tuple(data.get("tokens_per_row", ())),
-        )
+        return GraphSpec(name, str(data["kind"]), tensors(data["inputs"]), tensors(data["outputs"]))
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"graph '{name}': cannot read its contract ({exc})") from None
 
@@ -358,6 +388,7 @@ def _spec_from_dict(name: str, data: Mapping[str, Any]) -> GraphSpec:
 def build_plans(
     engine_dir: str | os.PathLike[str],
     manifest_graphs: Mapping[str, GraphEntry | Mapping[str, Any]],
+    config: ECARConfig,
     profile: Profile,
     options: PlanOptions = PlanOptions(),
     *,
@@ -389,7 +420,7 @@ def build_plans(
         else:
             spec, onnx_file = _spec_from_dict(name, entry), str(entry["file"])
         staging = root / f".{name}.plan.building"
-        record = build_plan(root / onnx_file, staging, spec, profile, options, cache)
+        record = build_plan(root / onnx_file, staging, spec, config, profile, options, cache)
         final = f"{name}-{record.plan_sha256[:12]}.plan"
         os.replace(staging, root / final)
         records[name] = dataclasses.replace(record, plan_file=final)
@@ -411,18 +442,7 @@ def apply_plans(
     manifest_data: Mapping[str, Any], records: Mapping[str, PlanRecord], block: Mapping[str, object]
 ) -> dict[str, Any]:
     """A copy of a manifest's JSON data that names the plans: what build.py writes for a TensorRT build."""
-    data = copy.deepcopy(dict(manifest_data))
-    graphs = data.get("graphs")
-    if not isinstance(graphs, dict) or set(graphs) != set(records):
-        raise ManifestError("the plans do not cover exactly the manifest's graphs; rebuild them all")
-    for name, record in records.items():
-        graphs[name].update(record.manifest_fields())
-    data["backend"] = "tensorrt"
-    data["tensorrt"] = dict(block)
-    toolchain = data.setdefault("toolchain", {})
-    if isinstance(toolchain, dict):
-        toolchain["tensorrt"] = block["version"]
-    return data
+    return manifest_io.with_plans(manifest_data, {name: r.manifest_fields() for name, r in records.items()}, block)
 
 
 def build_plans_for_dir(engine_dir: str | os.PathLike[str], options: PlanOptions = PlanOptions()) -> Path:
@@ -434,10 +454,9 @@ def build_plans_for_dir(engine_dir: str | os.PathLike[str], options: PlanOptions
     root = Path(engine_dir)
     manifest = manifest_io.load(root)
     old_plans = {entry.plan_file for entry in manifest.graphs.values() if entry.plan_file}
-    records, block = build_plans(
-        root, manifest.graphs, (manifest.min_batch, manifest.opt_batch, manifest.max_batch), options
-    )
-    data = apply_plans(json.loads(json.dumps(manifest.raw)), records, block)
+    batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
+    records, block = build_plans(root, manifest.graphs, manifest.config, batches, options)
+    data = apply_plans(manifest.document(), records, block)
     path = manifest_io.write(root, data)
     for stale in old_plans - {record.plan_file for record in records.values()}:
         (root / stale).unlink(missing_ok=True)

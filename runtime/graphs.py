@@ -1,21 +1,49 @@
-"""The graph contract between export and runtime (DESIGN §4), in one place per graph.
+"""The graph contract between export and runtime (DESIGN §4, contract version 2), in one place.
 
-Each :class:`GraphSpec` names a graph's inputs and outputs with symbolic shapes
-(``B`` batch, ``2B`` guidance rows, ``M`` tokens of a batch, ``2M``), dtypes, its
-batch profile and how to make fresh random sample inputs for it. The exporter traces
-against these specs, the runtime feeds them and the checker compares them.
+A build holds one graph per *kind*, each weight stored once:
+
+* ``backbone`` — every stage. The transformer against the KV cache of the stages before,
+  plus renoising (the stage's start state) and the stage's input tokens. What differs per
+  stage comes in as inputs (:func:`stage_inputs`): the resampling matrices ``up`` / ``fresh``
+  and the ``renoise`` coefficients, the ``positions`` and ``level`` to embed, and
+  ``kv_tokens``, the tokens whose keys/values the stage emits (none for the last stage, whose
+  cache nobody reads). Stage 1 runs the same graph: ``prev`` is one zero token, ``up`` zero,
+  ``fresh`` the identity, the cache empty; ``level`` 0 selects the learned start token.
+* ``flow_step`` — every stage and Euler step: the flow head on token rows, the guidance mix
+  and the Euler update. ``flow_loop`` (fused builds, instead of ``flow_step``) runs a whole
+  stage's steps in one call (an ONNX ``Loop`` over the given times).
+* ``decoder`` — the final token grid to images.
+
+Symbolic dims: ``B`` samples, ``2B`` guidance rows (conditional rows, then unconditional);
+``N`` tokens of the stage, ``P`` tokens of the previous stage (1 for stage 1), ``T`` cached
+tokens of the stages before (0 for stage 1), ``E`` tokens whose keys/values are emitted (N,
+or 0 for the last stage); ``M`` = B·N token rows of a flow call, ``2M``; ``K`` Euler steps of
+a fused loop. The KV cache is token-major, ``[T, L, 2, 2B, heads, head_dim]``: the cache of
+stages 1..s-1 is a prefix of the whole request's cache, and a stage's emitted ``kv`` is the
+next block of rows.
+
+:func:`request_plan` is the one description of the order in which a request walks the
+graphs (graph, stage, step, t, dt); the runtime, the TensorRT stage loop, the torch
+reference sampler, the FLOP count and the calibration capture all follow it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from runtime import schedule
 from runtime.config import ECARConfig
 
+CONTRACT_VERSION = 2
 Dim = int | str
+KINDS = ("backbone", "flow_step", "flow_loop", "decoder")
+# Inputs of the backbone that are the same for every request of a stage (see stage_inputs).
+STAGE_INPUTS = ("up", "fresh", "renoise", "positions", "level", "kv_tokens")
+# Inputs of the flow graphs that are the same for every row of a call.
+SCALAR_INPUTS = ("t", "dt", "cfg")
 
 
 @dataclass(frozen=True)
@@ -33,17 +61,12 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
+    """One graph of the contract: its kind (also its name) and its inputs and outputs."""
+
     name: str
-    kind: str  # backbone | flow_step | flow_loop | decoder
-    stage: int | None  # 1-based stage for per-stage graphs
+    kind: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    # token count per batch row along M (flow graphs); 0 for batch-only graphs
-    tokens_per_row: tuple[int, ...] = field(default=())
-
-    def dims(self, batch: int, tokens: int | None = None) -> dict[str, int]:
-        m = batch * (tokens if tokens is not None else (self.tokens_per_row[-1] if self.tokens_per_row else 1))
-        return {"B": batch, "2B": 2 * batch, "M": m, "2M": 2 * m}
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -51,56 +74,49 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def sample_inputs(self, config: ECARConfig, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Fresh random inputs in the ranges the pipeline produces (never all zeros)."""
-        dims = self.dims(batch)
-        feeds: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
-            shape = spec.concrete(dims)
-            if spec.name == "labels":
-                feeds[spec.name] = rng.integers(0, config.num_classes, size=shape, dtype=np.int64)
-            elif spec.name == "t":
-                feeds[spec.name] = rng.uniform(0.05, 1.0, size=shape).astype(np.float32)
-            elif spec.name == "dt":
-                feeds[spec.name] = rng.uniform(0.01, 0.2, size=shape).astype(np.float32)
-            elif spec.name == "cfg":
-                feeds[spec.name] = rng.uniform(1.0, 4.0, size=shape).astype(np.float32)
-            elif spec.name == "past_kv":
-                feeds[spec.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
-            else:
-                feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
-        return feeds
+    def tensor(self, name: str) -> TensorSpec:
+        for tensor in (*self.inputs, *self.outputs):
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"graph '{self.name}' has no tensor '{name}'")
+
+    def shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of every input and output at ``dims`` (see :func:`stage_dims`)."""
+        return {t.name: t.concrete(dims) for t in (*self.inputs, *self.outputs)}
 
     def to_dict(self) -> dict[str, object]:
         return {
             "kind": self.kind,
-            "stage": self.stage,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
-            "tokens_per_row": list(self.tokens_per_row),
         }
 
 
-def kv_shape(config: ECARConfig, tokens: int) -> tuple[Dim, ...]:
-    return (config.depth, 2, "2B", config.heads, tokens, config.head_dim)
+def kv_shape(config: ECARConfig, tokens: Dim) -> tuple[Dim, ...]:
+    """The token-major KV cache layout: [tokens, layers, 2 (key, value), 2B, heads, head_dim]."""
+    return (tokens, config.depth, 2, "2B", config.heads, config.head_dim)
 
 
-def backbone_spec(config: ECARConfig, stage: int) -> GraphSpec:
-    """``backbone_s`` (stage is 1-based)."""
-    counts = config.tokens_per_stage
-    n, c, d = counts[stage - 1], config.latent_channels, config.width
-    inputs = [TensorSpec("labels", ("B",), "int64")]
-    if stage > 1:
-        inputs.append(TensorSpec("prev", ("B", counts[stage - 2], c), "float32"))
-    inputs.append(TensorSpec("noise", ("B", n, c), "float32"))
-    if stage > 1:
-        inputs.append(TensorSpec("past_kv", kv_shape(config, sum(counts[: stage - 1])), "float32"))
-    outputs = (
-        TensorSpec("z", ("2B", n, d), "float32"),
-        TensorSpec("x", ("B", n, c), "float32"),
-        TensorSpec("present_kv", kv_shape(config, sum(counts[:stage])), "float32"),
+def backbone_spec(config: ECARConfig) -> GraphSpec:
+    c, d = config.latent_channels, config.width
+    inputs = (
+        TensorSpec("labels", ("B",), "int64"),
+        TensorSpec("prev", ("B", "P", c), "float32"),
+        TensorSpec("noise", ("B", "N", c), "float32"),
+        TensorSpec("up", ("N", "P"), "float32"),
+        TensorSpec("fresh", ("N", "N"), "float32"),
+        TensorSpec("renoise", (2,), "float32"),
+        TensorSpec("positions", ("N",), "int64"),
+        TensorSpec("level", (1,), "int64"),
+        TensorSpec("past_kv", kv_shape(config, "T"), "float32"),
+        TensorSpec("kv_tokens", ("E",), "int64"),
     )
-    return GraphSpec(f"backbone_{stage}", "backbone", stage, tuple(inputs), outputs, (n,))
+    outputs = (
+        TensorSpec("z", ("2B", "N", d), "float32"),
+        TensorSpec("x", ("B", "N", c), "float32"),
+        TensorSpec("kv", kv_shape(config, "E"), "float32"),
+    )
+    return GraphSpec("backbone", "backbone", inputs, outputs)
 
 
 def flow_step_spec(config: ECARConfig) -> GraphSpec:
@@ -112,45 +128,70 @@ def flow_step_spec(config: ECARConfig) -> GraphSpec:
         TensorSpec("dt", (1,), "float32"),
         TensorSpec("cfg", (1,), "float32"),
     )
-    return GraphSpec(
-        "flow_step", "flow_step", None, inputs, (TensorSpec("x_next", ("M", c), "float32"),), config.tokens_per_stage
-    )
+    return GraphSpec("flow_step", "flow_step", inputs, (TensorSpec("x_next", ("M", c), "float32"),))
 
 
-def flow_loop_spec(config: ECARConfig, stage: int) -> GraphSpec:
-    """``flow_loop_s``: the stage's whole Euler loop unrolled, times fixed at build time."""
+def flow_loop_spec(config: ECARConfig) -> GraphSpec:
+    """``flow_loop``: a stage's Euler steps at the times given (K of them) in one call."""
     c, d = config.latent_channels, config.width
-    n = config.tokens_per_stage[stage - 1]
     inputs = (
         TensorSpec("x", ("M", c), "float32"),
         TensorSpec("z", ("2M", d), "float32"),
+        TensorSpec("t", ("K",), "float32"),
+        TensorSpec("dt", ("K",), "float32"),
         TensorSpec("cfg", (1,), "float32"),
     )
-    return GraphSpec(
-        f"flow_loop_{stage}", "flow_loop", stage, inputs, (TensorSpec("x_end", ("M", c), "float32"),), (n,)
-    )
+    return GraphSpec("flow_loop", "flow_loop", inputs, (TensorSpec("x_end", ("M", c), "float32"),))
 
 
 def decoder_spec(config: ECARConfig) -> GraphSpec:
     n = config.tokens_per_stage[-1]
     image = ("B", config.image_channels, config.image_size, config.image_size)
-    return GraphSpec(
-        "decoder",
-        "decoder",
-        None,
-        (TensorSpec("x", ("B", n, config.latent_channels), "float32"),),
-        (TensorSpec("image", image, "float32"),),
-    )
+    inputs = (TensorSpec("x", ("B", n, config.latent_channels), "float32"),)
+    return GraphSpec("decoder", "decoder", inputs, (TensorSpec("image", image, "float32"),))
+
+
+def flow_graph(fuse_flow_loop: bool) -> str:
+    """The flow graph of a build: ``flow_loop`` when fused, else ``flow_step``."""
+    return "flow_loop" if fuse_flow_loop else "flow_step"
 
 
 def graph_specs(config: ECARConfig, fuse_flow_loop: bool = False) -> list[GraphSpec]:
-    """Every graph of a build, in execution order."""
-    specs = [backbone_spec(config, s) for s in range(1, config.num_stages + 1)]
-    specs.append(flow_step_spec(config))
-    if fuse_flow_loop:
-        specs += [flow_loop_spec(config, s) for s in range(1, config.num_stages + 1)]
-    specs.append(decoder_spec(config))
-    return specs
+    """Every graph of a build, in the order a request first calls them."""
+    flow = flow_loop_spec(config) if fuse_flow_loop else flow_step_spec(config)
+    return [backbone_spec(config), flow, decoder_spec(config)]
+
+
+# ------------------------------------------------------------------ the request plan
+@dataclass(frozen=True)
+class Call:
+    """One graph call of a request: which graph, at which stage (1-based) and Euler step.
+
+    ``t`` / ``dt``: the step's time and step size (``flow_step``: one value each;
+    ``flow_loop``: the stage's every step; other graphs: empty), float32-rounded as the
+    graphs receive them. The decoder's stage is the last one.
+    """
+
+    graph: str
+    stage: int
+    step: int | None = None
+    t: tuple[float, ...] = ()
+    dt: tuple[float, ...] = ()
+
+
+@lru_cache(maxsize=64)
+def request_plan(config: ECARConfig, fuse_flow_loop: bool = False) -> tuple[Call, ...]:
+    """Every graph call of one request, in order."""
+    calls: list[Call] = []
+    for stage in range(1, config.num_stages + 1):
+        calls.append(Call("backbone", stage))
+        times = stage_times(config, stage)
+        if fuse_flow_loop:
+            calls.append(Call("flow_loop", stage, None, tuple(t for t, _ in times), tuple(d for _, d in times)))
+        else:
+            calls += [Call("flow_step", stage, step, (t,), (dt,)) for step, (t, dt) in enumerate(times)]
+    calls.append(Call("decoder", config.num_stages))
+    return tuple(calls)
 
 
 def stage_times(config: ECARConfig, stage: int) -> list[tuple[float, float]]:
@@ -159,16 +200,136 @@ def stage_times(config: ECARConfig, stage: int) -> list[tuple[float, float]]:
     return [(float(np.float32(t)), float(np.float32(t - t_next))) for t, t_next in zip(times, times[1:])]
 
 
-def profile_shapes(
-    spec: GraphSpec, min_batch: int, opt_batch: int, max_batch: int
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shape of every input for an optimisation profile over the batch range.
+def cache_offsets(config: ECARConfig) -> tuple[int, ...]:
+    """Row of the request's KV cache where each stage's keys/values start; the last entry is its size.
 
-    Flow graphs' token axis M spans batch × tokens: the smallest stage at ``min_batch``, the
-    largest stage at ``opt_batch`` / ``max_batch`` (``flow_step`` serves every stage).
+    Stage s reads rows ``[0, offsets[s-1])`` and writes rows ``[offsets[s-1], offsets[s])``; the
+    last stage writes none, so the cache holds the tokens of stages 1..S-1.
     """
-    tokens = spec.tokens_per_row or (1,)
-    low = spec.dims(min_batch, min(tokens))
-    opt = spec.dims(opt_batch, max(tokens))
-    high = spec.dims(max_batch, max(tokens))
+    offsets = [0]
+    for tokens in config.tokens_per_stage[:-1]:
+        offsets.append(offsets[-1] + tokens)
+    return tuple(offsets)
+
+
+def stage_dims(config: ECARConfig, stage: int, batch: int) -> dict[str, int]:
+    """Every symbolic dim of the contract at a 1-based stage and batch size."""
+    tokens = config.tokens_per_stage
+    n = tokens[stage - 1]
+    emitted = 0 if stage == config.num_stages else n
+    return {
+        "B": batch,
+        "2B": 2 * batch,
+        "N": n,
+        "P": tokens[stage - 2] if stage > 1 else 1,
+        "T": cache_offsets(config)[stage - 1],
+        "E": emitted,
+        "M": batch * n,
+        "2M": 2 * batch * n,
+        "K": config.steps[stage - 1],
+    }
+
+
+@lru_cache(maxsize=256)
+def _stage_inputs(config: ECARConfig, stage: int) -> tuple[tuple[str, np.ndarray], ...]:
+    st = schedule.stages(config)[stage - 1]
+    n = st.tokens
+    if st.prev_grid is None:  # stage 1: x = noise, no upsampled input
+        up = np.zeros((n, 1), np.float32)
+        fresh = np.eye(n, dtype=np.float32)
+        coefficients = (0.0, 1.0)
+    else:
+        up = st.up().astype(np.float32)
+        fresh = st.fresh().astype(np.float32)
+        coefficients = schedule.renoise_coefficients(st.factor, st.tau_prev)
+    start = sum(config.tokens_per_stage[: stage - 1])
+    emitted = 0 if stage == config.num_stages else n
+    arrays: dict[str, np.ndarray] = {
+        "up": up,
+        "fresh": fresh,
+        "renoise": np.asarray(coefficients, np.float32),
+        "positions": np.arange(start, start + n, dtype=np.int64),
+        "level": np.array([stage - 1], np.int64),
+        "kv_tokens": np.arange(emitted, dtype=np.int64),
+    }
+    for array in arrays.values():
+        array.setflags(write=False)
+    return tuple(arrays.items())
+
+
+def stage_inputs(config: ECARConfig, stage: int) -> dict[str, np.ndarray]:
+    """The backbone inputs of a 1-based stage that no request changes (read-only arrays).
+
+    ``up`` [N, P] nearest upsampling and ``fresh`` [N, N] = I - U·D (:mod:`runtime.schedule`),
+    ``renoise`` the two coefficients of :func:`runtime.schedule.renoise`, ``positions`` the
+    stage's rows of the position table, ``level`` its index, ``kv_tokens`` the tokens whose
+    keys/values it emits. Stage 1: ``up`` one zero column, ``fresh`` the identity and
+    coefficients (0, 1), so its start state is its noise.
+    """
+    return dict(_stage_inputs(config, stage))
+
+
+def first_prev(config: ECARConfig, batch: int) -> np.ndarray:
+    """``prev`` of stage 1: one zero token per sample (multiplied by ``up`` = 0)."""
+    return np.zeros((batch, 1, config.latent_channels), np.float32)
+
+
+def new_cache(config: ECARConfig, batch: int) -> np.ndarray:
+    """An empty KV cache for one request (rows are written stage by stage)."""
+    return np.empty(kv_shape_concrete(config, cache_offsets(config)[-1], batch), np.float32)
+
+
+def kv_shape_concrete(config: ECARConfig, tokens: int, batch: int) -> tuple[int, ...]:
+    return (tokens, config.depth, 2, 2 * batch, config.heads, config.head_dim)
+
+
+# ------------------------------------------------------------------ shapes and sample inputs
+def call_dims(config: ECARConfig, call: Call, batch: int) -> dict[str, int]:
+    return stage_dims(config, call.stage, batch)
+
+
+def sample_inputs(
+    spec: GraphSpec, config: ECARConfig, stage: int, batch: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Fresh random inputs of one call at a stage, in the ranges the pipeline produces (never all zeros).
+
+    The backbone's stage inputs are the real ones (:func:`stage_inputs`); flow scalars are
+    drawn from the schedule's ranges.
+    """
+    dims = stage_dims(config, stage, batch)
+    constants = stage_inputs(config, stage) if spec.kind == "backbone" else {}
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete(dims)
+        if tensor.name in constants:
+            feeds[tensor.name] = np.array(constants[tensor.name])
+        elif tensor.name == "labels":
+            feeds[tensor.name] = rng.integers(0, config.num_classes, size=shape, dtype=np.int64)
+        elif tensor.name == "t":
+            feeds[tensor.name] = np.sort(rng.uniform(0.05, 1.0, size=shape))[::-1].astype(np.float32)
+        elif tensor.name == "dt":
+            feeds[tensor.name] = rng.uniform(0.01, 0.2, size=shape).astype(np.float32)
+        elif tensor.name == "cfg":
+            feeds[tensor.name] = rng.uniform(1.0, 4.0, size=shape).astype(np.float32)
+        elif tensor.name == "past_kv":
+            feeds[tensor.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def graph_stages(config: ECARConfig, spec: GraphSpec) -> list[int]:
+    """The stages at which a request calls ``spec`` (the decoder: the last one)."""
+    return sorted({call.stage for call in request_plan(config, spec.kind == "flow_loop") if call.graph == spec.name})
+
+
+def profile_shapes(
+    spec: GraphSpec, config: ECARConfig, stage: int, min_batch: int, opt_batch: int, max_batch: int
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shape of every input in the optimisation profile of one stage.
+
+    Stage dims (N, P, T, E, K) are that stage's exact values; the batch axes span the
+    build's batch range with the opt shape at ``opt_batch``.
+    """
+    low, opt, high = (stage_dims(config, stage, b) for b in (min_batch, opt_batch, max_batch))
     return {t.name: (t.concrete(low), t.concrete(opt), t.concrete(high)) for t in spec.inputs}

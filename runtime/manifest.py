@@ -1,55 +1,77 @@
 """The engine directory's ``manifest.json``: what was built, from what, with which tools.
 
-The runtime validates a manifest completely before loading any graph: format and
-version, schema, the model config, every graph named by the config's contract with
-exactly the contract's inputs and outputs, file names that stay inside the directory,
-each file's sha256, and last the manifest's own ``manifest_sha256`` — a digest of its
-content that :func:`write` adds, so that a manifest edited or damaged after the build
-wrote it (a changed guidance scale, batch profile or precision that still parses) is
-refused instead of silently changing what the engines do.
+This module is the manifest's one owner: builds make their documents with :func:`document`,
+:func:`graph_record`, :func:`with_calibration` and :func:`with_plans` and commit them with
+:func:`write`; everyone else reads a validated :class:`Manifest` from :func:`load`.
+
+The runtime validates a manifest completely before loading any graph: format and version
+(the graph contract it was built for), schema, the model config, every graph of the
+contract with exactly the contract's inputs and outputs, file names that stay inside the
+directory, the sha256 of every file a graph needs (the graph, its external weights, its
+TensorRT plan), and last the manifest's own ``manifest_sha256`` — a digest of its content
+that :func:`write` adds, so that a manifest edited or damaged after the build wrote it (a
+changed guidance scale, batch profile or precision that still parses) is refused instead of
+silently changing what the engines do.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime as _dt
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime import schedule
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ECARError, ManifestError
 from runtime.fileio import sha256_file, write_bytes_atomic
-from runtime.graphs import GraphSpec, graph_specs
+from runtime.graphs import CONTRACT_VERSION, GraphSpec, graph_specs
 
 FORMAT = "ecar-engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONTRACT_VERSION  # the manifest format follows the graph contract
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 DIGEST_FIELD = "manifest_sha256"
-
-
-def content_digest(data: dict[str, Any]) -> str:
-    """sha256 of a manifest's content (canonical JSON of everything but :data:`DIGEST_FIELD`)."""
-    body = {key: value for key, value in data.items() if key != DIGEST_FIELD}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+REBUILD = "rebuild the engines with this toolchain's `ecar-export build`"
 
 
 @dataclass(frozen=True)
 class GraphEntry:
     spec: GraphSpec
-    file: str  # ONNX file, relative to the engine directory
+    file: str  # the ONNX graph, relative to the engine directory
     sha256: str
     precision: str
+    data_files: dict[str, str] = field(default_factory=dict)  # external weight data: file -> sha256
     plan_file: str | None = None  # TensorRT plan, where one was built
     plan_sha256: str | None = None
+    build_key: str | None = None
+    builder: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+    tensorrt_builder: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def files(self) -> list[str]:
+        """Every file this graph needs: the graph, its weights, its plan."""
+        return [self.file, *self.data_files, *([self.plan_file] if self.plan_file else [])]
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """The INT8 calibration set a build kept (``dir``) and how it was captured."""
+
+    dir: str
+    method: str
+    requests: int
+    reused: bool
 
 
 @dataclass(frozen=True)
@@ -65,12 +87,168 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     toolchain: dict[str, Any]
     checkpoint_sha256: str
-    raw: dict[str, Any]
+    opset: int | None = None
+    export_version: int | None = None
+    created: str | None = None
+    calibration: CalibrationRecord | None = None
+    tensorrt: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def path(self, file: str) -> Path:
         return self.root / file
 
+    def document(self) -> dict[str, Any]:
+        """A deep copy of the JSON document, to derive a new manifest from (:func:`with_plans`)."""
+        return copy.deepcopy(self.raw)
 
+    def files(self) -> list[str]:
+        """Every file of the build, graph by graph."""
+        return [name for entry in self.graphs.values() for name in entry.files()]
+
+    def bytes_on_disk(self) -> int:
+        return sum(self.path(name).stat().st_size for name in self.files())
+
+
+# ------------------------------------------------------------------------------ writing
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (canonical JSON of everything but :data:`DIGEST_FIELD`)."""
+    body = {key: value for key, value in data.items() if key != DIGEST_FIELD}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def graph_record(
+    spec: GraphSpec,
+    *,
+    file: str,
+    sha256: str,
+    data_files: Mapping[str, str],
+    precision: str,
+    build_key: str | None = None,
+    builder: Mapping[str, Any] | None = None,
+    reused: bool = False,
+) -> dict[str, Any]:
+    """One graph's entry: its contract, its files and how it was made."""
+    record: dict[str, Any] = {
+        **spec.to_dict(),
+        "file": file,
+        "sha256": sha256,
+        "data_files": dict(data_files),
+        "precision": precision,
+        "reused": reused,
+    }
+    if build_key is not None:
+        record["build_key"] = build_key
+    if builder is not None:
+        record["builder"] = dict(builder)
+    return record
+
+
+def reused_record(spec: GraphSpec, entry: GraphEntry) -> dict[str, Any]:
+    """A previous build's graph, unchanged, as this build's record (its ONNX side only: plans are this build's)."""
+    return graph_record(
+        spec,
+        file=entry.file,
+        sha256=entry.sha256,
+        data_files=entry.data_files,
+        precision=entry.precision,
+        build_key=entry.build_key,
+        builder=entry.builder,
+        reused=True,
+    )
+
+
+def document(
+    config: ECARConfig,
+    *,
+    precision: str,
+    backend: str,
+    fuse_flow_loop: bool,
+    max_batch: int,
+    checkpoint_sha256: str,
+    opset: int,
+    export_version: int,
+    toolchain: Mapping[str, Any],
+    graphs: Mapping[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """A whole manifest document (without TensorRT plans or a calibration set; see :func:`with_plans`)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": config.to_dict(),
+        "schedule": {
+            "scales": list(config.scales),
+            "window_bounds": list(config.window_bounds),
+            "steps": list(config.steps),
+            "start_times": [st.t_start for st in schedule.stages(config)],
+        },
+        "precision": precision,
+        "backend": backend,
+        "fuse_flow_loop": fuse_flow_loop,
+        "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
+        "checkpoint_sha256": checkpoint_sha256,
+        "opset": opset,
+        "export_version": export_version,
+        "toolchain": dict(toolchain),
+        "graphs": {name: copy.deepcopy(record) for name, record in graphs.items()},
+    }
+
+
+def with_calibration(data: dict[str, Any], method: str, requests: int, reused: bool) -> dict[str, Any]:
+    """``data`` naming the INT8 calibration set kept in ``calibration/``."""
+    return {**data, "calibration": {"dir": "calibration", "method": method, "requests": requests, "reused": reused}}
+
+
+def with_plans(
+    data: Mapping[str, Any], plans: Mapping[str, Mapping[str, Any]], block: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A copy of a manifest document that names TensorRT plans: one per graph, and the ``tensorrt`` block.
+
+    ``plans[graph]`` holds ``plan_file``, ``plan_sha256`` and ``tensorrt_builder``.
+    """
+    result = copy.deepcopy(dict(data))
+    graphs = result.get("graphs")
+    if not isinstance(graphs, dict) or set(graphs) != set(plans):
+        raise ManifestError("the plans do not cover exactly the manifest's graphs; rebuild them all")
+    for name, fields in plans.items():
+        graphs[name].update(copy.deepcopy(dict(fields)))
+    result["backend"] = "tensorrt"
+    result["tensorrt"] = dict(block)
+    toolchain = result.setdefault("toolchain", {})
+    if isinstance(toolchain, dict):
+        toolchain["tensorrt"] = block.get("version")
+    return result
+
+
+def named_files(data: Mapping[str, Any]) -> set[str]:
+    """Every top-level entry of an engine directory that a manifest (its JSON data) names."""
+    names = {MANIFEST_NAME}
+    graphs = data.get("graphs")
+    for record in graphs.values() if isinstance(graphs, dict) else ():
+        if not isinstance(record, dict):
+            continue
+        for key in ("file", "plan_file"):
+            if isinstance(record.get(key), str):
+                names.add(record[key])
+        if isinstance(record.get("data_files"), dict):
+            names.update(name for name in record["data_files"] if isinstance(name, str))
+    calibration = data.get("calibration")
+    if isinstance(calibration, dict) and isinstance(calibration.get("dir"), str):
+        names.add(calibration["dir"])
+    return names
+
+
+def write(engine_dir: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (the commit point of a build), with its content digest."""
+    path = Path(engine_dir) / MANIFEST_NAME
+    body = {key: value for key, value in data.items() if key != DIGEST_FIELD}
+    body[DIGEST_FIELD] = content_digest(body)
+    write_bytes_atomic(path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+# ------------------------------------------------------------------------------ reading
 def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in data:
         raise ManifestError(f"{where}: missing field '{key}'")
@@ -124,9 +302,10 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
         raise ManifestError(f"{where}: not an ECAR engine manifest (format {data.get('format')!r})")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
+        older = isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION
+        why = " (built for an older graph contract, which this runtime no longer loads)" if older else ""
         raise ManifestError(
-            f"{where}: manifest format version {version!r}, this runtime reads {FORMAT_VERSION}; "
-            "rebuild the engines with this toolchain's `ecar-export build`"
+            f"{where}: manifest format version {version!r}, this runtime reads {FORMAT_VERSION}{why}; {REBUILD}"
         )
     try:
         config = ECARConfig.from_dict(_require(data, "model", dict, where))
@@ -150,14 +329,19 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
     if set(raw_graphs) != set(specs):
         missing, extra = sorted(set(specs) - set(raw_graphs)), sorted(set(raw_graphs) - set(specs))
         raise ManifestError(f"{where}: graphs do not match the model (missing {missing}, unexpected {extra}); rebuild")
-    entries = {}
-    for name, spec in specs.items():
-        entries[name] = _graph_entry(root, where, name, spec, raw_graphs[name], verify_files)
+    entries = {
+        name: _graph_entry(root, where, name, spec, raw_graphs[name], verify_files) for name, spec in specs.items()
+    }
+    calibration = _calibration(data.get("calibration"), where)
+    tensorrt = data.get("tensorrt")
+    if tensorrt is not None and not isinstance(tensorrt, dict):
+        raise ManifestError(f"{where}: field 'tensorrt' has the wrong type ({type(tensorrt).__name__})")
     if data.get(DIGEST_FIELD) != content_digest(data):
         raise ManifestError(
             f"{where}: the manifest was edited or damaged after the build wrote it (its {DIGEST_FIELD} does not "
             "match its content); rebuild the engines"
         )
+    opset, export_version, created = data.get("opset"), data.get("export_version"), data.get("created")
     return Manifest(
         root=root,
         config=config,
@@ -170,8 +354,41 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
         graphs=entries,
         toolchain=toolchain,
         checkpoint_sha256=checkpoint,
+        opset=opset if isinstance(opset, int) else None,
+        export_version=export_version if isinstance(export_version, int) else None,
+        created=created if isinstance(created, str) else None,
+        calibration=calibration,
+        tensorrt=tensorrt,
         raw=data,
     )
+
+
+def _calibration(raw: Any, where: str) -> CalibrationRecord | None:
+    if raw is None:
+        return None
+    here = f"{where} calibration"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{here}: must be a JSON object")
+    return CalibrationRecord(
+        dir=_require(raw, "dir", str, here),
+        method=_require(raw, "method", str, here),
+        requests=_require(raw, "requests", int, here),
+        reused=_require(raw, "reused", bool, here),
+    )
+
+
+def _verify(root: Path, here: str, name: str, expected: str) -> None:
+    target = root / name
+    if not target.is_file():
+        raise ManifestError(f"{here}: file '{target}' is missing; rebuild the engines")
+    try:
+        actual = sha256_file(target)
+    except OSError as exc:
+        raise ManifestError(f"{here}: cannot read '{target}': {exc}") from None
+    if actual != expected:
+        raise ManifestError(
+            f"{here}: '{target}' does not match its sha256 in the manifest (corrupt or replaced); rebuild the engines"
+        )
 
 
 def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, verify: bool) -> GraphEntry:
@@ -179,54 +396,45 @@ def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, v
     if not isinstance(raw, dict):
         raise ManifestError(f"{here}: must be a JSON object")
     contract = spec.to_dict()
-    for key in ("kind", "stage", "inputs", "outputs"):
+    for key in ("kind", "inputs", "outputs"):
         if raw.get(key) != contract[key]:
             raise ManifestError(f"{here}: '{key}' does not match the graph contract of this runtime; rebuild")
     file = _safe_file(root, raw.get("file"), here)
     digest = _require(raw, "sha256", str, here)
     precision = _require(raw, "precision", str, here)
-    plan = raw.get("plan_file")
-    plan_digest = raw.get("plan_sha256")
+    if precision not in PRECISIONS:
+        raise ManifestError(f"{here}: unknown precision '{precision}'")
+    data_files = _require(raw, "data_files", dict, here)
+    weights: dict[str, str] = {}
+    for data_name, data_digest in data_files.items():
+        _safe_file(root, data_name, here)
+        if not isinstance(data_digest, str):
+            raise ManifestError(f"{here}: the sha256 of '{data_name}' must be a string")
+        weights[data_name] = data_digest
+    plan, plan_digest = raw.get("plan_file"), raw.get("plan_sha256")
     if plan is not None:
         plan = _safe_file(root, plan, here)
         if not isinstance(plan_digest, str):
             raise ManifestError(f"{here}: 'plan_file' without 'plan_sha256'")
+    builder, build_key, trt = raw.get("builder", {}), raw.get("build_key"), raw.get("tensorrt_builder")
+    if not isinstance(builder, dict) or (build_key is not None and not isinstance(build_key, str)):
+        raise ManifestError(f"{here}: 'builder' / 'build_key' have the wrong type")
+    if trt is not None and not isinstance(trt, dict):
+        raise ManifestError(f"{here}: 'tensorrt_builder' has the wrong type")
     if verify:
-        for item, expected in ((file, digest), (plan, plan_digest)):
-            if item is None:
-                continue
-            target = root / item
-            if not target.is_file():
-                raise ManifestError(f"{here}: file '{target}' is missing; rebuild the engines")
-            try:
-                actual = sha256_file(target)
-            except OSError as exc:
-                raise ManifestError(f"{here}: cannot read '{target}': {exc}") from None
-            if actual != expected:
-                raise ManifestError(
-                    f"{here}: '{target}' does not match its sha256 in the manifest (corrupt or replaced); "
-                    "rebuild the engines"
-                )
-    return GraphEntry(spec, file, digest, precision, plan, plan_digest)
-
-
-def named_files(data: dict[str, Any]) -> set[str]:
-    """Every top-level entry of an engine directory that a manifest (its JSON data) names."""
-    names = {MANIFEST_NAME}
-    graphs = data.get("graphs")
-    for record in graphs.values() if isinstance(graphs, dict) else ():
-        for key in ("file", "plan_file"):
-            if isinstance(record, dict) and isinstance(record.get(key), str):
-                names.add(record[key])
-    calibration = data.get("calibration")
-    if isinstance(calibration, dict) and isinstance(calibration.get("dir"), str):
-        names.add(calibration["dir"])
-    return names
-
-
-def write(engine_dir: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (the commit point of a build), with its content digest."""
-    path = Path(engine_dir) / MANIFEST_NAME
-    document = {**data, DIGEST_FIELD: content_digest(data)}
-    write_bytes_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
-    return path
+        for item, expected in ((file, digest), *weights.items(), *([(plan, plan_digest)] if plan else [])):
+            assert isinstance(expected, str)
+            _verify(root, here, item, expected)
+    return GraphEntry(
+        spec=spec,
+        file=file,
+        sha256=digest,
+        precision=precision,
+        data_files=weights,
+        plan_file=plan,
+        plan_sha256=plan_digest,
+        build_key=build_key,
+        builder=builder,
+        reused=bool(raw.get("reused", False)),
+        tensorrt_builder=trt,
+    )

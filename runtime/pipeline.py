@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime import graphs, schedule
 from runtime import manifest as manifest_io
-from runtime import schedule
 from runtime.backends import Backend
 from runtime.errors import BackendUnavailableError, ECARWarning, InvalidRequestError
-from runtime.graphs import stage_times
 from runtime.images import to_uint8
 from runtime.manifest import Manifest
 
@@ -241,37 +240,43 @@ class Pipeline:
             timings.total = time.perf_counter() - begin
             return GenerateResult(images, out.latents, timings)
         rows, channels, width = len(labels), config.latent_channels, config.width
-        prev: np.ndarray | None = None
-        past: np.ndarray | None = None
-        for index, tokens in enumerate(config.tokens_per_stage):
-            stage_begin = time.perf_counter()
-            stage = index + 1
-            feeds = {"labels": labels, "noise": noise[index]}
-            if prev is not None and past is not None:
-                feeds["prev"], feeds["past_kv"] = prev, past
-            z, x, past = self._call(timings, f"backbone_{stage}", feeds)
-            flat_x, flat_z = x.reshape(rows * tokens, channels), z.reshape(2 * rows * tokens, width)
-            cfg_in = np.array([weights[index]], dtype=np.float32)
-            if self.manifest.fuse_flow_loop:
-                (flat_x,) = self._call(timings, f"flow_loop_{stage}", {"x": flat_x, "z": flat_z, "cfg": cfg_in})
-            else:
-                for t, dt in stage_times(config, stage):
-                    feeds = {
-                        "x": flat_x,
-                        "z": flat_z,
-                        "t": np.array([t], np.float32),
-                        "dt": np.array([dt], np.float32),
-                        "cfg": cfg_in,
-                    }
-                    (flat_x,) = self._call(timings, "flow_step", feeds)
-            prev = flat_x.reshape(rows, tokens, channels)
-            timings.stages.append(time.perf_counter() - stage_begin)
-            if on_stage:
-                on_stage(stage, config.num_stages)
-        assert prev is not None
-        decode_begin = time.perf_counter()
-        (image,) = self._call(timings, "decoder", {"x": prev})
+        offsets = graphs.cache_offsets(config)
+        cache = graphs.new_cache(config, rows)
+        prev = graphs.first_prev(config, rows)
+        flat_x: np.ndarray = np.empty(0, np.float32)
+        flat_z: np.ndarray = flat_x
+        cfg_in: np.ndarray = flat_x
+        stage_begin = begin
+        image = None
+        for call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
+            index = call.stage - 1
+            if call.graph == "backbone":
+                stage_begin = time.perf_counter()
+                feeds = {
+                    "labels": labels,
+                    "prev": prev,
+                    "noise": noise[index],
+                    "past_kv": cache[: offsets[index]],
+                    **graphs.stage_inputs(config, call.stage),
+                }
+                z, x, kv = self._call(timings, call.graph, feeds)
+                cache[offsets[index] : offsets[index] + len(kv)] = kv
+                flat_x, flat_z = x.reshape(rows * x.shape[1], channels), z.reshape(-1, width)
+                cfg_in = np.array([weights[index]], dtype=np.float32)
+                continue
+            if call.graph == "decoder":
+                decode_begin = time.perf_counter()
+                (image,) = self._call(timings, "decoder", {"x": prev})
+                timings.decoder = time.perf_counter() - decode_begin
+                continue
+            times = {"t": np.array(call.t, np.float32), "dt": np.array(call.dt, np.float32)}
+            (flat_x,) = self._call(timings, call.graph, {"x": flat_x, "z": flat_z, **times, "cfg": cfg_in})
+            if call.graph == "flow_loop" or call.step == config.steps[index] - 1:  # the stage is done
+                prev = flat_x.reshape(rows, config.tokens_per_stage[index], channels)
+                timings.stages.append(time.perf_counter() - stage_begin)
+                if on_stage:
+                    on_stage(call.stage, config.num_stages)
+        assert image is not None
         images = to_uint8(image)
-        timings.decoder = time.perf_counter() - decode_begin
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, prev, timings)

@@ -87,10 +87,21 @@ def end_state(clean: A, eps: A, tau: float) -> A:
     return clean * (1.0 - tau) + eps * tau
 
 
+def renoise_coefficients(factor: int, tau_prev: float) -> tuple[float, float]:
+    """(a, b) of the renoising P_s = a·U(Q_{s-1}) + b·(I - U·D)·η_s: 1/denom and f·τ_{s-1}/denom."""
+    denom = 1.0 - tau_prev + factor * tau_prev
+    return 1.0 / denom, factor * tau_prev / denom
+
+
+def renoise_with(prev_end: A, eta: A, up: Any, fresh: Any, a: A | float, b: A | float) -> A:
+    """P_s = a·(U @ Q_{s-1}) + b·(fresh @ η_s), the coefficients given (the exported graphs take them as inputs)."""
+    return (up @ prev_end) * a + (fresh @ eta) * b
+
+
 def renoise(prev_end: A, eta: A, up: Any, fresh: Any, factor: int, tau_prev: float) -> A:
     """Inference start P_s from the previous stage's end state Q_{s-1} and fresh η_s."""
-    denom = 1.0 - tau_prev + factor * tau_prev
-    return (up @ prev_end) * (1.0 / denom) + (fresh @ eta) * (factor * tau_prev / denom)
+    a, b = renoise_coefficients(factor, tau_prev)
+    return renoise_with(prev_end, eta, up, fresh, a, b)
 
 
 def interpolate(start: A, end: A, lam: A | float) -> A:

@@ -104,6 +104,9 @@ class FakeCuda:
     def copy_device(self, destination: int, source: int, nbytes: int, stream: int) -> None:
         self._do(lambda: ctypes.memmove(destination, source, nbytes))
 
+    def memset(self, pointer: int, value: int, nbytes: int, stream: int) -> None:
+        self._do(lambda: ctypes.memset(pointer, value, nbytes))
+
     def stream_create(self) -> int:
         self.streams += 1
         return 1000 + self.streams
@@ -197,14 +200,28 @@ class FakeContext:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.memory: tuple[int, int] | None = None
+        self.profile = 0
+        self.shape_calls = 0
 
     def set_device_memory(self, memory: int, size: int) -> None:
         assert memory % 256 == 0 and size >= self.engine.device_memory_size_v2
         self.memory = (memory, size)
 
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        if not 0 <= index < self.engine.num_optimization_profiles or self.shape_calls:
+            return False  # TensorRT: an index out of range, or a context already in use on another profile
+        self.profile = index
+        return True
+
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        """As TensorRT: refused outside the active profile's [min, max] (empty tensors allowed where it does)."""
+        self.shape_calls += 1
         self.shapes[name] = tuple(shape)
-        return all(d > 0 for d in shape)
+        profiles = self.engine.profiles
+        if not profiles or name not in profiles[self.profile]:
+            return all(d >= 0 for d in shape)
+        low, _, high = profiles[self.profile][name]
+        return len(shape) == len(low) and all(lo <= d <= hi for lo, d, hi in zip(low, shape, high))
 
     def set_tensor_address(self, name: str, pointer: int) -> bool:
         self.addresses[name] = pointer
@@ -254,8 +271,19 @@ class FakeEngine:
         self.io = io
         self.executions = 0
         self.contexts: list[FakeContext] = []
-        # activation memory "needed": differs per graph, so the shared buffer must take the largest
-        self.device_memory_size_v2 = 4096 * (1 + len(self.inputs) + len(self.outputs) + len(self.path) % 7)
+        # per optimisation profile: input -> (min, opt, max), as the builder was given them
+        self.profiles = [
+            {name: tuple(tuple(d) for d in shapes) for name, shapes in profile.items()}
+            for profile in plan.get("profiles", [])
+        ]
+        self.num_optimization_profiles = max(1, len(self.profiles))
+        # activation memory "needed": differs per graph and profile, so the shared buffer must take the largest
+        base = 4096 * (1 + len(self.inputs) + len(self.outputs) + len(self.path) % 7)
+        self.memory_per_profile = [base + 512 * index for index in range(self.num_optimization_profiles)]
+        self.device_memory_size_v2 = max(self.memory_per_profile)
+
+    def get_device_memory_size_for_profile_v2(self, index: int) -> int:
+        return self.memory_per_profile[index]
 
     @property
     def num_io_tensors(self) -> int:
@@ -439,7 +467,7 @@ def make_fake_trt(
             plan = {
                 "onnx": network.path,
                 "inputs": [i.name for i in network.inputs],
-                "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in config.profiles],
+                "profiles": [{k: [list(d) for d in v] for k, v in p.items()} for p in config.profiles],
             }
             return json.dumps(plan, sort_keys=True).encode()
 

@@ -26,15 +26,14 @@ from runtime.pipeline import Pipeline
 
 TESTS = Path(__file__).resolve().parent
 ECAR_EXPORT = Path(sys.executable).parent / "ecar-export"
-GRAPHS = ("backbone_1", "backbone_2", "backbone_3", "flow_step", "decoder")  # the tiny config's
-# (moment, extra build options): every graph export, graph files moved in, the INT8 capture, a
-# TensorRT plan written (fake TensorRT), everything staged, and the manifest committed.
+GRAPHS = ("backbone", "flow_step", "decoder")
+# (moment, extra build options): every graph traced, every graph (and its weights) moved in, the
+# INT8 capture, a TensorRT plan written (fake TensorRT), everything staged, the manifest committed.
 MOMENTS = [
     *[(f"export:{name}", ()) for name in GRAPHS],
-    ("placed:backbone_1", ()),
-    ("placed:decoder", ()),
+    *[(f"placed:{name}", ()) for name in GRAPHS],
     ("calibration:2", ("--precision", "int8")),
-    ("plan:backbone_2", ("--backend", "tensorrt")),
+    ("plan:backbone", ("--backend", "tensorrt")),
     ("plan:decoder", ("--backend", "tensorrt")),
     ("staged", ()),
     ("committed", ()),
@@ -133,10 +132,10 @@ def test_the_sweep_keeps_what_the_toolchain_did_not_write(checkpoints: dict[str,
     engines = tmp_path / "engines"
     engines.mkdir()
     (engines / "README.md").write_text("my notes")
-    (engines / "backbone_1-final.onnx").write_bytes(b"a user's file, not content-addressed")
+    (engines / "backbone-final.onnx").write_bytes(b"a user's file, not content-addressed")
     build_engines(checkpoints["a"], engines, max_batch=4)
     build_engines(checkpoints["b"], engines, max_batch=4)
-    assert unnamed_files(engines) == ["README.md", "backbone_1-final.onnx"]
+    assert unnamed_files(engines) == ["README.md", "backbone-final.onnx"]
 
 
 def test_unchanged_graphs_are_reused_and_force_rebuilds(

@@ -29,13 +29,13 @@ from calibration import (
     layout,
     load_calibration,
 )
-from calibration.dataset import MANIFEST_NAME
+from calibration.dataset import MANIFEST_NAME, group_stage
 from calibration.readers import GraphReader, held_out_feeds
+from runtime import graphs, schedule
 from runtime import manifest as manifest_io
-from runtime import schedule
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.errors import ECARError, InvalidRequestError
-from runtime.graphs import graph_specs, stage_times
+from runtime.graphs import graph_specs, request_plan, stage_times
 from runtime.pipeline import Pipeline
 
 TINY = "tiny-1-2-4"
@@ -103,22 +103,29 @@ def test_plan_rejects_bad_fields(changes: dict[str, object]) -> None:
 def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.random.Generator, fused: bool) -> None:
     config = build_cache.model(TINY).config
     for spec in graph_specs(config, fuse_flow_loop=fused):
-        feeds = spec.sample_inputs(config, 3, rng)
-        rows = layout.to_rows(spec, feeds)
-        assert layout.row_count(rows) == spec.dims(3)["M" if spec.kind.startswith("flow") else "B"]
-        back = layout.from_rows(spec, rows)
-        assert back.keys() == feeds.keys()
-        for name in feeds:
-            np.testing.assert_array_equal(back[name], feeds[name], err_msg=f"{spec.name}.{name}")
-        # a row selection is a valid call of the same graph
-        picked = layout.from_rows(spec, layout.select(rows, np.array([2, 0])))
-        for tensor in spec.inputs:
-            found = layout.row_axis(tensor)
-            if found is None:
-                assert picked[tensor.name].shape == (1,)
-            else:
-                axis, paired = found
-                assert picked[tensor.name].shape[axis] == (4 if paired else 2)
+        for stage in graphs.graph_stages(config, spec):
+            feeds = graphs.sample_inputs(spec, config, stage, 3, rng)
+            dims = graphs.stage_dims(config, stage, 3)
+            constants = {t.name: feeds[t.name] for t in spec.inputs if layout.is_stage_input(spec, t)}
+            rows = layout.to_rows(spec, feeds)
+            assert set(rows) == {t.name for t in layout.stored_inputs(spec)}, "stage inputs are not stored"
+            assert layout.row_count(rows) == dims["M" if spec.kind.startswith("flow") else "B"]
+            back = layout.from_rows(spec, rows, constants)
+            assert back.keys() == feeds.keys()
+            for name in feeds:
+                np.testing.assert_array_equal(back[name], feeds[name], err_msg=f"{spec.name}@{stage}.{name}")
+            # a row selection is a valid call of the same graph
+            picked = layout.from_rows(spec, layout.select(rows, np.array([2, 0])), constants)
+            for tensor in layout.stored_inputs(spec):
+                found = layout.row_axis(tensor)
+                if found is None:
+                    assert picked[tensor.name].shape == (1,)
+                else:
+                    axis, paired = found
+                    assert picked[tensor.name].shape[axis] == (4 if paired else 2)
+            if constants:  # stage inputs are not stored: feeds without them are refused
+                with pytest.raises(ValueError, match="stage input"):
+                    layout.from_rows(spec, rows, {})
 
 
 def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: BuildCache) -> None:
@@ -127,7 +134,7 @@ def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: Buil
     rng = np.random.default_rng(0)
     parts = []
     for index, rows_in_group in enumerate((5, 12, 9)):
-        feeds = spec.sample_inputs(config, 1, rng)
+        feeds = graphs.sample_inputs(spec, config, 1, 1, rng)
         feeds["x"] = rng.standard_normal((rows_in_group, config.latent_channels)).astype(np.float32)
         feeds["z"] = rng.standard_normal((2 * rows_in_group, config.width)).astype(np.float32)
         feeds["t"] = np.array([0.9 - 0.1 * index], np.float32)
@@ -148,20 +155,28 @@ def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: Buil
 def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, result = captured
     config = pipeline.config
-    for spec in graph_specs(config, fuse_flow_loop=True):
-        for split in SPLITS:
-            rows = result.rows(spec.name, split)
-            assert layout.row_count(rows) > 0, f"{spec.name} {split}"
-            assert set(rows) == set(spec.input_names())
-            for tensor in spec.inputs:
-                assert rows[tensor.name].dtype == np.dtype(tensor.dtype)
-                assert rows[tensor.name].shape[1:] == layout.row_shape(tensor)
-                if tensor.dtype == "float32":
-                    assert np.all(np.isfinite(rows[tensor.name])) and np.any(rows[tensor.name] != 0)
+    assert result.groups("backbone") == [f"stage{s}" for s in range(1, config.num_stages + 1)]
+    for spec in graph_specs(config, fuse_flow_loop=True) + [graphs.flow_step_spec(config)]:
+        for group in result.groups(spec.name):
+            dims = graphs.stage_dims(config, group_stage(config, group), 1)
+            for split in SPLITS:
+                rows = result.rows(spec.name, split, group)
+                assert layout.row_count(rows) > 0, f"{spec.name} {group} {split}"
+                assert set(rows) == {t.name for t in layout.stored_inputs(spec)}
+                for tensor in layout.stored_inputs(spec):
+                    assert rows[tensor.name].dtype == np.dtype(tensor.dtype)
+                    assert rows[tensor.name].shape[1:] == layout.row_shape(tensor, dims)
+                    value = rows[tensor.name]
+                    if tensor.dtype == "float32" and value.size:  # stage 1's past is empty, its prev zero
+                        assert np.all(np.isfinite(value))
+                        assert tensor.name == "prev" and group == "stage1" or np.any(value != 0), tensor.name
     entry = json.loads((result.root / MANIFEST_NAME).read_text())
     assert entry["checkpoint_sha256"] == pipeline.manifest.checkpoint_sha256
     for name, graph in entry["graphs"].items():
-        assert graph["rows"] == {split: result.count(name, split) for split in SPLITS}
+        assert graph["rows"] == {
+            group: {split: layout.row_count(result.rows(name, split, group)) for split in SPLITS}
+            for group in result.groups(name)
+        }
         assert graph["inputs"] == [t.to_dict() for t in result.spec(name).inputs]
 
 
@@ -180,21 +195,24 @@ def test_flow_step_rows_cover_every_stage_and_step_at_their_times(captured: tupl
             assert np.all(rows["cfg"][mask] == np.float32(weights[stage - 1]))
             # no more rows than the plan allows per (stage, step)
             assert mask.sum() <= max(result.plan.max_rows, len(result.plan.indices(split)))
-    # a fused build's flow_loop_s reads the first step of stage s
+    # a fused build's flow_loop reads the first step of each stage, at the stage's times
     for stage in range(1, config.num_stages + 1):
-        loop = result.meta(f"flow_loop_{stage}")
+        loop = result.meta("flow_loop", group=f"stage{stage}")
         assert np.all(loop["stage"] == stage) and np.all(loop["step"] == 0)
+        feeds = next(iter(result.feeds("flow_loop", group=f"stage{stage}")))
+        np.testing.assert_array_equal(feeds["t"], [t for t, _ in stage_times(config, stage)])
 
 
 def test_held_out_requests_are_disjoint_from_calibration(captured: tuple[Pipeline, CalibrationSet]) -> None:
     _, result = captured
     plan = result.plan
     for name in result.graph_names():
-        used = {split: set(result.meta(name, split)["request"].tolist()) for split in SPLITS}
-        assert used["held_out"] <= set(plan.indices("held_out")), name
-        assert used["calibration"] <= set(plan.indices("calibration")), name
-        assert used["held_out"] and used["calibration"]
-    labels = result.rows("backbone_1")["labels"]
+        for group in result.groups(name):
+            used = {split: set(result.meta(name, split, group)["request"].tolist()) for split in SPLITS}
+            assert used["held_out"] <= set(plan.indices("held_out")), name
+            assert used["calibration"] <= set(plan.indices("calibration")), name
+            assert used["held_out"] and used["calibration"]
+    labels = result.rows("backbone", group="stage1")["labels"]
     assert set(labels.tolist()) == set(range(plan.num_classes))
 
 
@@ -203,19 +221,22 @@ def test_stored_rows_are_the_pipeline_inputs(captured: tuple[Pipeline, Calibrati
     pipeline, result = captured
     config, plan = pipeline.config, result.plan
     for stage in range(1, config.num_stages + 1):
-        name = f"backbone_{stage}"
+        group = f"stage{stage}"
         for split in SPLITS:
-            rows, meta = result.rows(name, split), result.meta(name, split)
+            rows, meta = result.rows("backbone", split, group), result.meta("backbone", split, group)
+            assert np.all(meta["stage"] == stage)
             keys = [(plan.seed_of(int(r)), int(j)) for r, j in zip(meta["request"], meta["sample"])]
             noise = schedule.draw_noise(config, keys)[stage - 1]
             np.testing.assert_array_equal(rows["noise"], noise)
             expected_labels = [plan.labels(int(r))[int(j)] for r, j in zip(meta["request"], meta["sample"])]
             np.testing.assert_array_equal(rows["labels"], expected_labels)
+            assert rows["past_kv"].shape[2] == graphs.cache_offsets(config)[stage - 1]
     # a stage's first flow_step rows are its backbone's outputs, at the (sample, token) their meta names
     for stage in range(1, config.num_stages + 1):
-        backbone = f"backbone_{stage}"
-        rows, meta = result.rows(backbone, "held_out"), result.meta(backbone, "held_out")
-        z, x, _ = pipeline.backend.run(backbone, layout.from_rows(result.spec(backbone), rows))
+        group = f"stage{stage}"
+        rows, meta = result.rows("backbone", "held_out", group), result.meta("backbone", "held_out", group)
+        feeds = layout.from_rows(result.spec("backbone"), rows, result.constants("backbone", group))
+        z, x, _ = pipeline.backend.run("backbone", feeds)
         where = {(int(r), int(j)): i for i, (r, j) in enumerate(zip(meta["request"], meta["sample"]))}
         flow, flow_meta = result.rows("flow_step", "held_out"), result.meta("flow_step", "held_out")
         checked = 0
@@ -238,13 +259,14 @@ def test_stored_rows_are_the_pipeline_inputs(captured: tuple[Pipeline, Calibrati
 
 
 def test_stored_feeds_reproduce_the_recorded_outputs(captured: tuple[Pipeline, CalibrationSet]) -> None:
-    """Rebatched rows are valid calls: a backbone on rebatched rows gives each sample's own result."""
+    """Rebatched rows are valid calls: the backbone on rebatched rows gives each sample's own result."""
     pipeline, result = captured
-    rows = result.rows("backbone_3", "held_out")
-    batch = list(result.feeds("backbone_3", "held_out", batch_rows=3))
+    group = "stage3"
+    rows = result.rows("backbone", "held_out", group)
+    batch = list(result.feeds("backbone", "held_out", batch_rows=3, group=group))
     assert sum(len(b["labels"]) for b in batch) == layout.row_count(rows)
-    whole = pipeline.backend.run("backbone_3", next(iter(result.feeds("backbone_3", "held_out", batch_rows=1000))))
-    parts = [pipeline.backend.run("backbone_3", feeds) for feeds in batch]
+    whole = pipeline.backend.run("backbone", next(iter(result.feeds("backbone", "held_out", 1000, group=group))))
+    parts = [pipeline.backend.run("backbone", feeds) for feeds in batch]
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole[1], atol=1e-5)  # x
     count = len(rows["labels"])
     z_whole = whole[0]
@@ -260,9 +282,10 @@ def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
     loaded = load_calibration(result.root)
     assert loaded.plan == result.plan and loaded.config == result.config
     for name in loaded.graph_names():
-        for split in SPLITS:
-            for key, value in loaded.rows(name, split).items():
-                np.testing.assert_array_equal(value, result.rows(name, split)[key])
+        for group in loaded.groups(name):
+            for split in SPLITS:
+                for key, value in loaded.rows(name, split, group).items():
+                    np.testing.assert_array_equal(value, result.rows(name, split, group)[key])
     loaded.check_compatible(pipeline.config, pipeline.manifest.checkpoint_sha256)
     with pytest.raises(CalibrationError, match="checkpoint"):
         loaded.check_compatible(pipeline.config, "0" * 64)
@@ -274,16 +297,19 @@ def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
 
 def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, CalibrationSet]) -> None:
     _, result = captured
-    for name in ("flow_step", "backbone_2", "decoder"):
+    for name in ("flow_step", "backbone", "decoder"):
         reader = GraphReader(result, name, batch_rows=4)
         feeds = list(reader)
         assert len(feeds) == len(reader) > 0
-        assert len({tuple(f[k].shape for k in sorted(f)) for f in feeds}) == 1, "one shape for every batch"
+        parts = reader.parts()
+        assert len(parts) == len(result.groups(name))
+        for part in parts:  # one shape for every batch of a group
+            assert len({tuple(f[k].shape for k in sorted(f)) for f in part}) == 1
         first_input = result.spec(name).inputs[0].name
         fed = np.concatenate([f[first_input] for f in feeds])
-        calibration_rows = result.rows(name)[first_input]
-        held = result.rows(name, "held_out")[first_input]
-        if name != "backbone_2":  # labels repeat; float rows identify their source
+        calibration_rows = np.concatenate([result.rows(name, group=g)[first_input] for g in result.groups(name)])
+        held = np.concatenate([result.rows(name, "held_out", g)[first_input] for g in result.groups(name)])
+        if name != "backbone":  # labels repeat; float rows identify their source
             assert {r.tobytes() for r in fed} == {r.tobytes() for r in calibration_rows}
             assert not {r.tobytes() for r in fed} & {r.tobytes() for r in held}
         assert reader.get_next() is None
@@ -291,15 +317,18 @@ def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, Calibratio
         assert reader.get_next() is not None
         reader.set_range(1, 2)
         assert reader.get_next() is not None and reader.get_next() is None
-        assert len(list(GraphReader(result, name, max_batches=2))) <= 2
+        assert len(list(GraphReader(result, name, max_batches=2))) <= 2 * len(result.groups(name))
         validation = held_out_feeds(result, name)
         assert sum(len(f[first_input]) for f in validation) == result.count(name, "held_out")
 
 
-def test_recording_backend_is_thread_safe_and_tracks_positions(captured: tuple[Pipeline, CalibrationSet]) -> None:
+def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
+    captured: tuple[Pipeline, CalibrationSet],
+) -> None:
     pipeline, _ = captured
     config = pipeline.config
-    recorder = RecordingBackend(pipeline.backend)
+    plan = request_plan(config)
+    recorder = RecordingBackend(pipeline.backend, plan)
     recording = Pipeline(pipeline.manifest, recorder)
     requests = [([1, 2], 5), ([3], 6), ([4, 0, 9], 7), ([8], 8)]
     reference = [pipeline.generate(labels, seed=seed).latents for labels, seed in requests]
@@ -318,15 +347,21 @@ def test_recording_backend_is_thread_safe_and_tracks_positions(captured: tuple[P
         np.testing.assert_array_equal(results[index], latents)
     calls = recorder.take()
     assert recorder.calls() == []
-    per_request = len(graph_specs(config)) - 1 + sum(config.steps)
-    assert len(calls) == len(requests) * per_request
+    assert len(calls) == len(requests) * len(plan) == len(requests) * (config.num_stages + sum(config.steps) + 1)
     assert len({c.thread for c in calls}) >= 1 and len({c.sequence for c in calls}) == len(calls)
     for call in calls:
+        assert call.stage is not None
         if call.graph == "flow_step":
-            assert call.stage is not None and call.step is not None
+            assert call.step is not None
             assert float(call.feeds["t"][0]) == stage_times(config, call.stage)[call.step][0]
+        elif call.graph == "backbone":
+            assert int(call.feeds["level"][0]) == call.stage - 1 and call.step is None
         else:
-            assert call.stage is None and call.step is None
+            assert call.stage == config.num_stages
+    # a call the plan does not expect is refused: the recorder would mislabel every later row
+    confused = RecordingBackend(pipeline.backend, plan)
+    with pytest.raises(CalibrationError, match="request plan expects 'backbone'"):
+        confused.run("decoder", {"x": np.zeros((1, config.tokens_per_stage[-1], config.latent_channels), np.float32)})
     assert recorder.describe()["recording"] is True and recorder.name == pipeline.backend.name
 
 
@@ -406,7 +441,7 @@ def test_missing_or_corrupt_files_raise_calibration_errors(
         load_calibration(target)
 
     target = damaged("npz-flipped")
-    path = target / result.graphs["backbone_2"].file
+    path = target / result.graphs["backbone"].file
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(blob))
@@ -431,7 +466,7 @@ def test_missing_or_corrupt_files_raise_calibration_errors(
 
     for label, edit in {
         "not-json": lambda text: text[: len(text) // 2],
-        "version": lambda text: text.replace('"format_version": 1', '"format_version": 99'),
+        "version": lambda text: text.replace('"format_version": 2', '"format_version": 99'),
         "format": lambda text: text.replace('"ecar-calibration"', '"something-else"'),
         "graph-dropped": lambda text: json.dumps(
             {**json.loads(text), "graphs": {k: v for k, v in json.loads(text)["graphs"].items() if k != "decoder"}}
@@ -442,7 +477,7 @@ def test_missing_or_corrupt_files_raise_calibration_errors(
             {
                 **json.loads(text),
                 "graphs": {
-                    k: {**v, "rows": {"calibration": v["rows"]["calibration"], "held_out": 0}}
+                    k: {**v, "rows": {g: {**r, "held_out": 0} for g, r in v["rows"].items()}}
                     for k, v in json.loads(text)["graphs"].items()
                 },
             }
@@ -460,7 +495,7 @@ def test_stored_rows_do_not_match_manifest_shapes(captured: tuple[Pipeline, Cali
     _, result = captured
     target = _copy(result, tmp_path)
     data = json.loads((target / MANIFEST_NAME).read_text())
-    data["graphs"]["decoder"]["rows"]["calibration"] += 1
+    data["graphs"]["decoder"]["rows"]["all"]["calibration"] += 1
     (target / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(CalibrationError, match="does not hold the arrays"):
         load_calibration(target)

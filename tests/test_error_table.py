@@ -38,7 +38,7 @@ class Scenario:
     message: str  # regex the one-paragraph message must match
 
 
-def _graph_file(engines: Path, name: str = "backbone_2") -> Path:
+def _graph_file(engines: Path, name: str = "backbone") -> Path:
     return engines / json.loads((engines / "manifest.json").read_text())["graphs"][name]["file"]
 
 
@@ -114,7 +114,7 @@ SCENARIOS = [
         "missing-graph-file",
         "run",
         lambda e, c, t: [_graph_file(e).unlink(), *_run(e)][1:],
-        r"graph 'backbone_2'.*is missing",
+        r"graph 'backbone'.*is missing",
     ),
     Scenario(
         "manifest-not-json",
@@ -138,7 +138,7 @@ SCENARIOS = [
         "graph-sha256-mismatch",
         "run",
         lambda e, c, t: [_graph_file(e).write_bytes(_graph_file(e).read_bytes() + b"x"), *_run(e)][1:],
-        r"graph 'backbone_2'.*does not match its sha256",
+        r"graph 'backbone'.*does not match its sha256",
     ),
     Scenario(
         "path-escapes-engine-dir",

@@ -89,10 +89,10 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     build = build_cache.get("tiny-1-2-4")
     manifest = manifest_io.load(build.dir)
     entry = manifest.graphs["flow_step"]
-    model = onnx.load(str(manifest.path(entry.file)))
+    model = onnx.load(str(manifest.path(entry.file)), load_external_data=False)
 
     def step(batch: int, tokens: int) -> int:
-        counted = flops.graph_flops(model, entry.spec.dims(batch, tokens), entry.spec)
+        counted = flops.graph_flops(model, {"M": batch * tokens, "2M": 2 * batch * tokens}, entry.spec)
         assert not counted["unknown"]
         return int(counted["total"])
 
@@ -119,18 +119,27 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     flow_calls = sum(config.steps)
     assert five["total"] - fixed * flow_calls == 5 * (one["total"] - fixed * flow_calls)
 
+    # the request's graph calls per stage, in the order the request plan makes them
+    assert one["graphs"]["backbone@stage1"]["calls"] == 1 and one["graphs"]["decoder"]["calls"] == 1
+    assert [one["graphs"][f"flow_step@stage{s}"]["calls"] for s in (1, 2, 3)] == list(config.steps)
+
     rows = flops.inspect_rows(build.dir)
-    assert [row["name"] for row in rows] == list(manifest.graphs)
+    assert [(row["name"], row["stage"]) for row in rows] == [
+        ("backbone", 1), ("flow_step", 1), ("backbone", 2), ("flow_step", 2), ("backbone", 3), ("flow_step", 3),
+        ("decoder", 3),
+    ]  # fmt: skip
     for row in rows:
-        assert row["size_bytes"] == (build.dir / manifest.graphs[row["name"]].file).stat().st_size
+        entry = manifest.graphs[row["name"]]
+        assert row["size_bytes"] == sum((build.dir / f).stat().st_size for f in (entry.file, *entry.data_files))
         assert row["precision"] == "fp32" and row["flops"] > 0 and not row["unknown"]
-    flow_row = next(row for row in rows if row["name"] == "flow_step")
-    m_opt = manifest.opt_batch * max(config.tokens_per_stage)
-    assert flow_row["flops"] == m_opt * per_token + fixed
-    assert [i["opt_shape"] for i in flow_row["inputs"]][:2] == [
-        [m_opt, config.latent_channels],
-        [2 * m_opt, config.width],
-    ]
+    for stage, tokens in enumerate(config.tokens_per_stage, start=1):  # each stage's profile: its own M
+        flow_row = next(row for row in rows if row["name"] == "flow_step" and row["stage"] == stage)
+        m_opt = manifest.opt_batch * tokens
+        assert flow_row["flops"] == m_opt * per_token + fixed
+        assert [i["opt_shape"] for i in flow_row["inputs"]][:2] == [
+            [m_opt, config.latent_channels],
+            [2 * m_opt, config.width],
+        ]
 
 
 def test_inspect_cli_lists_every_graph(build_cache) -> None:  # type: ignore[no-untyped-def]
@@ -145,7 +154,7 @@ def test_inspect_cli_lists_every_graph(build_cache) -> None:  # type: ignore[no-
     result = CliRunner().invoke(app, ["inspect", "--engine-dir", str(build.dir), "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["graphs"]
-    assert [row["name"] for row in rows] == list(manifest_io.load(build.dir).graphs)
+    assert {row["name"] for row in rows} == set(manifest_io.load(build.dir).graphs)
     assert all(row["flops"] > 0 for row in rows)
     table = CliRunner().invoke(app, ["inspect", "--engine-dir", str(build.dir)])
     assert table.exit_code == 0 and "flow_step" in table.stdout

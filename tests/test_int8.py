@@ -227,9 +227,9 @@ def test_quantized_graphs_pass_the_checker_and_run_on_ort_cpu(demo: Quantized) -
         onnx.checker.check_model(model, full_check=True)
         session = _session(model)
         assert session.get_providers() == ["CPUExecutionProvider"]
-        feed = next(iter(demo.calibration.feeds(name, "held_out")))
-        for value in session.run(None, feed):
-            assert value.dtype == np.float32 and np.all(np.isfinite(value))
+        for feed in demo.calibration.feeds(name, "held_out", batch_rows=1000):  # every stage
+            for value in session.run(None, feed):
+                assert value.dtype == np.float32 and np.all(np.isfinite(value))
         assert {p.key: p.value for p in model.metadata_props}["ecar.precision"] == "int8"
 
 
@@ -254,9 +254,14 @@ def test_minmax_graphs_match_fp32_on_held_out_inputs(demo: Quantized) -> None:
     assert not failing, f"cosine below {MIN_COSINE}: {failing}"
     # the agreement helper reports the same numbers
     report = int8.compare_graphs(
-        demo.fp32["backbone_4"], demo.int8["backbone_4"], held_out_feeds(demo.calibration, "backbone_4")
+        demo.fp32["backbone"], demo.int8["backbone"], held_out_feeds(demo.calibration, "backbone")
     )
-    assert report["z"].cosine == pytest.approx(worst["backbone_4.z"], abs=1e-9) and report["z"].max_abs > 0
+    assert report["z"].cosine == pytest.approx(worst["backbone.z"], abs=1e-9) and report["z"].max_abs > 0
+    # the one backbone serves every stage: each stage's held-out inputs agree on their own
+    for group in demo.calibration.groups("backbone"):
+        feeds = list(demo.calibration.feeds("backbone", "held_out", group=group))
+        per_stage = int8.compare_graphs(demo.fp32["backbone"], demo.int8["backbone"], feeds)
+        assert per_stage["z"].cosine >= MIN_COSINE and per_stage["x"].cosine >= MIN_COSINE, group
 
 
 def test_entropy_and_percentile_calibration(demo: Quantized) -> None:
@@ -290,10 +295,11 @@ def test_int8_engine_directory_generates_what_fp32_does(demo: Quantized, tmp_pat
     raw = json.loads((target / manifest_io.MANIFEST_NAME).read_text())
     raw["precision"] = "int8"
     for name, model in demo.int8.items():
-        (target / raw["graphs"][name]["file"]).unlink()
+        for stale in (raw["graphs"][name]["file"], *raw["graphs"][name]["data_files"]):
+            (target / stale).unlink()
         onnx.save_model(model, str(target / f"{name}-int8.onnx"))
         digest = sha256_file(target / f"{name}-int8.onnx")
-        raw["graphs"][name].update(file=f"{name}-int8.onnx", sha256=digest, precision="int8")
+        raw["graphs"][name].update(file=f"{name}-int8.onnx", sha256=digest, precision="int8", data_files={})
     manifest_io.write(target, raw)
     manifest = manifest_io.load(target)
     quantized = Pipeline(manifest, OnnxRuntimeBackend(manifest, threads=1))
@@ -332,13 +338,14 @@ def test_graph_with_nothing_to_quantize_comes_back_unchanged(demo: Quantized) ->
 
 
 def test_quantize_takes_paths_rewinds_readers_and_is_deterministic(demo: Quantized, tmp_path: Path) -> None:
-    path = tmp_path / "backbone_1.onnx"
-    onnx.save_model(demo.fp32["backbone_1"], str(path))
-    reader = GraphReader(demo.calibration, "backbone_1")
+    path = tmp_path / "decoder.onnx"
+    onnx.save_model(demo.fp32["flow_step"], str(path))
+    reader = GraphReader(demo.calibration, "flow_step", max_batches=8)
     first = int8.quantize(path, reader, threads=1)
     second = int8.quantize(path, reader, threads=1)  # the same, already consumed, reader
     assert first.graph.SerializeToString() == second.graph.SerializeToString()
-    assert first.graph.SerializeToString() == demo.int8["backbone_1"].graph.SerializeToString()
+    third = int8.quantize(demo.fp32["flow_step"], GraphReader(demo.calibration, "flow_step", max_batches=8), threads=1)
+    assert first.graph.SerializeToString() == third.graph.SerializeToString()
     with pytest.raises(ValueError, match="calibration method"):
         int8.quantize(path, reader, "kl-divergence")
 
@@ -421,7 +428,8 @@ def test_sampler_state_passes_through_int8_flow_step_exactly(demo: Quantized) ->
     feed["dt"] = np.zeros(1, np.float32)
     (x_next,) = _session(demo.int8["flow_step"]).run(None, feed)
     np.testing.assert_array_equal(x_next, feed["x"])
-    # and a backbone's renoised start state x equals the fp32 graph's
-    feed = next(iter(demo.calibration.feeds("backbone_3", "held_out")))
-    reference = _session(demo.fp32["backbone_3"]).run(["x"], feed)[0]
-    np.testing.assert_array_equal(_session(demo.int8["backbone_3"]).run(["x"], feed)[0], reference)
+    # and the backbone's renoised start state x equals the fp32 graph's, at every stage
+    for group in demo.calibration.groups("backbone"):
+        feed = next(iter(demo.calibration.feeds("backbone", "held_out", group=group)))
+        reference = _session(demo.fp32["backbone"]).run(["x"], feed)[0]
+        np.testing.assert_array_equal(_session(demo.int8["backbone"]).run(["x"], feed)[0], reference, err_msg=group)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ecar_export.model import ECAR
-from runtime import schedule
+from runtime import graphs, schedule
 from runtime.config import ECARConfig
 from runtime.errors import ECARError, InvalidRequestError
 
@@ -88,6 +88,12 @@ def test_kv_cache_sampler_equals_masked_prefix_sampler(
     assert max_diff(other.latents[0], same_noise.latents[0]) > 1e-2
 
 
+def _backbone(
+    model: Any, stage: int, labels: torch.Tensor, prev: torch.Tensor, noise: torch.Tensor, past: torch.Tensor
+):
+    return model.backbone_graph(labels, prev, noise, **model.stage_feeds(stage), past_kv=past)
+
+
 def test_kv_cache_sampler_check_can_fail(perturbed_model: ModelFactory, tiny_config: ConfigFactory) -> None:
     # a cache holding other keys/values changes the next stage by far more than SAMPLER_TOL
     config = tiny_config()
@@ -97,10 +103,11 @@ def test_kv_cache_sampler_check_can_fail(perturbed_model: ModelFactory, tiny_con
     eps = torch.randn(2, 1, config.latent_channels, generator=generator)
     eta = torch.randn(2, 4, config.latent_channels, generator=generator)
     prev = torch.randn(2, 1, config.latent_channels, generator=generator)
+    empty = torch.from_numpy(graphs.new_cache(config, 2))[:0]
     with torch.no_grad():
-        _, _, past = model.stage_forward(0, labels, None, eps, None)
-        z, _, _ = model.stage_forward(1, labels, prev, eta, past)
-        z_wrong, _, _ = model.stage_forward(1, labels, prev, eta, past + torch.randn(past.shape, generator=generator))
+        _, _, past = _backbone(model, 1, labels, torch.zeros(2, 1, config.latent_channels), eps, empty)
+        z, _, _ = _backbone(model, 2, labels, prev, eta, past)
+        z_wrong, _, _ = _backbone(model, 2, labels, prev, eta, past + torch.randn(past.shape, generator=generator))
     assert max_diff(z, z_wrong) > 100 * SAMPLER_TOL
 
 
@@ -194,36 +201,49 @@ def test_sample_rejects_bad_seed_and_cfg(perturbed_model: ModelFactory, tiny_con
 
 
 # ------------------------------------------------------------ graph contract
-def test_stage_forward_contract(sampler_config: ECARConfig, perturbed_model: ModelFactory) -> None:
+def test_backbone_graph_contract(sampler_config: ECARConfig, perturbed_model: ModelFactory) -> None:
+    """One backbone serves every stage: shapes per stage, renoising, and the token-major cache it grows."""
     config = sampler_config
     model = perturbed_model(config, seed=5)
-    batch, layers, heads = 3, config.depth, config.heads
-    head_dim = config.width // heads
+    batch = 3
     labels = torch.tensor([0, 4, 9])
     noise = schedule.draw_noise(config, schedule.noise_keys(3, batch))
-    past: torch.Tensor | None = None
-    prev: torch.Tensor | None = None
+    cache = torch.from_numpy(graphs.new_cache(config, batch))
+    offsets = graphs.cache_offsets(config)
+    prev = torch.from_numpy(graphs.first_prev(config, batch))
     seen = 0
     with torch.no_grad():
         for st in schedule.stages(config):
+            stage = st.index + 1
             eta = torch.from_numpy(noise[st.index])
-            z, x, present = model.stage_forward(st.index, labels, prev, eta, past)
-            seen += st.tokens
+            past = cache[: offsets[st.index]]
+            assert past.shape[0] == seen
+            z, x, kv = _backbone(model, stage, labels, prev, eta, past)
             assert z.shape == (2 * batch, st.tokens, config.width)
             assert x.shape == (batch, st.tokens, config.latent_channels)
-            assert present.shape == (layers, 2, 2 * batch, heads, seen, head_dim)
-            if past is not None:
-                # the present cache extends the past one, which it keeps unchanged
-                assert torch.equal(present[..., : past.shape[-2], :], past)
-            if prev is None:
+            emitted = 0 if stage == config.num_stages else st.tokens
+            assert kv.shape == graphs.kv_shape_concrete(config, emitted, batch), "the last stage emits no cache"
+            if st.prev_grid is None:
                 assert torch.equal(x, eta)  # P_1 = ε_1
             else:
                 up, fresh = st.up(), st.fresh()
                 want = schedule.renoise(prev.double().numpy(), eta.double().numpy(), up, fresh, st.factor, st.tau_prev)
                 np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-5)
-            past = present
+            cache[offsets[st.index] : offsets[st.index] + emitted] = kv
+            seen += emitted
             prev = torch.randn(batch, st.tokens, config.latent_channels)  # any end state will do
-    assert seen == config.total_tokens
+    assert seen == offsets[-1] == config.total_tokens - config.tokens_per_stage[-1]
+
+
+def test_the_backbones_cache_equals_the_block_causal_prefix(
+    sampler_config: ECARConfig, perturbed_model: ModelFactory
+) -> None:
+    """A stage run against the cached keys/values equals the whole prefix under the block-causal mask."""
+    config = sampler_config
+    model = perturbed_model(config, seed=8)
+    cached = model.sample([3, 1], seed=[5, 6])
+    uncached = model.sample([3, 1], seed=[5, 6], use_cache=False)
+    assert max_diff(cached.latents, uncached.latents) <= SAMPLER_TOL
 
 
 def test_flow_step_contract(perturbed_model: ModelFactory, tiny_config: ConfigFactory) -> None:

@@ -35,6 +35,7 @@ from conftest import (
 )
 
 from ecar_export.build import load_model
+from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.errors import ECARError, InvalidRequestError, ManifestError
 from runtime.graphs import graph_specs
@@ -67,10 +68,11 @@ def random_request(rng: np.random.Generator, classes: int, batch: int) -> tuple[
 
 
 def expected_calls(build: Build) -> dict[str, int]:
+    """One backbone call per stage; one flow_step call per Euler step (fused: one flow_loop call per stage)."""
     config = build.model.config
-    calls = {f"backbone_{s}": 1 for s in range(1, config.num_stages + 1)}
+    calls = {"backbone": config.num_stages}
     if build.fuse_flow_loop:
-        calls.update({f"flow_loop_{s}": 1 for s in range(1, config.num_stages + 1)})
+        calls["flow_loop"] = config.num_stages
     else:
         calls["flow_step"] = sum(config.steps)
     calls["decoder"] = 1
@@ -111,7 +113,7 @@ def test_generate_matches_torch_reference(case: tuple[str, bool], build_cache: B
 
         calls = dict(result.timings.calls)
         if build.fuse_flow_loop:
-            assert "flow_loop_1" in calls and "flow_step" not in calls, calls
+            assert "flow_loop" in calls and "flow_step" not in calls, calls
         assert calls == expected_calls(build), where
     assert identical / total >= PIXEL_MATCH, f"only {100 * identical / total:.3f} % of {total} pixels identical"
 
@@ -178,7 +180,7 @@ def test_generate_many_equals_per_batch_generate_calls(build_cache: BuildCache, 
     assert many.images.shape[0] == many.latents.shape[0] == count
     assert np.array_equal(many.images, np.concatenate([p.images for p in parts])), where
     assert np.array_equal(many.latents, np.concatenate([p.latents for p in parts])), where
-    assert many.timings.calls["backbone_1"] == len(parts) == 3
+    assert many.timings.calls["backbone"] == len(parts) * config.num_stages == 3 * config.num_stages
     assert many.timings.calls["flow_step"] == len(parts) * sum(config.steps)
     assert len(many.timings.stages) == config.num_stages
 
@@ -259,7 +261,8 @@ def test_backbone_gelu_runs_as_one_fused_kernel_in_ort(build_cache: BuildCache, 
         options = session_options(threads=1)
         options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
         ort.InferenceSession(str(manifest.path(entry.file)), sess_options=options, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)  # its ops are enough
+        ops = [n.op_type for n in optimized.graph.node]
         assert "Tanh" not in ops and "Pow" not in ops, f"{name}: GELU left unfused: {sorted(set(ops))}"
         assert sum(op in ("FastGelu", "BiasGelu", "Gelu") for op in ops) == depth, name
 
@@ -391,12 +394,16 @@ def test_manifest_records_provenance_and_file_digests(build_cache: BuildCache):
     manifest = manifest_io.load(build.dir)
     assert manifest.max_batch == build.max_batch
     assert list(manifest.graphs) == [spec.name for spec in graph_specs(build.model.config)]
+    assert data["format_version"] == manifest_io.FORMAT_VERSION == graphs.CONTRACT_VERSION
     for name, entry in data["graphs"].items():
         digest = hashlib.sha256((build.dir / entry["file"]).read_bytes()).hexdigest()
         assert entry["sha256"] == digest, name
-    files = {entry["file"] for entry in data["graphs"].values()}
-    visible = [name for name in os.listdir(build.dir) if not name.startswith(".")]  # .build.lock
-    assert sorted(visible) == sorted(files | {manifest_io.MANIFEST_NAME})
+        assert len(entry["data_files"]) == 1, f"{name}: its weights are one external data file"
+        for data_file, data_digest in entry["data_files"].items():
+            assert data_file.startswith(f"{name}-") and data_file.endswith(".weights")
+            assert hashlib.sha256((build.dir / data_file).read_bytes()).hexdigest() == data_digest, name
+    files = {f for entry in data["graphs"].values() for f in (entry["file"], *entry["data_files"])}
+    assert sorted(os.listdir(build.dir)) == sorted(files | {manifest_io.MANIFEST_NAME})
 
 
 CONTRACT_CASES = [pytest.param((SCALE3, False), id=SCALE3), pytest.param((TWO_STAGE, True), id="fused")]
@@ -444,13 +451,13 @@ def test_rebuild_replaces_graph_files_and_keeps_other_files(build_cache: BuildCa
 
     data = read_manifest(out)
     files = {entry["file"] for entry in data["graphs"].values()}
+    weights = {f for entry in data["graphs"].values() for f in entry["data_files"]}
     onnx_files = {p.name for p in out.iterdir() if p.suffix == ".onnx"}
     assert onnx_files == files
     assert len(files) == len(graph_specs(other.config))
     assert not old_files & onnx_files, "files of the previous build were left behind"
     assert readme.read_text() == "engines built by the test suite\n"
-    visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]  # .build.lock
-    assert sorted(visible) == sorted(files | {"README.md", manifest_io.MANIFEST_NAME})
+    assert sorted(os.listdir(out)) == sorted(files | weights | {"README.md", manifest_io.MANIFEST_NAME})
 
     pipe = Pipeline.from_dir(out, backend="onnxruntime", device="cpu")
     assert pipe.max_batch == 3
@@ -465,15 +472,37 @@ def _format_version(root: Path) -> None:
 
 
 def _modify_graph_bytes(root: Path) -> None:
-    path = root / read_manifest(root)["graphs"]["backbone_2"]["file"]
+    path = root / read_manifest(root)["graphs"]["backbone"]["file"]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
+def _modify_weights(root: Path) -> None:
+    (path,) = (root / name for name in read_manifest(root)["graphs"]["backbone"]["data_files"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _remove_weights(root: Path) -> None:
+    for name in read_manifest(root)["graphs"]["flow_step"]["data_files"]:
+        (root / name).unlink()
+
+
+def _old_contract(root: Path) -> None:
+    """A directory as the first contract wrote it: one backbone graph per stage, format version 1."""
+    data = read_manifest(root)
+    backbone = data["graphs"].pop("backbone")
+    for stage in (1, 2, 3):
+        data["graphs"][f"backbone_{stage}"] = {**backbone, "stage": stage}
+    data["format_version"] = 1
+    (root / manifest_io.MANIFEST_NAME).write_text(json.dumps(data))
+
+
 def _escaping_file(root: Path) -> None:
     data = read_manifest(root)
-    entry = data["graphs"]["backbone_2"]
+    entry = data["graphs"]["backbone"]
     shutil.copyfile(root / entry["file"], root.parent / "x.onnx")  # same bytes and sha: only the path is wrong
     entry["file"] = "../x.onnx"
     (root / manifest_io.MANIFEST_NAME).write_text(json.dumps(data))
@@ -484,8 +513,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing-manifest": (lambda root: (root / manifest_io.MANIFEST_NAME).unlink(), "manifest.json' is missing"),
     "invalid-json": (lambda root: (root / manifest_io.MANIFEST_NAME).write_text('{"format": "ecar-'), "valid JSON"),
     "format-version": (_format_version, "format version"),
-    "modified-graph": (_modify_graph_bytes, r"graph 'backbone_2'.*sha256"),
-    "escaping-file": (_escaping_file, r"graph 'backbone_2'.*'\.\./x\.onnx' escapes"),
+    "modified-graph": (_modify_graph_bytes, r"graph 'backbone'.*sha256"),
+    "modified-weights": (_modify_weights, r"graph 'backbone'.*\.weights' does not match its sha256"),
+    "missing-weights": (_remove_weights, r"graph 'flow_step'.*\.weights' is missing"),
+    "old-contract": (_old_contract, r"format version 1, this runtime reads 2 \(built for an older graph contract"),
+    "escaping-file": (_escaping_file, r"graph 'backbone'.*'\.\./x\.onnx' escapes"),
 }
 
 

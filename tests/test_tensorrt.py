@@ -43,7 +43,7 @@ from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, Fa
 
 from ecar_export import tensorrt_build
 from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
-from runtime import gpu, schedule
+from runtime import gpu, graphs, schedule
 from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, probe
 from runtime.backends.tensorrt.shapes import resolve_dims
@@ -123,9 +123,10 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_build_plan_without_tensorrt_says_how_to_get_it(no_tensorrt: None, tmp_path: Path, tiny_config: Any) -> None:
-    spec = graph_specs(tiny_config())[0]
+    config = tiny_config()
+    spec = graph_specs(config)[0]
     with pytest.raises(BackendUnavailableError, match=r"TensorRT is not importable.*'tensorrt' extra"):
-        build_plan(tmp_path / "x.onnx", tmp_path / "x.plan", spec, (1, 2, 4))
+        build_plan(tmp_path / "x.onnx", tmp_path / "x.plan", spec, config, (1, 2, 4))
     assert not (tmp_path / "x.plan").exists()
 
 
@@ -232,9 +233,14 @@ def test_missing_or_malformed_block_is_a_manifest_error(bad: Any) -> None:
 def test_resolve_dims_reads_batch_and_tokens(tiny_config: Any) -> None:
     config = tiny_config()
     specs = {spec.name: spec for spec in graph_specs(config)}
-    backbone, flow = specs["backbone_2"], specs["flow_step"]
-    shapes = {t.name: t.concrete(backbone.dims(3)) for t in backbone.inputs}
-    assert resolve_dims(backbone, shapes) == {"B": 3, "2B": 6}
+    backbone, flow = specs["backbone"], specs["flow_step"]
+    for stage in (1, 2, 3):
+        dims = graphs.stage_dims(config, stage, 3)
+        shapes = {t.name: t.concrete(dims) for t in backbone.inputs}
+        expected = {k: dims[k] for k in ("B", "2B", "P", "N", "T", "E")}
+        assert resolve_dims(backbone, shapes) == expected  # T = 0 at stage 1, E = 0 at stage 3
+    with pytest.raises(InvalidRequestError, match="dim N=0"):
+        resolve_dims(backbone, {**shapes, "noise": (3, 0, 4), "fresh": (0, 0), "up": (0, 4), "positions": (0,)})
     shapes = {"x": (12, 4), "z": (24, 32), "t": (1,), "dt": (1,), "cfg": (1,)}
     assert resolve_dims(flow, shapes) == {"M": 12, "2M": 24}
     with pytest.raises(InvalidRequestError, match="inconsistent"):
@@ -249,17 +255,20 @@ def fake_tensorrt_build(source: Path, target: Path, tensorrt: dict[str, Any] | N
     """Copy an ONNX build and give it fake plans (JSON naming each ONNX file) and a tensorrt block."""
     shutil.copytree(source, target)
     manifest = manifest_io.load(target)
+    batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
     records = {}
     for name, entry in manifest.graphs.items():
-        data = json.dumps({"onnx": str(target / entry.file), "max_batch": manifest.max_batch}).encode()
+        profiles = tensorrt_build.stage_profiles(entry.spec, manifest.config, batches)
+        plan_data = {"onnx": str(target / entry.file), "profiles": [p["shapes"] for p in profiles]}
+        data = json.dumps(plan_data).encode()
         plan = f"{name}-fake.plan"
         (target / plan).write_bytes(data)
         records[name] = PlanRecord(
             name, plan, hashlib.sha256(data).hexdigest(), len(data), FAKE_VERSION, FAKE_GPU.name, "9.0",
-            PlanOptions(), (manifest.min_batch, manifest.opt_batch, manifest.max_batch), 0.1, None,
+            PlanOptions(), batches, 0.1, None, profiles=tuple(profiles),
         )  # fmt: skip
     meta = tensorrt or block()
-    manifest_io.write(target, apply_plans(manifest.raw, records, meta))
+    manifest_io.write(target, apply_plans(manifest.document(), records, meta))
     return manifest_io.load(target)
 
 
@@ -323,6 +332,23 @@ def test_fake_backend_matches_onnxruntime_on_both_paths(
         assert set(device.graph_seconds) == set(device.graph_calls)
     # one workspace per batch size, reused
     assert sorted(backend._workspaces) == sorted({1, 2, build.max_batch})
+    # one engine per graph kind, one profile per stage it runs at, one context bound to each profile
+    engines = {Path(e.path).name.split("-")[0]: e for e in backend.trt.engines}
+    assert set(engines) == set(manifest.graphs)
+    for name, engine in engines.items():
+        stages = graphs.graph_stages(config, manifest.graphs[name].spec)
+        assert engine.num_optimization_profiles == len(stages), name
+        assert sorted(c.profile for c in engine.contexts) == list(range(len(stages))), name
+    flow = engines[graphs.flow_graph(manifest.fuse_flow_loop)]
+    for index, tokens in enumerate(config.tokens_per_stage):  # each stage's profile is tuned at its own M
+        low, opt, high = flow.profiles[index]["x"]
+        assert (low[0], opt[0], high[0]) == (
+            tokens * manifest.min_batch,
+            tokens * manifest.opt_batch,
+            tokens * manifest.max_batch,
+        )
+    assert engines["backbone"].profiles[0]["past_kv"][1][0] == 0, "stage 1 reads an empty cache"
+    assert engines["backbone"].profiles[-1]["kv_tokens"][1] == (0,), "the last stage emits no cache"
     # every copy in and out went through pinned host memory
     assert cuda.pageable_copies == 0, "copies from pageable host memory"
     # every context has no memory of its own: all share one buffer sized to the largest need
@@ -361,7 +387,7 @@ def test_fake_cuda_graphs_capture_then_replay(
         assert cuda.launches == stages * max(0, number - 1)
     assert not backend.warnings
     flow = next(e for e in backend.trt.engines if "flow_step" in e.path)
-    assert len(flow.contexts) == 1 + stages  # the shared one, and one per stage for the batch size used
+    assert len(flow.contexts) == 2 * stages  # one per profile, and one per stage for the captured loops
     assert len({c.memory for e in backend.trt.engines for c in e.contexts}) == 1, "one shared activation buffer"
     backend.close()
     assert not cuda.graphs and not cuda.buffers
@@ -463,12 +489,19 @@ def test_fake_build_plans_profiles_cache_and_manifest(
     assert manifest.raw["tensorrt"] == block(hardware_compatibility="none")
     assert manifest.raw["toolchain"]["tensorrt"] == FAKE_VERSION
     profile = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
-    for (name, entry), seen in zip(manifest.graphs.items(), fake_builder.profiles):
+    seen = list(fake_builder.profiles)
+    for name, entry in manifest.graphs.items():
         assert entry.plan_file and entry.plan_file.startswith(f"{name}-") and entry.plan_file.endswith(".plan")
         assert json.loads((target / entry.plan_file).read_bytes())["onnx"] == str((target / entry.file).resolve())
-        dynamic = {k: v for k, v in profile_shapes(entry.spec, *profile).items() if k not in ("t", "dt", "cfg")}
-        assert seen == dynamic, name
-        assert manifest.raw["graphs"][name]["tensorrt_builder"]["profile"] == list(profile)
+        stages = graphs.graph_stages(manifest.config, entry.spec)
+        assert stages == ([manifest.config.num_stages] if name == "decoder" else [1, 2, 3])
+        for stage in stages:  # one profile per stage: that stage's exact shapes, the batch range around them
+            exact = profile_shapes(entry.spec, manifest.config, stage, *profile)
+            dynamic = {k: v for k, v in exact.items() if k not in ("renoise", "level", "t", "dt", "cfg")}
+            assert seen.pop(0) == dynamic, (name, stage)
+        assert entry.tensorrt_builder is not None and entry.tensorrt_builder["batch_profile"] == list(profile)
+        assert [p["stage"] for p in entry.tensorrt_builder["profiles"]] == stages
+    assert not seen
     assert fake_builder.network_flags == 1 << 1, "networks must be created strongly typed"
     assert "TF32" not in fake_builder.flags and "FP16" not in fake_builder.flags
     assert fake_builder.workspace == 1 << 28 and fake_builder.hardware is None
@@ -491,23 +524,25 @@ def test_fake_build_weakly_typed_option(
     fake_builder: FakeBuilderState, build_cache: BuildCache, tmp_path: Path
 ) -> None:
     build = build_cache.get(TINY)
-    entry = manifest_io.load(build.dir).graphs["decoder"]
+    loaded = manifest_io.load(build.dir)
+    entry, config = loaded.graphs["decoder"], loaded.config
     weak_int8 = PlanOptions(strongly_typed=False, weakly_typed_precision="int8")
-    record = build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, (1, 2, 5), weak_int8)
+    record = build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, config, (1, 2, 5), weak_int8)
     assert fake_builder.network_flags == 0 and {"FP16", "INT8"} <= fake_builder.flags
     assert record.options == weak_int8 and record.timing_cache is None
     assert record.manifest_fields()["tensorrt_builder"]["weakly_typed_precision"] == "int8"  # type: ignore[index]
     source, spec = build.dir / entry.file, entry.spec
     with pytest.raises(InvalidRequestError, match="strongly_typed=False"):
-        build_plan(source, tmp_path / "e.plan", spec, (1, 2, 5), PlanOptions(weakly_typed_precision="fp16"))
+        build_plan(source, tmp_path / "e.plan", spec, config, (1, 2, 5), PlanOptions(weakly_typed_precision="fp16"))
     with pytest.raises(InvalidRequestError, match="hardware compatibility"):
-        build_plan(source, tmp_path / "e.plan", spec, (1, 2, 5), PlanOptions(hardware_compatibility="all"))
+        build_plan(source, tmp_path / "e.plan", spec, config, (1, 2, 5), PlanOptions(hardware_compatibility="all"))
     sys.modules["tensorrt"].__version__ = "11.0.0.9"
     with pytest.raises(InvalidRequestError, match="11.0.0.9 builds strongly typed networks only"):
         build_plan(
             source,
             tmp_path / "e.plan",
             spec,
+            config,
             (1, 2, 5),
             PlanOptions(strongly_typed=False, weakly_typed_precision="fp16"),
         )
@@ -517,16 +552,17 @@ def test_fake_build_failures_show_nodes_and_log(
     fake_builder: FakeBuilderState, build_cache: BuildCache, tmp_path: Path
 ) -> None:
     build = build_cache.get(TINY)
-    entry = manifest_io.load(build.dir).graphs["backbone_1"]
+    loaded = manifest_io.load(build.dir)
+    entry, config = loaded.graphs["backbone"], loaded.config
     fake_builder.fail_parse = True
     with pytest.raises(EngineError) as error:
-        build_plan(build.dir / entry.file, tmp_path / "b.plan", entry.spec, (1, 2, 5))
+        build_plan(build.dir / entry.file, tmp_path / "b.plan", entry.spec, config, (1, 2, 5))
     text = str(error.value)
     assert "cannot parse" in text and "node /blocks.0/attn/Softmax (Softmax): unsupported data type" in text
     assert "/blocks.1/attn/Softmax" in text and "ModelImporter.cpp:1234" in text
     fake_builder.fail_parse, fake_builder.fail_build = False, True
-    with pytest.raises(EngineError, match=r"failed to build a plan for graph 'backbone_1'[\s\S]*Error Code 10"):
-        build_plan(build.dir / entry.file, tmp_path / "b.plan", entry.spec, (1, 2, 5))
+    with pytest.raises(EngineError, match=r"failed to build a plan for graph 'backbone'[\s\S]*Error Code 10"):
+        build_plan(build.dir / entry.file, tmp_path / "b.plan", entry.spec, config, (1, 2, 5))
     assert not (tmp_path / "b.plan").exists() and not list(tmp_path.iterdir())
 
 
@@ -609,9 +645,10 @@ def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
     assert "using ONNX Runtime instead: TensorRT cannot start CUDA here" in messages[0]
     with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
         Pipeline.from_dir(tmp_path / "trt", backend="tensorrt")
-    entry = manifest_io.load(build.dir).graphs["decoder"]
+    loaded = manifest_io.load(build.dir)
     with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
-        build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, (1, 2, 5))
+        decoder = loaded.graphs["decoder"]
+        build_plan(build.dir / decoder.file, tmp_path / "d.plan", decoder.spec, loaded.config, (1, 2, 5))
 
 
 def test_timing_cache_from_another_gpu_starts_afresh_and_is_replaced(

@@ -1,9 +1,9 @@
 """The ECAR model: tokenizer + autoregressive backbone + per-token flow head (DESIGN §3).
 
-``stage_forward``, ``flow_step`` and ``decode_tokens`` are exactly the three graphs of
-DESIGN §4; the samplers below are written in terms of them, so the exported graphs
-and the torch reference cannot drift apart. All schedule arithmetic comes from
-:mod:`runtime.schedule`.
+``backbone_graph``, ``flow_step`` and ``decode_tokens`` are exactly the graphs of the
+contract (:mod:`runtime.graphs`); the sampler below walks :func:`runtime.graphs.request_plan`
+with them, feeding the stage inputs the runtime feeds, so the exported graphs and the torch
+reference cannot drift apart. All schedule arithmetic comes from :mod:`runtime.schedule`.
 """
 
 from __future__ import annotations
@@ -67,25 +67,36 @@ class ECAR(nn.Module):
         null = torch.full_like(labels, self.config.null_class)
         return self.backbone.class_embed(torch.cat([labels, null]))
 
-    def stage_forward(
+    def backbone_graph(
         self,
-        stage: int,
         labels: torch.Tensor,
-        prev: torch.Tensor | None,
+        prev: torch.Tensor,
         noise: torch.Tensor,
-        past: torch.Tensor | None,
+        up: torch.Tensor,
+        fresh: torch.Tensor,
+        renoise: torch.Tensor,
+        positions: torch.Tensor,
+        level: torch.Tensor,
+        past_kv: torch.Tensor,
+        kv_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``backbone_s`` graph: -> z [2B, N_s, D], start state x = P_s [B, N_s, C], present KV."""
-        st = self.stages[stage]
+        """The ``backbone`` graph, every stage: -> z [2B, N, D], start state x = P_s [B, N, C], emitted kv.
+
+        ``prev`` [B, P, C] is the previous stage's end state; the stage itself is data
+        (:func:`runtime.graphs.stage_inputs`), so one traced graph serves every stage.
+        """
         cond = self.condition(labels)
-        if prev is None:
-            z, present = self.backbone.forward_stage(stage, cond, None, None)
-            return z, noise, present
-        up, fresh = self._matrix("up", stage), self._matrix("fresh", stage)
-        start = schedule.renoise(prev, noise, up, fresh, st.factor, st.tau_prev)
+        start = schedule.renoise_with(prev, noise, up, fresh, renoise[0], renoise[1])
         upsampled = up @ prev
-        z, present = self.backbone.forward_stage(stage, cond, torch.cat([upsampled, upsampled]), past)
-        return z, start, present
+        tokens = self.backbone.stage_tokens(cond, torch.cat([upsampled, upsampled]), positions, level)
+        z, kv = self.backbone.forward_cached(tokens, cond, past_kv, kv_tokens)
+        return z, start, kv
+
+    def stage_feeds(self, stage: int) -> dict[str, torch.Tensor]:
+        """The backbone's stage inputs of a 1-based stage as tensors (the runtime's very arrays)."""
+        return {
+            name: torch.from_numpy(np.array(value)) for name, value in graphs.stage_inputs(self.config, stage).items()
+        }
 
     def flow_step(
         self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
@@ -152,31 +163,42 @@ class ECAR(nn.Module):
     ) -> SampleResult:
         """Generate images; noise per sample from :func:`runtime.schedule.draw_noise`.
 
-        ``use_cache=False`` recomputes the whole prefix under the block-causal mask at
-        every stage instead of using the KV cache (a slow path that proves the fast one).
+        Walks :func:`runtime.graphs.request_plan` as the runtime does. ``use_cache=False``
+        recomputes the whole prefix under the block-causal mask at every stage instead of using
+        the KV cache (a slow path that proves the fast one).
         """
         label_tensor = self._check_labels(labels)
         rows = label_tensor.shape[0]
-        noise = schedule.draw_noise(self.config, schedule.noise_keys(seed, rows))
-        weights = schedule.cfg_weights(self.config, cfg)
-        channels, width = self.config.latent_channels, self.config.width
-        past: torch.Tensor | None = None
-        prev: torch.Tensor | None = None
+        config = self.config
+        noise = schedule.draw_noise(config, schedule.noise_keys(seed, rows))
+        weights = schedule.cfg_weights(config, cfg)
+        channels, width = config.latent_channels, config.width
+        offsets = graphs.cache_offsets(config)
+        cache = torch.from_numpy(graphs.new_cache(config, rows))
+        prev = torch.from_numpy(graphs.first_prev(config, rows))
         ends: list[torch.Tensor] = []
-        for st in self.stages:
-            eta = torch.from_numpy(noise[st.index])
-            if use_cache:
-                z, x, past = self.stage_forward(st.index, label_tensor, prev, eta, past)
-            else:
-                z, x = self._stage_forward_uncached(st.index, label_tensor, ends, eta)
-            flat_x, flat_z = x.reshape(-1, channels), z.reshape(-1, width)
-            cfg_t = torch.tensor([weights[st.index]], dtype=torch.float32)
-            for t, dt in graphs.stage_times(self.config, st.index + 1):
-                flat_x = self.flow_step(flat_x, flat_z, _scalar(t), _scalar(dt), cfg_t)
-            prev = flat_x.reshape(rows, st.tokens, channels)
-            ends.append(prev)
-        assert prev is not None
+        flat_x = flat_z = torch.empty(0)
+        for call in graphs.request_plan(config):
+            index = call.stage - 1
+            if call.graph == "backbone":
+                eta = torch.from_numpy(noise[index])
+                if use_cache:
+                    past = cache[: offsets[index]]
+                    z, x, kv = self.backbone_graph(label_tensor, prev, eta, **self._stage_tensors(call.stage, past))
+                    cache[offsets[index] : offsets[index] + kv.shape[0]] = kv
+                else:
+                    z, x = self._stage_forward_uncached(index, label_tensor, ends, eta)
+                flat_x, flat_z = x.reshape(-1, channels), z.reshape(-1, width)
+                cfg_t = torch.tensor([weights[index]], dtype=torch.float32)
+            elif call.graph == "flow_step":
+                flat_x = self.flow_step(flat_x, flat_z, _scalar(call.t[0]), _scalar(call.dt[0]), cfg_t)
+                if call.step == config.steps[index] - 1:  # the stage's last step: its end state
+                    prev = flat_x.reshape(rows, config.tokens_per_stage[index], channels)
+                    ends.append(prev)
         return SampleResult(images=self.decode_tokens(prev), latents=prev)
+
+    def _stage_tensors(self, stage: int, past: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**self.stage_feeds(stage), "past_kv": past}
 
     def _stage_forward_uncached(
         self, stage: int, labels: torch.Tensor, ends: list[torch.Tensor], noise: torch.Tensor

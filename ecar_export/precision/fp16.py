@@ -15,6 +15,10 @@ which nodes stay in float32. Kept in float32 (see README "Precision" for the mea
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import onnx
 
 FP32_OPS = ("LayerNormalization", "Softmax")
@@ -25,6 +29,7 @@ STATE_OUTPUTS = ("x", "x_next", "x_end")
 # ops that end the backward walk from a state output (the heavy compute stays fp16)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
+RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (runtime.graphs.stage_inputs)
 
 
 # the recipe's fp32 islands, each switchable for measurements (benchmarks/fp16_recipe.py)
@@ -73,7 +78,8 @@ def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[s
 
 
 def _uses_resampling(node: onnx.NodeProto, initializers: set[str]) -> bool:
-    return any(i in initializers and i.startswith(RESAMPLING_PREFIXES) for i in node.input)
+    """A product with the stage's resampling matrices (the backbone's ``up`` / ``fresh`` inputs)."""
+    return any(i in RESAMPLING_INPUTS or (i in initializers and i.startswith(RESAMPLING_PREFIXES)) for i in node.input)
 
 
 def convert(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> onnx.ModelProto:
@@ -82,16 +88,36 @@ def convert(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> onnx.Mode
 
     _name_unnamed_nodes(model)
     blocked = fp32_nodes(model, parts)
-    converted = float16.convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + (list(FP32_OPS) if "ops" in parts else []),
-        node_block_list=blocked,
-    )
+    with _shapes_from_dims(float16):
+        converted = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + (list(FP32_OPS) if "ops" in parts else []),
+            node_block_list=blocked,
+        )
     _drop_cast_round_trips(converted)
-    converted = _toposort(converted)
-    onnx.checker.check_model(converted)
-    return converted
+    return _toposort(converted)
+
+
+@contextlib.contextmanager
+def _shapes_from_dims(float16: Any) -> Iterator[None]:
+    """Let the converter work on a graph whose weights stay on disk (ONNX external data, not loaded).
+
+    The converter reads an initializer's values only to learn its shape
+    (``make_value_info_from_tensor``); the tensor's ``dims`` say the same without reading
+    gigabytes. Its retyped external tensors are converted afterwards, file to file
+    (:func:`ecar_export.weights_io.to_float16`).
+    """
+    original = float16.make_value_info_from_tensor
+
+    def from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    float16.make_value_info_from_tensor = from_dims
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
 
 
 def _drop_cast_round_trips(model: onnx.ModelProto) -> None:

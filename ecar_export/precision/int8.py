@@ -224,7 +224,10 @@ def calibrate(
     )
     if hasattr(reader, "rewind"):
         reader.rewind()
-    calibrator.collect_data(reader)
+    # one collect_data per group of one shape (the backbone's stages): ORT's histogram collectors
+    # stack a tensor's values over one call; ranges and histograms accumulate across calls
+    for part in reader.parts() if hasattr(reader, "parts") else [reader]:
+        calibrator.collect_data(part)
     ranges = tmp / "ranges.json"
     save_tensors_data(calibrator.compute_data(), ranges)
     return ranges

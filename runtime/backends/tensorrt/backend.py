@@ -26,20 +26,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime import gpu
+from runtime import gpu, graphs
 from runtime.backends.tensorrt import cuda_graphs
 from runtime.backends.tensorrt.cuda_graphs import StageGraph
 from runtime.backends.tensorrt.engine import EngineRunner
 from runtime.backends.tensorrt.memory import DeviceAllocations, PinnedBuffers, SharedScratch
 from runtime.backends.tensorrt.shapes import nbytes, resolve_dims
-from runtime.backends.tensorrt.workspace import Workspace
+from runtime.backends.tensorrt.workspace import StageInputs, Workspace
 from runtime.errors import ECARError, EngineError, InvalidRequestError, ManifestError
 from runtime.manifest import Manifest
 from runtime.trt import loader
@@ -73,7 +73,7 @@ def probe(manifest: Manifest, device_index: int = 0) -> str | None:
         cuda.use_device(device_index)
         loader.create_runtime(trt_module)
         environment = RunningEnvironment(str(trt_module.__version__), info.name, info.compute_capability)
-        check_plan_compatibility(manifest.raw.get("tensorrt"), environment)
+        check_plan_compatibility(manifest.tensorrt, environment)
     except ECARError as exc:
         return str(exc)
     return None
@@ -131,7 +131,7 @@ class TensorRTBackend:
         if environment is None:
             environment = RunningEnvironment(str(self.trt.__version__), info.name, info.compute_capability)
         self.environment = environment
-        self.warnings = check_plan_compatibility(manifest.raw.get("tensorrt"), environment)
+        self.warnings = check_plan_compatibility(manifest.tensorrt, environment)
         for text in self.warnings:
             LOG.warning("%s", text)
         missing = [name for name, entry in manifest.graphs.items() if not entry.plan_file]
@@ -150,6 +150,7 @@ class TensorRTBackend:
         self._host_memory = DeviceAllocations(self.cuda)
         self._host_pinned = PinnedBuffers(self.cuda)
         self._workspaces: dict[int, Workspace] = {}
+        self._stage_inputs: StageInputs | None = None
         try:
             for name, entry in manifest.graphs.items():
                 assert entry.plan_file is not None
@@ -165,12 +166,14 @@ class TensorRTBackend:
                         f"TensorRT {self.environment.tensorrt_version} cannot deserialize the plan of graph '{name}' "
                         f"('{path}'); {REBUILD}" + log_tail_text(self._book, mark)
                     )
-                self.runners[name] = EngineRunner(name, entry.spec, engine, self.trt, self._book)
+                stages = graphs.graph_stages(self.config, entry.spec)
+                self.runners[name] = EngineRunner(name, entry.spec, engine, self.trt, self._book, stages)
+            self._stream = self.cuda.stream_create()
             # one activation buffer for every context (they run one at a time on one stream)
             self._scratch = SharedScratch(self.cuda, max(runner.memory_needed() for runner in self.runners.values()))
             for runner in self.runners.values():
-                runner.context = runner.new_context(self._scratch)
-            self._stream = self.cuda.stream_create()
+                runner.open_contexts(self._scratch, self._stream)
+            self._stage_inputs = StageInputs(self.cuda, self.config, self._stream)
         except BaseException:
             self.close()
             raise
@@ -179,10 +182,6 @@ class TensorRTBackend:
     def scratch_bytes(self) -> int:
         """Size of the activation buffer all execution contexts share."""
         return self._scratch.size if self._scratch else 0
-
-    def _context(self, runner: EngineRunner) -> trt.IExecutionContext:
-        assert runner.context is not None
-        return runner.context
 
     # ------------------------------------------------------------------ Backend protocol
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -205,7 +204,8 @@ class TensorRTBackend:
             for name in runner.inputs:
                 np.copyto(call.host[name], feeds[name], casting="same_kind")
                 self.cuda.copy_to_device(call.device[name], call.host[name], self._stream)
-            runner.enqueue(self._context(runner), dims, call.device, self._stream)
+            stage = runner.stage_for(dims, self.config.tokens_per_stage, self.manifest.max_batch)
+            runner.enqueue(runner.contexts[stage], dims, call.device, self._stream)
             for name in runner.outputs:
                 self.cuda.copy_to_host(call.host[name], call.device[name], self._stream)
             self.cuda.stream_synchronize(self._stream)
@@ -268,7 +268,7 @@ class TensorRTBackend:
     def _workspace(self, batch: int) -> Workspace:
         workspace = self._workspaces.get(batch)
         if workspace is None:
-            workspace = Workspace(self.cuda, self.config, self.runners, batch)
+            workspace = Workspace(self.cuda, self.config, batch, self.manifest.fuse_flow_loop, self._stream)
             self._workspaces[batch] = workspace
         return workspace
 
@@ -281,57 +281,73 @@ class TensorRTBackend:
         on_stage: Callable[[int, int], None] | None,
         begin: float,
     ) -> DeviceRunResult:
+        """Walk the request plan (:func:`runtime.graphs.request_plan`) with every tensor on the device."""
         config, cuda, stream, timer = self.config, self.cuda, self._stream, ws.timer
-        dims = ws.dims
+        assert self._stage_inputs is not None
         timer.reset()
         calls: list[tuple[str, int, int, int]] = []  # graph, start event, end event, engine calls
         stage_marks: list[tuple[int, int]] = []
         np.copyto(ws.host_labels, labels, casting="same_kind")
-        for index, weight in enumerate(cfg_weights):
-            ws.host_scalars[index * ws.slot_floats] = np.float32(weight)
+        for stage, weight in enumerate(cfg_weights, start=1):
+            ws.set_cfg(stage, weight)
         cuda.copy_to_device(ws.labels, ws.host_labels, stream)
-        for pointer, host, array in zip(ws.noise, ws.host_noise, noise):
-            np.copyto(host, array, casting="same_kind")
-            cuda.copy_to_device(pointer, host, stream)
+        for stage, array in enumerate(noise, start=1):
+            np.copyto(ws.host_noise[stage], array, casting="same_kind")
+            cuda.copy_to_device(ws.noise[stage], ws.host_noise[stage], stream)
         cuda.copy_to_device(ws.scalars, ws.host_scalars, stream)
 
-        def call(
-            runner: EngineRunner, context: trt.IExecutionContext, call_dims: Mapping[str, int], bind: dict[str, int]
-        ) -> None:
+        def call(runner: EngineRunner, stage: int, bind: dict[str, int]) -> None:
             start = timer.mark(stream)
-            runner.enqueue(context, call_dims, bind, stream)
+            runner.enqueue(runner.contexts[stage], ws.dims[stage], bind, stream)
             calls.append((runner.name, start, timer.mark(stream), 1))
 
-        final = 0
-        for index in range(config.num_stages):
-            stage = index + 1
-            stage_start = timer.mark(stream)
-            bind = {"labels": ws.labels, "noise": ws.noise[index], "z": ws.z[index], "x": ws.x[index]}
-            bind["present_kv"] = ws.kv[index]
-            if index:
-                bind["prev"], bind["past_kv"] = final, ws.kv[index - 1]
-            backbone = self.runners[f"backbone_{stage}"]
-            call(backbone, self._context(backbone), dims, bind)
-            flow_dims = {"M": ws.batch * config.tokens_per_stage[index]}
-            flow_dims["2M"] = 2 * flow_dims["M"]
-            cfg_slot = ws.slot(index)
-            if self.manifest.fuse_flow_loop:
-                loop = self.runners[f"flow_loop_{stage}"]
-                bind = {"x": ws.x[index], "z": ws.z[index], "cfg": cfg_slot, "x_end": ws.scratch[index]}
-                call(loop, self._context(loop), flow_dims, bind)
-                final = ws.scratch[index]
+        offsets = graphs.cache_offsets(config)
+        prev = ws.first_prev  # the previous stage's end state
+        current = ws.x[0]  # the flow state of this stage (never the buffer ``prev`` is in)
+        stage_start = 0
+        for request_call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
+            stage, graph = request_call.stage, request_call.graph
+            runner = self.runners[graph]
+            if graph == "backbone":
+                stage_start = timer.mark(stream)
+                current = ws.x[1] if prev == ws.x[0] else ws.x[0]
+                bind = {
+                    "labels": ws.labels,
+                    "prev": prev,
+                    "noise": ws.noise[stage],
+                    **self._stage_inputs.addresses[stage],
+                    "past_kv": ws.cache,
+                    "z": ws.z,
+                    "x": current,
+                    "kv": ws.kv_out,
+                }
+                call(runner, stage, bind)
+                emitted = ws.dims[stage]["E"]
+                if emitted:  # append the stage's keys/values to the cache (the next stage's past)
+                    target = ws.cache + offsets[stage - 1] * ws.kv_row
+                    cuda.copy_device(target, ws.kv_out, emitted * ws.kv_row, stream)
+                continue
+            if graph == "decoder":
+                decode_start = timer.mark(stream)
+                call(runner, stage, {"x": prev, "image": ws.image})
+                decode_end = timer.mark(stream)
+                continue
+            other = ws.x[1] if current == ws.x[0] else ws.x[0]
+            if graph == "flow_loop":
+                t_slot, dt_slot = ws.time_slot[stage][0]
+                bind = {"x": current, "z": ws.z, "t": ws.slot(t_slot), "dt": ws.slot(dt_slot)}
+                call(runner, stage, {**bind, "cfg": ws.cfg_slot(stage), "x_end": other})
+                prev = other
+            elif request_call.step == 0:  # flow_step: the stage's whole loop, enqueued at its first step
+                prev = self._flow_loop(ws, stage, calls, (current, other))
             else:
-                final = self._flow_loop(ws, index, flow_dims, cfg_slot, calls)
+                continue
             stage_marks.append((stage_start, timer.mark(stream)))
             if on_stage:
                 cuda.stream_synchronize(stream)
                 on_stage(stage, config.num_stages)
-        decoder = self.runners["decoder"]
-        decode_start = timer.mark(stream)
-        call(decoder, self._context(decoder), dims, {"x": final, "image": ws.image})
-        decode_end = timer.mark(stream)
         cuda.copy_to_host(ws.host_image, ws.image, stream)
-        cuda.copy_to_host(ws.host_latents, final, stream)
+        cuda.copy_to_host(ws.host_latents, prev, stream)
         cuda.stream_synchronize(stream)
         graph_seconds: dict[str, float] = {}
         graph_calls: dict[str, int] = {}
@@ -349,29 +365,28 @@ class TensorRTBackend:
         )
 
     def _flow_loop(
-        self,
-        ws: Workspace,
-        index: int,
-        dims: Mapping[str, int],
-        cfg_slot: int,
-        calls: list[tuple[str, int, int, int]],
+        self, ws: Workspace, stage: int, calls: list[tuple[str, int, int, int]], buffers: tuple[int, int]
     ) -> int:
-        """Enqueue stage ``index``'s Euler loop (x ping-pongs between two buffers); returns the final buffer."""
+        """Enqueue a stage's Euler loop (x ping-pongs from ``buffers[0]``); returns the final buffer.
+
+        With ``cuda_graphs``, the loop runs on a context of its own per (batch size, stage):
+        eagerly twice (a warm-up, then a run that is captured), replayed from then on.
+        """
         runner = self.runners["flow_step"]
         timer, stream = ws.timer, self._stream
-        steps = ws.time_slot[index]
-        buffers = (ws.x[index], ws.scratch[index])
+        steps = ws.time_slot[stage]
         final = buffers[len(steps) % 2]
+        dims = ws.dims[stage]
 
         def enqueue_all(context: trt.IExecutionContext, timed: bool) -> None:
             for step, (t_slot, dt_slot) in enumerate(steps):
                 bind = {
                     "x": buffers[step % 2],
                     "x_next": buffers[(step + 1) % 2],
-                    "z": ws.z[index],
+                    "z": ws.z,
                     "t": ws.slot(t_slot),
                     "dt": ws.slot(dt_slot),
-                    "cfg": cfg_slot,
+                    "cfg": ws.cfg_slot(stage),
                 }
                 start = timer.mark(stream) if timed else -1
                 runner.enqueue(context, dims, bind, stream)
@@ -379,13 +394,13 @@ class TensorRTBackend:
                     calls.append((runner.name, start, timer.mark(stream), 1))
 
         if not self.cuda_graphs or not steps:
-            enqueue_all(self._context(runner), timed=True)
+            enqueue_all(runner.contexts[stage], timed=True)
             return final
-        stage_graph = ws.stage_graphs.get(index)
+        stage_graph = ws.stage_graphs.get(stage)
         if stage_graph is None:
             assert self._scratch is not None
-            stage_graph = StageGraph(context=runner.new_context(self._scratch))
-            ws.stage_graphs[index] = stage_graph
+            stage_graph = StageGraph(context=runner.new_context(self._scratch, stage, stream))
+            ws.stage_graphs[stage] = stage_graph
         if stage_graph.executable:
             start = timer.mark(stream)
             self.cuda.graph_launch(stage_graph.executable, stream)
@@ -399,9 +414,7 @@ class TensorRTBackend:
                     self.cuda, stream, stage_graph, lambda: enqueue_all(stage_graph.context, timed=False)
                 )
                 if failure is not None:
-                    message = (
-                        f"CUDA graph capture of stage {index + 1}'s flow loop failed; running it eagerly ({failure})"
-                    )
+                    message = f"CUDA graph capture of stage {stage}'s flow loop failed; running it eagerly ({failure})"
                     self.warnings.append(message)
                     LOG.warning("%s", message)
             else:
@@ -431,6 +444,9 @@ class TensorRTBackend:
                 self.cuda.stream_synchronize(self._stream)
             self.release_buffers()
             self.runners.clear()
+            if self._stage_inputs is not None:
+                self._stage_inputs.release()
+                self._stage_inputs = None
             if self._scratch is not None:
                 self._scratch.free()
                 self._scratch = None

@@ -1,4 +1,10 @@
-"""One deserialized TensorRT plan checked against its graph's contract, and enqueueing it."""
+"""One deserialized TensorRT plan checked against its graph's contract, its contexts, and enqueueing it.
+
+A plan holds one optimisation profile per stage its graph runs at (in the order of
+:func:`runtime.graphs.graph_stages`); each gets its own execution context, bound to that
+profile once, so a request never switches profiles. Contexts have no memory of their own:
+they share the backend's activation buffer.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +32,23 @@ class EngineRunner:
     """
 
     def __init__(
-        self, name: str, spec: GraphSpec, engine: trt.ICudaEngine, trt_module: ModuleType, book: LogBook
+        self,
+        name: str,
+        spec: GraphSpec,
+        engine: trt.ICudaEngine,
+        trt_module: ModuleType,
+        book: LogBook,
+        stages: list[int],
     ) -> None:
         self.name = name
         self.spec = spec
+        self.stages = stages
+        profiles = int(engine.num_optimization_profiles)
+        if profiles != len(stages):
+            raise EngineError(
+                f"the TensorRT plan of graph '{name}' has {profiles} optimisation profile(s), the graph runs at "
+                f"{len(stages)} stage(s) ({stages}); {REBUILD}"
+            )
         self.engine = engine
         self.trt = trt_module
         self.book = book
@@ -64,18 +83,30 @@ class EngineRunner:
                     "this runtime binds device memory only"
                 )
             self.dtypes[tensor.name] = actual
-        self.context: trt.IExecutionContext | None = None
+        self.contexts: dict[int, trt.IExecutionContext] = {}  # stage -> the context of its profile
         self._verified: set[tuple[int, tuple[tuple[str, int], ...]]] = set()
+
+    def profile(self, stage: int) -> int:
+        """The optimisation profile (index) of a stage."""
+        try:
+            return self.stages.index(stage)
+        except ValueError:
+            raise EngineError(f"graph '{self.name}' has no profile for stage {stage}") from None
 
     def memory_needed(self) -> int:
         """Activation memory one execution context of this plan needs (its largest profile)."""
-        size = getattr(self.engine, "device_memory_size_v2", None)
-        if size is None:  # TensorRT 10.0
-            size = self.engine.device_memory_size
-        return int(size)
+        by_profile = getattr(self.engine, "get_device_memory_size_for_profile_v2", None)
+        if by_profile is not None:
+            return max(int(by_profile(index)) for index in range(len(self.stages)))
+        return int(self.engine.device_memory_size)  # TensorRT 10.0
 
-    def new_context(self, scratch: SharedScratch) -> trt.IExecutionContext:
-        """An execution context without memory of its own, bound to ``scratch``."""
+    def open_contexts(self, scratch: SharedScratch, stream: int) -> None:
+        """One context per profile (per stage), each bound to its profile once."""
+        for stage in self.stages:
+            self.contexts[stage] = self.new_context(scratch, stage, stream)
+
+    def new_context(self, scratch: SharedScratch, stage: int, stream: int) -> trt.IExecutionContext:
+        """An execution context on the profile of ``stage``, without memory of its own, bound to ``scratch``."""
         mark = self.book.mark()
         strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
         context: trt.IExecutionContext | None = self.engine.create_execution_context(strategy)
@@ -93,7 +124,27 @@ class EngineRunner:
             context.set_device_memory(scratch.pointer, scratch.size)
         else:  # TensorRT 10.0
             setattr(context, "device_memory", scratch.pointer)  # noqa: B010
+        profile = self.profile(stage)
+        if profile and not context.set_optimization_profile_async(profile, stream):
+            raise EngineError(
+                f"TensorRT cannot select profile {profile} (stage {stage}) of graph '{self.name}'"
+                + log_tail_text(self.book, mark)
+            )
         return context
+
+    def stage_for(self, dims: Mapping[str, int], config_tokens: tuple[int, ...], max_batch: int) -> int:
+        """A stage whose profile holds a call of these dims (for calls that do not say their stage)."""
+        for stage in self.stages:
+            tokens = config_tokens[stage - 1]
+            if "N" in dims and self.spec.kind == "backbone":
+                if dims["N"] == tokens:
+                    return stage
+            elif "M" in dims:
+                if dims["M"] % tokens == 0 and 1 <= dims["M"] // tokens <= max_batch:
+                    return stage
+            else:
+                return stage
+        raise EngineError(f"no profile of graph '{self.name}' holds a call of shape {dict(dims)}")
 
     def shape(self, name: str, dims: Mapping[str, int]) -> tuple[int, ...]:
         for tensor in (*self.spec.inputs, *self.spec.outputs):

@@ -1,4 +1,4 @@
-"""Concrete shapes of a graph's tensors from the contract's symbolic dims (B, 2B, M, 2M)."""
+"""Concrete shapes of a graph's tensors from the contract's symbolic dims (:mod:`runtime.graphs`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import numpy as np
 from runtime.errors import InvalidRequestError
 from runtime.graphs import GraphSpec
 
+EMPTY_ALLOWED = ("T", "E")
+PAIRED = ("B", "M")  # dims whose doubles (2B guidance rows, 2M) the contract names
+
 
 def resolve_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """The symbolic dims (B, 2B, M, 2M) of ``spec`` implied by concrete input ``shapes``.
+    """The symbolic dims (B, 2B, N, P, T, E, M, 2M, K) of ``spec`` implied by concrete input ``shapes``.
 
-    Raises :class:`InvalidRequestError` when a shape does not fit the graph's contract.
+    Only the cache lengths ``T`` and ``E`` may be 0 (stage 1 reads no cache, the last stage
+    emits none). Raises :class:`InvalidRequestError` when a shape does not fit the contract.
     """
     values: dict[str, int] = {}
     for tensor in spec.inputs:
@@ -34,7 +38,7 @@ def resolve_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[int]]) -> dict[s
                     )
                 continue
             base, factor = (want[1:], 2) if want.startswith("2") else (want, 1)
-            if got <= 0 or got % factor:
+            if got < (0 if base in EMPTY_ALLOWED else 1) or got % factor:
                 raise InvalidRequestError(f"graph '{spec.name}' input '{tensor.name}': dim {want}={got} is invalid")
             if values.setdefault(base, got // factor) != got // factor:
                 raise InvalidRequestError(
@@ -42,8 +46,9 @@ def resolve_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[int]]) -> dict[s
                     f"({base}={values[base]})"
                 )
     dims = dict(values)
-    for base, value in values.items():
-        dims[f"2{base}"] = 2 * value
+    for base in PAIRED:
+        if base in values:
+            dims[f"2{base}"] = 2 * values[base]
     return dims
 
 
