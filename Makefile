@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint typecheck bench clean
 
-$(STAMP): pyproject.toml
+# Every package at the version constraints.txt pins (pyproject.toml only states ranges).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU build (never an unpinned CUDA download)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,serve]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,onnxruntime,openvino,serve,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

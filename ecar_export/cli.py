@@ -193,11 +193,13 @@ def check_cmd(
     from ecar_export.check import check_build
 
     model = _model(checkpoint, preset)
-    results, used_seed = check_build(engine_dir, model, batch=batch, seed=seed, calibration_dir=calibration)
+    results, used_seed = check_build(
+        engine_dir, model, batch=batch, seed=seed, calibration_dir=calibration, backend=backend
+    )
     if as_json:
         sys.stdout.write(json.dumps({"seed": used_seed, "graphs": [vars(r) for r in results]}, indent=2) + "\n")
     else:
-        table = Table(title=f"{engine_dir} vs torch (input seed {used_seed})")
+        table = Table(title=f"{engine_dir} on {backend} vs torch (input seed {used_seed})")
         for column in ("graph", "stage", "file", "sha256", "inputs", "max abs", "cosine", "result"):
             table.add_column(column)
         for r in results:
@@ -326,7 +328,31 @@ def train_demo_cmd(
     console().print(f"wrote {out}")
 
 
+# What `ecar-export` needs beyond the runtime layer (the `export` extra), as import names.
+EXPORT_LAYER = ("torch", "onnx", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "polygraphy", "safetensors", "sklearn")
+INSTALL_EXPORT = "pip install torch==2.13.0 && pip install 'ecar-export[export,onnxruntime]'"
+
+
+def missing_export_layer() -> list[str]:
+    """Packages of the export layer (or an ONNX Runtime, CPU or GPU build) that cannot be imported here."""
+    import importlib.util
+
+    missing = [name for name in EXPORT_LAYER if importlib.util.find_spec(name) is None]
+    if importlib.util.find_spec("onnxruntime") is None:  # onnxruntime and onnxruntime-gpu both provide it
+        missing.append("onnxruntime")
+    return missing
+
+
 def main() -> None:
+    asks_for_help = len(sys.argv) < 2 or any(arg in ("--help", "-h") for arg in sys.argv[1:])
+    missing = [] if asks_for_help else missing_export_layer()
+    if missing:
+        console().print(
+            f"error: ecar-export needs the export layer, which is not installed here (missing: {', '.join(missing)}). "
+            f"Install it with: {INSTALL_EXPORT} (the CPU build of torch first; use 'ecar-export[export,gpu]' on a "
+            "CUDA machine). The runtime alone (ecar-run, from runtime import Pipeline) needs none of it."
+        )
+        raise SystemExit(2)
     app()
 
 

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.config import ECARConfig
 from runtime.errors import ECARError
+from runtime.version import __version__
 
 if TYPE_CHECKING:
     from runtime.pipeline import GenerateResult, Pipeline
 
-__all__ = ["ECARConfig", "ECARError", "GenerateResult", "Pipeline"]
+__all__ = ["ECARConfig", "ECARError", "GenerateResult", "Pipeline", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

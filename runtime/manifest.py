@@ -21,6 +21,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,7 @@ def document(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "runtime": {"min_version": MIN_RUNTIME_FOR_CONTRACT, "built_by": __version__},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": config.to_dict(),
         "schedule": {
@@ -300,6 +302,7 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
         raise ManifestError(f"{where}: the manifest must be a JSON object")
     if data.get("format") != FORMAT:
         raise ManifestError(f"{where}: not an ECAR engine manifest (format {data.get('format')!r})")
+    _check_runtime_version(data.get("runtime"), where)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         older = isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION
@@ -361,6 +364,35 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
         tensorrt=tensorrt,
         raw=data,
     )
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``"0.2.0"`` -> ``(0, 2, 0)``; anything after the numbers (``rc1``, ``+local``) is ignored."""
+    numbers = []
+    for part in text.split("."):
+        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:  # "0rc1": the numbers end here
+            break
+    return tuple(numbers)
+
+
+def _check_runtime_version(raw: Any, where: str) -> None:
+    """Refuse a build that needs a newer runtime than this one, naming both versions."""
+    if not isinstance(raw, dict):
+        return  # builds before 0.2.0 name no runtime; their format version refuses them
+    needed, built_by = raw.get("min_version"), raw.get("built_by")
+    if not isinstance(needed, str) or not version_tuple(needed):
+        raise ManifestError(f"{where}: field 'runtime.min_version' must be a version string; rebuild the engines")
+    if version_tuple(__version__) < version_tuple(needed):
+        by = f" (it was built by ecar-export {built_by})" if isinstance(built_by, str) else ""
+        raise ManifestError(
+            f"{where}: this build needs ecar-export's runtime {needed} or newer{by}, but this runtime is "
+            f"{__version__}; upgrade it (pip install -U 'ecar-export[onnxruntime]>={needed}') or rebuild the "
+            "engines with this toolchain"
+        )
 
 
 def _calibration(raw: Any, where: str) -> CalibrationRecord | None:
