@@ -102,7 +102,11 @@ def build_cmd(
         str, typer.Option(help="fp32 | fp16 | int8 (precision is set in the ONNX graphs; see README 'Precision').")
     ] = "fp32",
     backend: Annotated[
-        str, typer.Option(help="auto (TensorRT where importable and a GPU is present) | onnxruntime | tensorrt.")
+        str,
+        typer.Option(
+            help="auto (TensorRT where importable and a GPU is present, else onnxruntime) | onnxruntime | openvino "
+            "(the same ONNX graphs, each compiled by OpenVINO once to check it) | tensorrt."
+        ),
     ] = "auto",
     out: Annotated[Path, typer.Option(help="Engine directory to write (replaced atomically).")] = Path("engines"),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.")] = 8,
@@ -183,6 +187,12 @@ def check_cmd(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random inputs (default: fresh).")] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Run the graphs with onnxruntime (default) or openvino (at the precision it runs the build at)."
+        ),
+    ] = "onnxruntime",
     as_json: JsonOpt = False,
 ) -> None:
     """Compare every graph of a build with the torch model at every stage it runs (polygraphy Comparator)."""

@@ -32,12 +32,13 @@ from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ECARError, ManifestError
 from runtime.fileio import sha256_file, write_bytes_atomic
 from runtime.graphs import CONTRACT_VERSION, GraphSpec, graph_specs
+from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
 
 FORMAT = "ecar-engines"
 FORMAT_VERSION = CONTRACT_VERSION  # the manifest format follows the graph contract
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 DIGEST_FIELD = "manifest_sha256"
 REBUILD = "rebuild the engines with this toolchain's `ecar-export build`"
 

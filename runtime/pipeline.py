@@ -17,13 +17,13 @@ import numpy as np
 
 from runtime import graphs, schedule
 from runtime import manifest as manifest_io
-from runtime.backends import Backend
+from runtime.backends import Backend, selection
 from runtime.errors import BackendUnavailableError, ECARWarning, InvalidRequestError
 from runtime.images import to_uint8
 from runtime.manifest import Manifest
 
 StageCallback = Callable[[int, int], None]  # (stages done, stages in all)
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+BACKEND_CHOICES = selection.CHOICES
 
 
 @dataclass
@@ -81,17 +81,19 @@ class Pipeline:
         device: str = "auto",
         threads: int | None = None,
     ) -> Pipeline:
-        """Load an engine directory. ``backend``: "onnxruntime", "tensorrt" or "auto".
+        """Load an engine directory. ``backend``: "auto", "onnxruntime", "openvino" or "tensorrt".
 
-        "auto" takes TensorRT plans where the build has them and TensorRT can run here,
-        else ONNX Runtime (on CUDA where onnxruntime-gpu is installed, else on the CPU).
-        ``threads`` caps ONNX Runtime's intra-op threads per graph (default: one per core),
-        for processes that share a machine, such as several serving replicas.
+        "auto" takes TensorRT plans where the build has them and TensorRT can run here, else
+        ONNX Runtime on CUDA where onnxruntime-gpu is installed (and ``device`` is not "cpu"),
+        else the fastest installed CPU backend for the build's precision
+        (:mod:`runtime.backends.selection`: OpenVINO where installed, else ONNX Runtime).
+        ``device`` (ONNX Runtime): "auto", "cpu" or "cuda". ``threads`` caps the CPU threads of
+        each graph (ONNX Runtime's intra-op threads, OpenVINO's inference threads; default: one
+        per core), for processes that share a machine, such as several serving replicas.
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
-        if backend not in BACKEND_CHOICES:
-            raise InvalidRequestError(f"unknown backend '{backend}': use {', '.join(BACKEND_CHOICES)}")
+        selection.check_choice(backend)
         manifest = manifest_io.load(path)
         if backend == "tensorrt" and manifest.backend != "tensorrt":
             raise BackendUnavailableError(
@@ -106,11 +108,24 @@ class Pipeline:
                 return cls(manifest, tensorrt.TensorRTBackend(manifest))
             if backend == "tensorrt":
                 raise BackendUnavailableError(problem)
+            fallback = "onnxruntime" if _cuda_wanted(device) else selection.cpu_backend(manifest.precision)
+            where = "ONNX Runtime on CUDA" if _cuda_wanted(device) else selection.NAMES[fallback]
             warnings.warn(
-                f"the TensorRT plans in '{path}' cannot run here, using ONNX Runtime instead: {problem}",
+                f"the TensorRT plans in '{path}' cannot run here, using {where} instead: {problem.splitlines()[0]}",
                 ECARWarning,
                 stacklevel=2,
             )
+            backend = fallback
+        if backend == "auto":
+            if _cuda_wanted(device):
+                backend = "onnxruntime"
+            else:
+                backend = selection.cpu_backend(manifest.precision)
+                device = "cpu" if backend == "onnxruntime" else device
+        if backend == "openvino":
+            from runtime.backends.openvino_backend import OpenVINOBackend
+
+            return cls(manifest, OpenVINOBackend(manifest, threads=threads))
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return cls(manifest, OnnxRuntimeBackend(manifest, device=device, threads=threads))
@@ -280,3 +295,8 @@ class Pipeline:
         images = to_uint8(image)
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, prev, timings)
+
+
+def _cuda_wanted(device: str) -> bool:
+    """ONNX Runtime on CUDA: asked for, or ``auto`` with onnxruntime-gpu seeing a GPU."""
+    return device == "cuda" or (device == "auto" and selection.onnxruntime_has_cuda())

@@ -196,7 +196,7 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
 
     manifest, config = pipeline.manifest, pipeline.config
     versions: dict[str, str | None] = {}
-    for package in ("ecar-export", "onnxruntime", "numpy", "ray"):
+    for package in ("ecar-export", "onnxruntime", "openvino", "numpy", "ray"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

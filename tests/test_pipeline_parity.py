@@ -236,7 +236,7 @@ def test_valid_request_is_accepted(tiny_pipe: Pipeline):
 
 def test_sessions_are_created_with_the_runtime_options(build_cache: BuildCache):
     # no CPU arena (memory), no spinning intra-op threads (speed on a shared machine), threads capped on request
-    pipe = Pipeline.from_dir(build_cache.get(TINY).dir, threads=1)
+    pipe = Pipeline.from_dir(build_cache.get(TINY).dir, backend="onnxruntime", threads=1)
     for name, session in pipe.backend.sessions.items():
         options = session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0", name
@@ -538,6 +538,6 @@ def test_corrupt_engine_directories_are_refused(name: str | None, build_cache: B
 
 @pytest.mark.parametrize("backend", ["bogus", "TensorRT", "", "cuda"])
 def test_an_unknown_backend_is_a_value_error_naming_the_choices(backend: str, build_cache: BuildCache) -> None:
-    with pytest.raises(ValueError, match=r"unknown backend .*use auto, onnxruntime, tensorrt") as error:
+    with pytest.raises(ValueError, match=r"unknown backend .*use auto, onnxruntime, openvino, tensorrt") as error:
         Pipeline.from_dir(build_cache.get(TINY).dir, backend=backend)
     assert isinstance(error.value, ECARError)

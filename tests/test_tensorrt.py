@@ -45,6 +45,7 @@ from ecar_export import tensorrt_build
 from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
 from runtime import gpu, graphs, schedule
 from runtime import manifest as manifest_io
+from runtime.backends import selection
 from runtime.backends.tensorrt import TensorRTBackend, probe
 from runtime.backends.tensorrt.shapes import resolve_dims
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
@@ -639,10 +640,11 @@ def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = Pipeline.from_dir(tmp_path / "trt", backend="auto")
-    assert pipe.backend.name == "onnxruntime"
+    fallback = selection.cpu_backend("fp32")  # the fastest installed CPU backend
+    assert pipe.backend.name == fallback
     messages = [str(w.message) for w in caught if issubclass(w.category, ECARWarning)]
     assert len(messages) == 1 and "\n" not in messages[0], messages
-    assert "using ONNX Runtime instead: TensorRT cannot start CUDA here" in messages[0]
+    assert f"using {selection.NAMES[fallback]} instead: TensorRT cannot start CUDA here" in messages[0]
     with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
         Pipeline.from_dir(tmp_path / "trt", backend="tensorrt")
     loaded = manifest_io.load(build.dir)

@@ -1,0 +1,212 @@
+"""OpenVINO backend: the build's very ONNX graphs, compiled for the CPU by OpenVINO (optional extra).
+
+OpenVINO reads the ``.onnx`` files (and their external weights) directly and runs them with its
+own CPU kernels, which use AMX / AVX-512 where the CPU has them. Precision stays the build's
+choice; what OpenVINO runs at (its ``INFERENCE_PRECISION_HINT``) follows from it:
+
+* fp32 builds run at ``f32`` (OpenVINO's CPU default is bf16 where the CPU has it: it is set
+  explicitly, so an fp32 build is an fp32 computation);
+* fp16 builds run at the CPU's best half precision: ``bf16`` where the CPU reports BF16, else
+  ``f16`` where it reports FP16, else ``f32``;
+* int8 builds run their Q/DQ-marked products on OpenVINO's integer kernels; the rest of the
+  graph at the same half precision as fp16 builds.
+
+``describe()`` reports what each graph was compiled at and the CPU's capabilities.
+
+Threading: one compiled model per graph, created once; every call takes an infer request of
+that graph from a pool (created on first need, reused after), so one backend serves any
+number of threads and concurrent calls return what sequential calls return. ``threads`` caps
+the CPU threads of every compiled model (``INFERENCE_NUM_THREADS``), for replicas sharing a
+machine.
+
+A workaround, measured on OpenVINO 2026.4: when the very first inference of a compiled model has
+an empty input (the backbone's cache at stage 1), the CPU plugin computes wrong values for later
+shapes (its shape-keyed primitive cache; disabling it, ``CPU_RUNTIME_CACHE_CAPACITY=0``, fixes
+them and doubles the demo's backbone time). So every new infer request of a graph whose inputs
+can be empty first runs one warm-up inference at the last stage, whose cache is not empty.
+
+Compiled models can be cached on disk (OpenVINO's ``CACHE_DIR``: ``cache_dir`` or
+``$ECAR_OPENVINO_CACHE``); off by default: measured on ecar-b, compiling every graph takes 0.6 s,
+loading the cached blobs 0.5 s, and the cache is as large as the weights (392 MB).
+``ecar-export build --backend openvino`` compiles every graph once (:func:`compile_graph`), so a
+graph OpenVINO cannot run fails the build.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime import graphs
+from runtime.errors import BackendUnavailableError, EngineError
+from runtime.manifest import Manifest
+
+INSTALL = "pip install 'ecar-export[openvino]'"
+
+
+def load_openvino() -> Any:
+    """``import openvino``, or :class:`BackendUnavailableError` saying how to get it."""
+    try:
+        import openvino
+    except Exception as exc:  # ImportError, or a broken install
+        raise BackendUnavailableError(
+            f"OpenVINO is not installed here ({type(exc).__name__}: {exc}); install the 'openvino' extra "
+            f"({INSTALL}) or use the onnxruntime backend"
+        ) from None
+    return openvino
+
+
+def openvino_version() -> str | None:
+    try:
+        return str(load_openvino().__version__)
+    except BackendUnavailableError:
+        return None
+
+
+def cpu_capabilities(core: Any) -> list[str]:
+    try:
+        return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    except Exception:  # a CPU plugin without the property
+        return []
+
+
+def inference_precision(build_precision: str, capabilities: list[str]) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` a build of ``build_precision`` runs at on this CPU."""
+    if build_precision == "fp32":
+        return "f32"
+    if "BF16" in capabilities:
+        return "bf16"
+    if "FP16" in capabilities:
+        return "f16"
+    return "f32"
+
+
+def default_cache_dir() -> Path | None:
+    explicit = os.environ.get("ECAR_OPENVINO_CACHE")
+    return Path(explicit) if explicit else None
+
+
+def compile_config(precision: str, capabilities: list[str], threads: int | None = None) -> dict[str, Any]:
+    """The CPU plugin configuration a graph of ``precision`` is compiled with."""
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": inference_precision(precision, capabilities),
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+def compile_graph(
+    path: str | os.PathLike[str], precision: str, name: str, core: Any = None, threads: int | None = None
+) -> Any:
+    """Read and compile one graph file for the CPU; :class:`EngineError` naming the graph where OpenVINO cannot."""
+    ov = load_openvino()
+    core = core if core is not None else ov.Core()
+    try:
+        model = core.read_model(str(path))
+        return core.compile_model(model, "CPU", compile_config(precision, cpu_capabilities(core), threads))
+    except Exception as exc:  # OpenVINO raises RuntimeError with its own message
+        text = " ".join(str(exc).split())[:600]
+        raise EngineError(
+            f"OpenVINO {ov.__version__} cannot read or compile graph '{name}' from '{path}': {text}; rebuild the "
+            "engines, or use the onnxruntime backend"
+        ) from None
+
+
+class OpenVINOBackend:
+    name = "openvino"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        ov = load_openvino()
+        self.version = str(ov.__version__)
+        core = ov.Core()
+        self.capabilities = cpu_capabilities(core)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache)})
+        self.cache_dir = cache
+        self.threads = threads
+        self.compiled: dict[str, Any] = {}
+        self.precision: dict[str, str] = {}
+        self.output_index: dict[str, list[int]] = {}  # the contract's outputs, by OpenVINO output port
+        self._pools: dict[str, queue.SimpleQueue[Any]] = {}
+        self._warm_up: dict[str, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        model_config = manifest.config
+        for name, entry in manifest.graphs.items():
+            compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads)
+            self.compiled[name] = compiled
+            actual = compiled.get_property("INFERENCE_PRECISION_HINT")
+            self.precision[name] = actual.to_string() if hasattr(actual, "to_string") else str(actual)
+            ports = [set(output.get_names()) for output in compiled.outputs]
+            wanted = entry.spec.output_names()
+            indices = [next((i for i, names in enumerate(ports) if want in names), -1) for want in wanted]
+            if -1 in indices:
+                found = sorted(n for names in ports for n in names)
+                raise EngineError(
+                    f"graph '{name}' compiled by OpenVINO has outputs {found}, the contract says {wanted}; "
+                    "rebuild the engines"
+                )
+            self.output_index[name] = indices
+            self._pools[name] = queue.SimpleQueue()
+            if entry.spec.kind == "backbone" and model_config.num_stages > 1:  # its cache is empty at stage 1
+                self._warm_up[name] = _warm_up_feeds(entry.spec, model_config)
+
+    def _request(self, graph: str) -> Any:
+        try:
+            return self._pools[graph].get_nowait()
+        except KeyError:
+            raise EngineError(f"this build has no graph '{graph}'") from None
+        except queue.Empty:
+            request = self.compiled[graph].create_infer_request()
+            if graph in self._warm_up:  # see the module doc: never an empty input first
+                request.infer(self._warm_up[graph])
+            return request
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._request(graph)
+        try:
+            request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+            return [np.array(request.get_output_tensor(i).data, copy=True) for i in self.output_index[graph]]
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"OpenVINO failed to run graph '{graph}': {' '.join(str(exc).split())[:600]}") from None
+        finally:
+            self._pools[graph].put(request)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": self.name,
+            "openvino": self.version,
+            "device": "CPU",
+            "inference_precision": dict(self.precision),
+            "cpu_capabilities": list(self.capabilities),
+            "threads": self.threads,
+            "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+        }
+
+
+def _warm_up_feeds(spec: graphs.GraphSpec, config: Any) -> dict[str, np.ndarray]:
+    """Inputs of one call of ``spec`` at the last stage, batch 1 (zeros; the stage's own constants)."""
+    stage = config.num_stages
+    dims = graphs.stage_dims(config, stage, 1)
+    constants = graphs.stage_inputs(config, stage)
+    return {
+        t.name: np.array(constants[t.name]) if t.name in constants else np.zeros(t.concrete(dims), np.dtype(t.dtype))
+        for t in spec.inputs
+    }

@@ -1,0 +1,212 @@
+"""The OpenVINO backend: the build's ONNX graphs compiled by OpenVINO for the CPU (optional extra).
+
+Parity is with ONNX Runtime running the same fp32 graphs, on fresh seeds, with the parity tests'
+tolerances; half precision and int8 builds run at OpenVINO's half precision and are judged by
+the quality yardstick and by cosine. The error-table rows "OpenVINO not installed" and "graph
+OpenVINO cannot read" go through the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ENGINE_CONFIGS, BuildCache, needs_demo
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from runtime import graphs
+from runtime import manifest as manifest_io
+from runtime.backends import selection
+from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.errors import BackendUnavailableError, EngineError
+from runtime.fileio import sha256_file
+from runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (the 'openvino' extra)"
+)
+TINY = "tiny-1-2-4"
+LATENT_ATOL = 1e-4  # the parity tests' bound
+PARITY = [pytest.param((key, False), id=key) for key in sorted(ENGINE_CONFIGS)] + [
+    pytest.param(("two-stage-2-6", True), id="two-stage-fused"),
+    pytest.param(("demo", False), id="demo", marks=needs_demo),
+]
+
+
+def openvino(build_dir: Path, threads: int | None = None) -> Pipeline:
+    return Pipeline.from_dir(build_dir, backend="openvino", threads=threads)
+
+
+def onnxruntime(build_dir: Path) -> Pipeline:
+    return Pipeline.from_dir(build_dir, backend="onnxruntime", device="cpu")
+
+
+@pytest.mark.parametrize("case", PARITY)
+def test_fp32_equals_onnxruntime_on_fresh_seeds(case: tuple[str, bool], build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
+    build = build_cache.get(*case)
+    ov, ort = openvino(build.dir), onnxruntime(build.dir)
+    assert ov.backend.name == "openvino" and set(ov.backend.describe()["inference_precision"].values()) == {"f32"}
+    config = build.model.config
+    for batch in (1, build.max_batch, 2):  # the backbone's shapes change at every stage and batch size
+        labels = rng.integers(0, config.num_classes, size=batch).tolist()
+        seed = int(rng.integers(0, 2**62))
+        got, want = ov.generate(labels, seed=seed), ort.generate(labels, seed=seed)
+        where = f"{build.key} labels={labels} seed={seed}"
+        assert float(np.std(want.latents)) > 1e-2, where
+        assert float(np.max(np.abs(got.latents - want.latents))) <= LATENT_ATOL, where
+        assert int(np.abs(got.images.astype(np.int16) - want.images.astype(np.int16)).max()) <= 1, where
+        assert dict(got.timings.calls) == dict(want.timings.calls)
+
+
+def test_a_first_call_with_an_empty_cache_does_not_corrupt_later_shapes(build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
+    """OpenVINO 2026.4's CPU plugin: an empty first input spoils later shapes; the backend warms up first."""
+    build = build_cache.get("rgb-1-3-6-linear-cfg")
+    ov = openvino(build.dir)
+    ort = OnnxRuntimeBackend(manifest_io.load(build.dir))
+    spec = ov.manifest.graphs["backbone"].spec
+    for stage in (1, 3, 2, 1, 3):  # stage 1 reads an empty cache; stage 3 is a shape not seen before
+        feeds = graphs.sample_inputs(spec, ov.config, stage, 2, rng)
+        for got, want in zip(ov.backend.run("backbone", feeds), ort.run("backbone", feeds)):
+            assert got.shape == want.shape
+            if want.size:
+                assert float(np.max(np.abs(got - want))) <= 1e-4, stage
+
+
+def test_one_pipeline_shared_by_threads_gives_the_sequential_results(build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
+    build = build_cache.get(TINY)
+    pipe = openvino(build.dir)
+    jobs = []
+    for _ in range(8 * 25):
+        batch = int(rng.integers(1, build.max_batch + 1))
+        jobs.append((rng.integers(0, 10, size=batch).tolist(), int(rng.integers(0, 2**62))))
+    expected = [pipe.generate(labels, seed=seed).images for labels, seed in jobs]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(start: int) -> None:
+        try:
+            for index in range(start, len(jobs), 8):
+                labels, seed = jobs[index]
+                results[index] = pipe.generate(labels, seed=seed).images
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, images in enumerate(expected):
+        assert np.array_equal(results[index], images), f"job {index}"
+
+
+def test_threads_cap_openvino_and_describe_reports_what_ran(build_cache: BuildCache) -> None:
+    pipe = openvino(build_cache.get(TINY).dir, threads=1)
+    assert {int(c.get_property("INFERENCE_NUM_THREADS")) for c in pipe.backend.compiled.values()} == {1}
+    described = pipe.backend.describe()
+    assert described["backend"] == "openvino" and described["openvino"] and described["threads"] == 1
+    assert isinstance(described["cpu_capabilities"], list) and "FP32" in described["cpu_capabilities"]
+    half = openvino(build_cache.get(TINY, precision="fp16").dir).backend
+    expected = "bf16" if "BF16" in half.capabilities else "f16" if "FP16" in half.capabilities else "f32"
+    assert set(half.describe()["inference_precision"].values()) == {expected}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_builds_run_close_to_fp32(precision: str, build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
+    reference = onnxruntime(build_cache.get(TINY).dir)
+    pipe = openvino(build_cache.get(TINY, precision=precision).dir)
+    labels = rng.integers(0, 10, size=4).tolist()
+    seed = int(rng.integers(0, 2**62))
+    got, want = pipe.generate(labels, seed=seed).latents, reference.generate(labels, seed=seed).latents
+    cosine = float(np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cosine >= 0.99, cosine
+
+
+def test_auto_picks_the_fastest_installed_cpu_backend(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = build_cache.get(TINY)
+    assert selection.cpu_backend("fp32") == "openvino"
+    assert Pipeline.from_dir(build.dir).backend.name == "openvino"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert Pipeline.from_dir(build.dir).backend.name == "onnxruntime"  # without OpenVINO: ONNX Runtime
+
+
+def test_openvino_not_installed(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.cli import app
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(BackendUnavailableError, match=r"OpenVINO is not installed.*'ecar-export\[openvino\]'"):
+        Pipeline.from_dir(build_cache.get(TINY).dir, backend="openvino")
+    result = CliRunner().invoke(app, ["--engine-dir", str(build_cache.get(TINY).dir), "--backend", "openvino"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "error: OpenVINO is not installed here" in text and "pip install 'ecar-export[openvino]'" in text
+
+
+def _unreadable_decoder(engines: Path) -> None:
+    """Replace the decoder by a valid ONNX graph of an op OpenVINO does not know, its sha256 updated."""
+    data = json.loads((engines / "manifest.json").read_text())
+    record = data["graphs"]["decoder"]
+    spec = manifest_io.load(engines, verify_files=False).graphs["decoder"].spec
+    node = helper.make_node("Mystery", ["x"], ["image"], domain="com.example")
+    graph = helper.make_graph(
+        [node],
+        "decoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(spec.inputs[0].shape))],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(spec.outputs[0].shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    path = engines / record["file"]
+    onnx.save_model(model, str(path))
+    record["sha256"] = sha256_file(path)
+    manifest_io.write(engines, data)
+
+
+def test_a_graph_openvino_cannot_read(build_cache: BuildCache, tmp_path: Path) -> None:
+    from runtime.cli import app
+
+    engines = shutil.copytree(build_cache.get(TINY).dir, tmp_path / "engines")
+    _unreadable_decoder(engines)
+    with pytest.raises(EngineError, match=r"OpenVINO .* cannot read or compile graph 'decoder' from '.*decoder-"):
+        Pipeline.from_dir(engines, backend="openvino")
+    result = CliRunner().invoke(app, ["--engine-dir", str(engines), "--backend", "openvino", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot read or compile graph 'decoder'" in " ".join(result.output.split())
+
+
+def test_build_for_openvino_compiles_every_graph_and_check_runs_on_it(build_cache: BuildCache, tmp_path: Path) -> None:
+    from conftest import build_model
+
+    from ecar_export.check import check_build
+
+    model = build_cache.model(TINY)
+    build_model(model, tmp_path / "engines", backend="openvino", max_batch=3)
+    manifest = manifest_io.load(tmp_path / "engines")
+    assert manifest.backend == "openvino"
+    assert Pipeline.from_dir(tmp_path / "engines").backend.name == "openvino"
+    results, _ = check_build(tmp_path / "engines", model, backend="openvino")
+    assert results and all(r.ok for r in results), [(r.graph, r.stage, r.cosine, r.error) for r in results]
+
+
+@needs_demo
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_demo_quality_on_openvino_matches_fp32(precision: str, build_cache: BuildCache) -> None:
+    """The yardstick, same seeds: accuracy within 1 point and Fréchet distance within 10 % of fp32."""
+    from ecar_export.evaluate import evaluate
+
+    def sampler(pipe: Pipeline):  # type: ignore[no-untyped-def]
+        return lambda labels, seeds: pipe.generate_many(labels, seed=seeds).images
+
+    reference = evaluate(sampler(onnxruntime(build_cache.get("demo").dir)), per_class=10, seed=9000)
+    result = evaluate(sampler(openvino(build_cache.get("demo", precision=precision).dir)), per_class=10, seed=9000)
+    assert abs(result.accuracy - reference.accuracy) <= 0.01
+    assert result.frechet_distance == pytest.approx(reference.frechet_distance, rel=0.10)
