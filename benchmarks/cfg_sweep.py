@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     eligible = [row for row in rows if row["accuracy"] >= MIN_ACCURACY]
     best = min(eligible, key=lambda row: row["frechet_distance"]) if eligible else None
     shipped = model.config.cfg_scale
-    print(f"\nbest with >= {100 * MIN_ACCURACY:.0f} % accuracy: cfg {best['cfg'] if best else None}; shipped: {shipped}")
+    print(
+        f"\nbest with >= {100 * MIN_ACCURACY:.0f} % accuracy: cfg {best['cfg'] if best else None}; shipped: {shipped}"
+    )
     write_json(
         args.out,
         {

@@ -184,25 +184,23 @@ def create_runtime(trt_module: ModuleType) -> trt.Runtime:
     TensorRT's bindings raise ``TypeError: ... factory function returned nullptr`` when the
     runtime cannot initialise CUDA (no driver, no visible GPU, out of memory).
     """
-    logger, book = tensorrt_logger(trt_module)
-    mark = book.mark()
-    try:
-        runtime: trt.Runtime | None = trt_module.Runtime(logger)
-    except Exception as exc:
-        raise cannot_start("creating a trt.Runtime", exc, book, mark) from None
-    if runtime is None:
-        raise cannot_start("creating a trt.Runtime", RuntimeError("returned None"), book, mark)
+    runtime: trt.Runtime = _create(trt_module, "Runtime")
     return runtime
 
 
 def create_builder(trt_module: ModuleType) -> trt.Builder:
     """``trt.Builder(logger)``, with the same error handling as :func:`create_runtime`."""
+    builder: trt.Builder = _create(trt_module, "Builder")
+    return builder
+
+
+def _create(trt_module: ModuleType, kind: str) -> Any:
     logger, book = tensorrt_logger(trt_module)
     mark = book.mark()
     try:
-        builder: trt.Builder | None = trt_module.Builder(logger)
+        made = getattr(trt_module, kind)(logger)
     except Exception as exc:
-        raise cannot_start("creating a trt.Builder", exc, book, mark) from None
-    if builder is None:
-        raise cannot_start("creating a trt.Builder", RuntimeError("returned None"), book, mark)
-    return builder
+        raise cannot_start(f"creating a trt.{kind}", exc, book, mark) from None
+    if made is None:
+        raise cannot_start(f"creating a trt.{kind}", RuntimeError("returned None"), book, mark)
+    return made
