@@ -261,6 +261,9 @@ def eval_cmd(
     per_class: Annotated[int, typer.Option("--per-class", help="Samples per class.")] = 50,
     seed: SeedOpt = 0,
     cfg: CfgOpt = None,
+    backend: Annotated[
+        str, typer.Option(help="With --engine-dir: auto | onnxruntime | openvino | tensorrt (as `ecar-run --backend`).")
+    ] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Class accuracy and Fréchet distance of generated digits (classifier trained on held-out real digits)."""
@@ -268,7 +271,7 @@ def eval_cmd(
 
     from ecar_export.evaluate import evaluate
 
-    sampler, source = _eval_sampler(checkpoint, preset, engine_dir, cfg)
+    sampler, source = _eval_sampler(checkpoint, preset, engine_dir, cfg, backend)
     with progress_bar() as bar:
         task = bar.add_task("sampling", total=per_class * 10)
         result = evaluate(
@@ -285,7 +288,9 @@ def eval_cmd(
     )
 
 
-def _eval_sampler(checkpoint: Path | None, preset: str | None, engine_dir: Path | None, cfg: float | None):  # type: ignore[no-untyped-def]
+def _eval_sampler(  # type: ignore[no-untyped-def]
+    checkpoint: Path | None, preset: str | None, engine_dir: Path | None, cfg: float | None, backend: str
+):
     from runtime.errors import InvalidRequestError
 
     if engine_dir is not None:
@@ -293,12 +298,14 @@ def _eval_sampler(checkpoint: Path | None, preset: str | None, engine_dir: Path 
             raise InvalidRequestError("--engine-dir excludes --checkpoint / --preset")
         from runtime.pipeline import Pipeline
 
-        pipe = Pipeline.from_dir(engine_dir)
+        pipe = Pipeline.from_dir(engine_dir, backend=backend)
 
         def run_engines(labels: list[int], seeds: list[int]):  # type: ignore[no-untyped-def]
             return pipe.generate_many(labels, seed=seeds, cfg=cfg).images
 
         return run_engines, f"engines {engine_dir} ({pipe.backend.name}, {pipe.manifest.precision})"
+    if backend != "auto":
+        raise InvalidRequestError("--backend applies to --engine-dir only; the checkpoint runs on torch")
     from runtime.images import to_uint8
 
     model = _model(checkpoint, preset)

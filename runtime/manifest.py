@@ -367,17 +367,21 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
     )
 
 
-def version_tuple(text: str) -> tuple[int, ...]:
-    """``"0.2.0"`` -> ``(0, 2, 0)``; anything after the numbers (``rc1``, ``+local``) is ignored."""
-    numbers = []
-    for part in text.split("."):
-        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
-        if not digits:
-            break
-        numbers.append(int(digits))
-        if digits != part:  # "0rc1": the numbers end here
-            break
-    return tuple(numbers)
+def version_key(text: str) -> tuple[int, ...]:
+    """A comparable key of a version string; ``()`` where it does not start with a number.
+
+    ``"0.2"`` and ``"0.2.0"`` are equal; a pre-release (``"0.3.0rc1"``, ``"0.3.0.dev1"``) sorts
+    before its release, a post-release (``"0.3.0.post1"``) after it; a local part (``+...``) is
+    ignored.
+    """
+    match = re.match(r"(\d+(?:\.\d+)*)(.*)", text.split("+", 1)[0])
+    if not match:
+        return ()
+    numbers = [int(part) for part in match.group(1).split(".")]
+    numbers += [0] * (4 - len(numbers))
+    suffix = match.group(2).lstrip(".-_").lower()
+    stage = 1 if not suffix else 2 if suffix.startswith(("post", "rev")) else 0
+    return (*numbers, stage)
 
 
 def _check_runtime_version(raw: Any, where: str) -> None:
@@ -385,9 +389,9 @@ def _check_runtime_version(raw: Any, where: str) -> None:
     if not isinstance(raw, dict):
         return  # builds before 0.2.0 name no runtime; their format version refuses them
     needed, built_by = raw.get("min_version"), raw.get("built_by")
-    if not isinstance(needed, str) or not version_tuple(needed):
+    if not isinstance(needed, str) or not version_key(needed):
         raise ManifestError(f"{where}: field 'runtime.min_version' must be a version string; rebuild the engines")
-    if version_tuple(__version__) < version_tuple(needed):
+    if version_key(__version__) < version_key(needed):
         by = f" (it was built by ecar-export {built_by})" if isinstance(built_by, str) else ""
         raise ManifestError(
             f"{where}: this build needs ecar-export's runtime {needed} or newer{by}, but this runtime is "

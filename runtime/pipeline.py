@@ -116,6 +116,7 @@ class Pipeline:
                 stacklevel=2,
             )
             backend = fallback
+        chosen = backend == "auto"
         if backend == "auto":
             if _cuda_wanted(device):
                 backend = "onnxruntime"
@@ -125,7 +126,13 @@ class Pipeline:
         if backend == "openvino":
             from runtime.backends.openvino_backend import OpenVINOBackend
 
-            return cls(manifest, OpenVINOBackend(manifest, threads=threads))
+            try:
+                return cls(manifest, OpenVINOBackend(manifest, threads=threads))
+            except BackendUnavailableError as exc:  # installed but broken: auto goes on with ONNX Runtime
+                if not (chosen and selection.installed("onnxruntime")):
+                    raise
+                warnings.warn(f"using ONNX Runtime instead of OpenVINO: {exc}", ECARWarning, stacklevel=2)
+                device = "cpu"
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return cls(manifest, OnnxRuntimeBackend(manifest, device=device, threads=threads))

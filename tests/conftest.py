@@ -5,6 +5,7 @@ Everything here is sized to run in milliseconds on a CPU: tests build many model
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import zlib
@@ -196,6 +197,12 @@ def build_model(model: Any, out: Path, **options: Any) -> Path:
     path = build_engines(model, out, **options)
     assert torch.is_grad_enabled() == grad, "build_engines changed torch's grad mode"
     return path
+
+
+# The CPU backend `backend="auto"` must pick here: OpenVINO where it is installed (the Makefile installs it;
+# it was the faster CPU backend at every precision, README "Backends"), else ONNX Runtime. Written out here
+# rather than asked of runtime.backends.selection, so that a wrong choice there fails the tests.
+AUTO_CPU_BACKEND = "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
 
 
 class BuildCache:

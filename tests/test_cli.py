@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_perturbed_model, make_tiny_config
+from conftest import AUTO_CPU_BACKEND, make_perturbed_model, make_tiny_config
 from PIL import Image
 
 from ecar_export import checkpoint
 from ecar_export.tensorrt_build import tensorrt_version
 from runtime import manifest as manifest_io
-from runtime.backends import selection
 from runtime.images import grid_image, to_uint8
 from runtime.pipeline import Pipeline
 
@@ -180,7 +179,7 @@ def test_run_json_reports_paths_and_timings(built: CliBuild, tmp_path: Path):
     assert payload["labels"] == [0, 9] and payload["seed"] == 2
     assert Path(payload["grid"]) == out / "grid.png" and Path(payload["grid"]).is_file()
     assert len(payload["samples"]) == 2 and all(Path(p).is_file() for p in payload["samples"])
-    assert payload["backend"]["backend"] == selection.cpu_backend("fp32")  # auto: the fastest installed CPU backend
+    assert payload["backend"]["backend"] == AUTO_CPU_BACKEND
     timings = payload["timings"]
     assert len(timings["stages_s"]) == config.num_stages
     assert timings["graph_calls"] == {"backbone": config.num_stages, "flow_step": sum(config.steps), "decoder": 1}

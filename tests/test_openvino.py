@@ -26,7 +26,7 @@ from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.backends import selection
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from runtime.errors import BackendUnavailableError, EngineError
+from runtime.errors import BackendUnavailableError, ECARWarning, EngineError
 from runtime.fileio import sha256_file
 from runtime.pipeline import Pipeline
 
@@ -120,15 +120,46 @@ def test_threads_cap_openvino_and_describe_reports_what_ran(build_cache: BuildCa
     assert set(half.describe()["inference_precision"].values()) == {expected}
 
 
+@needs_demo
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_builds_run_close_to_fp32(precision: str, build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
-    reference = onnxruntime(build_cache.get(TINY).dir)
-    pipe = openvino(build_cache.get(TINY, precision=precision).dir)
-    labels = rng.integers(0, 10, size=4).tolist()
+    """The trained demo: within 5 % of what the model contributes (the change other labels make at the same
+    seed) of ORT fp32. Measured: fp16 builds at bf16 0.7 %, int8 2.1 % (ORT int8: 1.8 %)."""
+    reference = onnxruntime(build_cache.get("demo").dir)
+    pipe = openvino(build_cache.get("demo", precision=precision).dir)
+    labels = rng.integers(0, 10, size=8)
     seed = int(rng.integers(0, 2**62))
-    got, want = pipe.generate(labels, seed=seed).latents, reference.generate(labels, seed=seed).latents
-    cosine = float(np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want)))
-    assert cosine >= 0.99, cosine
+    got, want = (
+        pipe.generate(labels.tolist(), seed=seed).latents,
+        reference.generate(labels.tolist(), seed=seed).latents,
+    )
+    other = reference.generate(((labels + 5) % 10).tolist(), seed=seed).latents  # same noise, other conditions
+    model_effect = float(np.linalg.norm(other - want))
+    assert model_effect > 0.2 * float(np.linalg.norm(want)), "the labels barely change the output: vacuous check"
+    assert float(np.linalg.norm(got - want)) <= 0.05 * model_effect
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_int8_builds_run_on_openvino_integer_kernels(precision: str, build_cache: BuildCache) -> None:
+    """Every Q/DQ-marked MatMul/Gemm of an int8 build is an integer (i8/u8) kernel in OpenVINO's compiled
+    graph; an fp32 build has none."""
+    build = build_cache.get(TINY, precision=precision)
+    pipe = openvino(build.dir)
+    for name, entry in pipe.manifest.graphs.items():
+        model = onnx.load(str(build.dir / entry.file), load_external_data=False)
+        producer = {out: node.op_type for node in model.graph.node for out in node.output}
+        marked = sum(
+            node.op_type in ("MatMul", "Gemm") and all(producer.get(i) == "DequantizeLinear" for i in node.input[:2])
+            for node in model.graph.node
+        )
+        integer = 0
+        for op in pipe.backend.compiled[name].get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind, runs_at = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+            integer += kind in ("FullyConnected", "MatMul") and runs_at in ("i8", "u8")
+        assert integer == marked, (name, integer, marked)
+        if precision == "int8" and entry.spec.kind in ("backbone", "flow_step"):
+            assert marked > 0, name
 
 
 def test_auto_picks_the_fastest_installed_cpu_backend(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,6 +169,32 @@ def test_auto_picks_the_fastest_installed_cpu_backend(build_cache: BuildCache, m
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     assert Pipeline.from_dir(build.dir).backend.name == "onnxruntime"  # without OpenVINO: ONNX Runtime
+
+
+def test_auto_goes_on_with_onnxruntime_where_openvino_is_installed_but_broken(
+    build_cache: BuildCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "site" / "openvino"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libopenvino.so.2026.4.1: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "openvino", raising=False)
+    assert selection.cpu_backend("fp32") == "openvino"  # installed, as far as the package index can tell
+    with pytest.warns(ECARWarning, match=r"using ONNX Runtime instead of OpenVINO: .*cannot open shared object"):
+        pipe = Pipeline.from_dir(build_cache.get(TINY).dir)
+    assert pipe.backend.name == "onnxruntime"
+    with pytest.raises(BackendUnavailableError, match="cannot open shared object"):  # asked for by name: no fallback
+        Pipeline.from_dir(build_cache.get(TINY).dir, backend="openvino")
+
+
+def test_an_unusable_model_cache_directory_is_an_ecar_error(
+    build_cache: BuildCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ECAR_OPENVINO_CACHE", str(blocker / "cache"))
+    with pytest.raises(BackendUnavailableError, match=r"cannot use '.*a-file/cache' as OpenVINO's model cache"):
+        Pipeline.from_dir(build_cache.get(TINY).dir, backend="openvino")
 
 
 def test_openvino_not_installed(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,3 +267,22 @@ def test_demo_quality_on_openvino_matches_fp32(precision: str, build_cache: Buil
     result = evaluate(sampler(openvino(build_cache.get("demo", precision=precision).dir)), per_class=10, seed=9000)
     assert abs(result.accuracy - reference.accuracy) <= 0.01
     assert result.frechet_distance == pytest.approx(reference.frechet_distance, rel=0.10)
+
+
+@needs_demo
+def test_eval_runs_an_engine_directory_on_the_backend_it_is_asked_for(build_cache: BuildCache) -> None:
+    from ecar_export.cli import app
+
+    engines = str(build_cache.get("demo").dir)
+    results = {}
+    for backend in ("openvino", "onnxruntime"):
+        done = CliRunner().invoke(
+            app, ["eval", "--engine-dir", engines, "--backend", backend, "--per-class", "2", "--json"]
+        )
+        assert done.exit_code == 0, done.output
+        payload = json.loads(done.stdout)
+        assert f"({backend}, fp32)" in payload["source"], payload["source"]
+        results[backend] = payload
+    assert results["openvino"]["accuracy"] == pytest.approx(results["onnxruntime"]["accuracy"], abs=0.05)
+    refused = CliRunner().invoke(app, ["eval", "--backend", "openvino", "--per-class", "1"])
+    assert refused.exit_code != 0 and "--backend applies to --engine-dir only" in refused.output

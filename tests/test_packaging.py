@@ -200,4 +200,46 @@ def test_a_build_that_an_older_runtime_can_load_still_loads(build_cache: BuildCa
     document["runtime"] = {"min_version": "0.1.9", "built_by": "0.1.9"}
     manifest_io.write(work, document)
     reference = Pipeline.from_dir(build_cache.get(TINY).dir, backend="onnxruntime").generate([4], seed=2).images
-    np.testing.assert_array_equal(Pipeline.from_dir(work, backend="onnxruntime").generate([4], seed=2).images, reference)
+    np.testing.assert_array_equal(
+        Pipeline.from_dir(work, backend="onnxruntime").generate([4], seed=2).images, reference
+    )
+
+
+@pytest.mark.parametrize("raw", ["", "latest", 3, None, ["0.2.0"]])
+def test_a_malformed_minimum_runtime_version_is_refused(build_cache: BuildCache, tmp_path: Path, raw: object) -> None:
+    work = tmp_path / "engines"
+    shutil.copytree(build_cache.get(TINY).dir, work)
+    document = json.loads((work / "manifest.json").read_text())
+    document["runtime"] = {"min_version": raw, "built_by": __version__}
+    manifest_io.write(work, document)
+    with pytest.raises(ECARError, match=r"field 'runtime.min_version' must be a version string"):
+        manifest_io.load(work)
+
+
+@pytest.mark.parametrize(
+    ("runtime_version", "needed", "loads"),
+    [
+        ("0.2", "0.2.0", True),  # the same version, written shorter
+        ("0.2.0+local", "0.2.0", True),
+        ("0.3.0rc1", "0.3.0", False),  # a pre-release is older than its release
+        ("0.3.0.dev4", "0.3.0", False),
+        ("0.3.0.post1", "0.3.0", True),
+        ("0.10.0", "0.9.1", True),  # numbers, not text
+        ("1.0.0", "1.0.1", False),
+    ],
+)
+def test_runtime_versions_compare_as_versions(
+    build_cache: BuildCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime_version: str, needed: str,
+    loads: bool,
+) -> None:  # fmt: skip
+    work = tmp_path / "engines"
+    shutil.copytree(build_cache.get(TINY).dir, work)
+    document = json.loads((work / "manifest.json").read_text())
+    document["runtime"] = {"min_version": needed, "built_by": needed}
+    manifest_io.write(work, document)
+    monkeypatch.setattr(manifest_io, "__version__", runtime_version)
+    if loads:
+        assert manifest_io.load(work).graphs
+    else:
+        with pytest.raises(ECARError, match=f"needs ecar-export's runtime {re.escape(needed)} or newer"):
+            manifest_io.load(work)

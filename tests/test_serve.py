@@ -26,12 +26,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BuildCache, needs_demo
+from conftest import AUTO_CPU_BACKEND, BuildCache, needs_demo
 from PIL import Image
 from test_serving import assert_same_images
 
 from runtime import manifest as manifest_io
-from runtime.backends import selection
 from runtime.images import grid_image
 from runtime.pipeline import Pipeline
 
@@ -192,7 +191,7 @@ def test_healthz_and_info_describe_the_build(server: Server) -> None:
     manifest = manifest_io.load(server.engine_dir)
     assert info["model"] == manifest.config.name and info["precision"] == manifest.precision
     assert info["engine_max_batch"] == manifest.max_batch == info["batching"]["max_batch"]
-    assert info["backend"]["backend"] == selection.cpu_backend(manifest.precision)  # auto
+    assert info["backend"]["backend"] == AUTO_CPU_BACKEND
     backend = info["backend"]["backend"]
     assert info["versions"]["ray"] and info["versions"][backend] and info["backend"][backend]
     assert info["build_toolchain"] == manifest.toolchain

@@ -38,14 +38,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BuildCache, build_model, engine_model, needs_demo
+from conftest import AUTO_CPU_BACKEND, BuildCache, build_model, engine_model, needs_demo
 from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, FakeCuda, install, make_fake_trt
 
 from ecar_export import tensorrt_build
 from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
 from runtime import gpu, graphs, schedule
 from runtime import manifest as manifest_io
-from runtime.backends import selection
 from runtime.backends.tensorrt import TensorRTBackend, probe
 from runtime.backends.tensorrt.shapes import resolve_dims
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
@@ -640,11 +639,12 @@ def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = Pipeline.from_dir(tmp_path / "trt", backend="auto")
-    fallback = selection.cpu_backend("fp32")  # the fastest installed CPU backend
+    fallback = AUTO_CPU_BACKEND
     assert pipe.backend.name == fallback
     messages = [str(w.message) for w in caught if issubclass(w.category, ECARWarning)]
     assert len(messages) == 1 and "\n" not in messages[0], messages
-    assert f"using {selection.NAMES[fallback]} instead: TensorRT cannot start CUDA here" in messages[0]
+    name = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}[fallback]
+    assert f"using {name} instead: TensorRT cannot start CUDA here" in messages[0]
     with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
         Pipeline.from_dir(tmp_path / "trt", backend="tensorrt")
     loaded = manifest_io.load(build.dir)

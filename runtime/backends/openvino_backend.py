@@ -46,6 +46,8 @@ from runtime import graphs
 from runtime.errors import BackendUnavailableError, EngineError
 from runtime.manifest import Manifest
 
+CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
+
 INSTALL = "pip install 'ecar-export[openvino]'"
 
 
@@ -87,7 +89,7 @@ def inference_precision(build_precision: str, capabilities: list[str]) -> str:
 
 
 def default_cache_dir() -> Path | None:
-    explicit = os.environ.get("ECAR_OPENVINO_CACHE")
+    explicit = os.environ.get(CACHE_ENV)
     return Path(explicit) if explicit else None
 
 
@@ -136,8 +138,14 @@ class OpenVINOBackend:
         self.capabilities = cpu_capabilities(core)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache)})
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache)})
+            except Exception as exc:
+                raise BackendUnavailableError(
+                    f"cannot use '{cache}' as OpenVINO's model cache ({type(exc).__name__}: {exc}); "
+                    f"point {CACHE_ENV} at a writable directory or unset it"
+                ) from None
         self.cache_dir = cache
         self.threads = threads
         self.compiled: dict[str, Any] = {}
@@ -178,8 +186,9 @@ class OpenVINOBackend:
             return request
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = self._request(graph)
+        request = None
         try:
+            request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
             return [np.array(request.get_output_tensor(i).data, copy=True) for i in self.output_index[graph]]
         except EngineError:
@@ -187,7 +196,8 @@ class OpenVINOBackend:
         except Exception as exc:
             raise EngineError(f"OpenVINO failed to run graph '{graph}': {' '.join(str(exc).split())[:600]}") from None
         finally:
-            self._pools[graph].put(request)
+            if request is not None:
+                self._pools[graph].put(request)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -5,8 +5,11 @@ Runtime on CUDA where onnxruntime-gpu is installed and sees a GPU (``device`` no
 otherwise the fastest installed CPU backend for the build's precision (:data:`CPU_PREFERENCE`,
 measured with ``benchmarks/pipeline_speed.py`` on this project's CPUs: OpenVINO ran every
 precision faster than ONNX Runtime; on ecar-b at batch 8, fp32 1.7x and fp16 builds, at bf16,
-5x ONNX Runtime's speed). ``ecar-export build --backend openvino`` is an ONNX Runtime build whose
-graphs OpenVINO compiled once; ``auto`` treats every build the same.
+5x ONNX Runtime's speed). Where the chosen OpenVINO is installed but cannot start, ``auto`` goes
+on with ONNX Runtime after one warning. A build made with ``ecar-export build --backend
+openvino`` records that backend in its manifest (OpenVINO compiled each of its graphs once, at
+build time); its graphs are the same ONNX graphs, and ``auto`` chooses for it as for any build
+without TensorRT plans.
 """
 
 from __future__ import annotations
