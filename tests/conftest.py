@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +204,31 @@ def build_model(model: Any, out: Path, **options: Any) -> Path:
 # it was the faster CPU backend at every precision, README "Backends"), else ONNX Runtime. Written out here
 # rather than asked of runtime.backends.selection, so that a wrong choice there fails the tests.
 AUTO_CPU_BACKEND = "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
+
+
+def run_concurrently(call: Callable[[int], Any], jobs: int, threads: int = 8, timeout: float = 300) -> dict[int, Any]:
+    """``call(index)`` for every job index, spread over ``threads`` threads that start together (a barrier);
+    the results by index. An exception in any thread fails the test, in the test's thread."""
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(first: int) -> None:
+        try:
+            barrier.wait()
+            for index in range(first, jobs, threads):
+                results[index] = call(index)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(first,)) for first in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=timeout)
+    assert not errors, errors
+    assert sorted(results) == list(range(jobs)), "a thread did not finish its jobs"
+    return results
 
 
 class BuildCache:

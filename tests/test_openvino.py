@@ -12,13 +12,12 @@ import importlib.util
 import json
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import ENGINE_CONFIGS, BuildCache, needs_demo
+from conftest import ENGINE_CONFIGS, BuildCache, needs_demo, run_concurrently
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
@@ -88,23 +87,7 @@ def test_one_pipeline_shared_by_threads_gives_the_sequential_results(build_cache
         batch = int(rng.integers(1, build.max_batch + 1))
         jobs.append((rng.integers(0, 10, size=batch).tolist(), int(rng.integers(0, 2**62))))
     expected = [pipe.generate(labels, seed=seed).images for labels, seed in jobs]
-    results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
-
-    def work(start: int) -> None:
-        try:
-            for index in range(start, len(jobs), 8):
-                labels, seed = jobs[index]
-                results[index] = pipe.generate(labels, seed=seed).images
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = run_concurrently(lambda index: pipe.generate(jobs[index][0], seed=jobs[index][1]).images, len(jobs))
     for index, images in enumerate(expected):
         assert np.array_equal(results[index], images), f"job {index}"
 

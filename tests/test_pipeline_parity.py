@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from conftest import (
     build_model,
     make_perturbed_model,
     needs_demo,
+    run_concurrently,
 )
 
 from ecar_export.build import load_model
@@ -40,7 +40,7 @@ from runtime import manifest as manifest_io
 from runtime.errors import ECARError, InvalidRequestError, ManifestError
 from runtime.graphs import graph_specs
 from runtime.images import to_uint8
-from runtime.pipeline import GenerateResult, Pipeline
+from runtime.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_ATOL = 1e-4
@@ -308,27 +308,7 @@ def test_concurrent_generate_calls_equal_sequential_calls(build_cache: BuildCach
     requests = [random_request(rng, classes, int(rng.integers(1, build.max_batch + 1))) for _ in range(total)]
     sequential = [pipe.generate(labels, seed=seed) for labels, seed in requests]
 
-    results: dict[int, GenerateResult] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(threads_count)
-
-    def worker(thread: int) -> None:
-        try:
-            barrier.wait()
-            for k in range(per_thread):
-                index = per_thread * thread + k
-                labels, seed = requests[index]
-                results[index] = pipe.generate(labels, seed=seed)
-        except BaseException as exc:  # reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
-    assert sorted(results) == list(range(total))
+    results = run_concurrently(lambda i: pipe.generate(requests[i][0], seed=requests[i][1]), total, threads_count)
     for index, expected in enumerate(sequential):
         assert np.array_equal(results[index].images, expected.images), f"request {index}: {requests[index]}"
         assert np.array_equal(results[index].latents, expected.latents), f"request {index}: {requests[index]}"

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import AUTO_CPU_BACKEND, BuildCache, build_model, engine_model, needs_demo
+from conftest import AUTO_CPU_BACKEND, BuildCache, build_model, engine_model, needs_demo, run_concurrently
 from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, FakeCuda, install, make_fake_trt
 
 from ecar_export import tensorrt_build
@@ -401,23 +401,12 @@ def test_fake_backend_is_thread_safe(
     pipeline = Pipeline(backend.manifest, backend)
     jobs = [request(rng, 10, int(rng.integers(1, build.max_batch + 1))) for _ in range(8)]
     expected = [on_device(backend, labels, seed).latents for labels, seed in jobs]
-    results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
 
-    def work(index: int) -> None:
-        try:
-            labels, seed = jobs[index]
-            latents = on_device(backend, labels, seed).latents if index % 2 else pipeline.generate(labels, seed).latents
-            results[index] = latents
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def work(index: int) -> np.ndarray:  # the device path and the pipeline path, interleaved
+        labels, seed = jobs[index]
+        return on_device(backend, labels, seed).latents if index % 2 else pipeline.generate(labels, seed).latents
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = run_concurrently(work, len(jobs), threads=len(jobs))
     for index, latents in enumerate(expected):
         assert np.array_equal(results[index], latents), f"job {index}"
 
