@@ -41,13 +41,15 @@ test: $(STAMP) lint typecheck
 bench: $(STAMP)
 	$(BIN)/ecar-export build --out engines
 	$(BIN)/python benchmarks/pipeline_speed.py
-	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32,fused,fp16 --repeats 5
-	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --variants torch,fp32,int8 --repeats 5 \
-		--calibration-requests 245 --out benchmarks/results/pipeline_speed_ecar-b_int8.json --no-chart
+	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --repeats 5 --calibration-requests 245 \
+		--variants torch,torch-bf16,fp32,fused,fp16,int8,ov-fp32,ov-fp16,ov-fused-fp16,ov-int8,ov-fused-int8
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
+	$(BIN)/python benchmarks/demo_quality.py
+	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/runtime_install.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:
-	rm -rf $(VENV) out engines/*.onnx engines/manifest.json
+	rm -rf $(VENV) out engines/*.onnx engines/*.weights engines/manifest.json

@@ -37,6 +37,23 @@ def cpu_model() -> str | None:
     return None
 
 
+# the instruction sets that decide which half-precision and integer kernels a CPU backend can use
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of ``CPU_FEATURES`` this CPU reports (``/proc/cpuinfo`` flags; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages (the machine is shared: a high value means noisy timings)."""
     return [round(v, 2) for v in os.getloadavg()]
@@ -46,6 +63,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions(),

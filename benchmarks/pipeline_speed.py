@@ -1,11 +1,13 @@
-"""How fast is the runtime? Torch eager against the ONNX Runtime CPU pipeline, per precision.
+"""How fast is the runtime? Torch eager (fp32 and bf16 autocast) against the runtime on ONNX Runtime and OpenVINO.
 
 Builds the preset (default the bundled ``ecar-digits``; presets without trained weights, such
 as ``ecar-b``, are seeded random inits: speed does not depend on the weights) as fp32 (step
-graph), fp32 with the fused flow loop, fp16 and int8 into ``benchmarks/.cache/engines/``
-(gitignored; a rerun reuses every graph whose build key is unchanged), then times, for every
-batch size, the torch reference (``model.sample``) and each build's ``Pipeline.generate`` on
-the same labels and seeds. ``--variants`` picks a subset (a long ``ecar-b`` run can be bounded).
+graph), fp32 with the fused flow loop, fp16 and int8 (with and without the fused loop) into
+``benchmarks/.cache/engines/`` (gitignored; a rerun reuses every graph whose build key is
+unchanged), then times, for every batch size, the torch reference (``model.sample``: float32,
+and under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the half precision a CPU user would
+try first) and each build's ``Pipeline.generate`` on ONNX Runtime and on OpenVINO (one build,
+both engines), on the same labels and seeds. ``--variants`` picks a subset.
 Every variant gets one warm-up call, then the variants are timed round-robin: ``--repeats``
 rounds, each variant once per round in a rotating order, a short pause before each call (idle
 worker threads of the previous variant stop spinning), so that a noisy minute on a shared
@@ -19,20 +21,21 @@ In the same run it measures the machine's float32 GEMM rate through ONNX Runtime
 with the runtime's own session options and thread count, median of ``--gemm-repeats`` calls,
 once before and once after the variants; the higher of the two is the ceiling.
 
-Reports images/s, the ratio to torch eager, the runtime's overhead fraction (wall time outside
+Reports images/s, the ratios to torch eager and to torch bf16, the runtime's overhead fraction (wall time outside
 backend calls) and per-stage seconds, FLOPs per image (``ecar_export.flops``, multiply-adds of
 MatMul/Gemm/Conv, 2 per MAC), the achieved GFLOP/s and its fraction of the GEMM ceiling.
 Prints a table; writes benchmarks/results/pipeline_speed.json (``pipeline_speed_<preset>.json``
 for other presets) and the per-stage chart next to it (``benchmarks/charts.py``).
 
     python benchmarks/pipeline_speed.py [--preset ecar-digits] [--batches 1,8] [--repeats 7]
-        [--variants torch,fp32,fused,fp16,int8] [--threads 2] [--gemm-size 2048]
+        [--variants torch,torch-bf16,fp32,ov-fp32,ov-fused-fp16,...] [--threads 2] [--gemm-size 2048]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -52,13 +55,22 @@ from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, session_opt
 from runtime.pipeline import Pipeline, Timings
 
 TORCH = "torch eager"
-# --variants key -> (variant name, build_engines options); "torch" is the reference itself
-VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
-    "torch": (TORCH, None),
-    "fp32": ("ort fp32", {"precision": "fp32"}),
-    "fused": ("ort fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}),
-    "fp16": ("ort fp16", {"precision": "fp16"}),
-    "int8": ("ort int8", {"precision": "int8"}),
+TORCH_BF16 = "torch eager bf16 autocast"
+# --variants key -> (variant name, build_engines options, engine); the torch variants are the references.
+# ORT and OpenVINO variants of the same build options share one build.
+VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
+    "torch": (TORCH, None, "torch"),
+    "torch-bf16": (TORCH_BF16, None, "torch-bf16"),
+    "fp32": ("ort fp32", {"precision": "fp32"}, "onnxruntime"),
+    "fused": ("ort fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}, "onnxruntime"),
+    "fp16": ("ort fp16", {"precision": "fp16"}, "onnxruntime"),
+    "int8": ("ort int8", {"precision": "int8"}, "onnxruntime"),
+    "ov-fp32": ("openvino fp32", {"precision": "fp32"}, "openvino"),
+    "ov-fused": ("openvino fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}, "openvino"),
+    "ov-fp16": ("openvino fp16 build", {"precision": "fp16"}, "openvino"),
+    "ov-fused-fp16": ("openvino fp16 build fused loop", {"precision": "fp16", "fuse_flow_loop": True}, "openvino"),
+    "ov-int8": ("openvino int8", {"precision": "int8"}, "openvino"),
+    "ov-fused-int8": ("openvino int8 fused loop", {"precision": "int8", "fuse_flow_loop": True}, "openvino"),
 }
 
 
@@ -99,15 +111,29 @@ def gemm_rate(size: int, threads: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def build_key(options: dict[str, Any]) -> str:
+    """The cache directory of a build: its precision, ``-fused`` for fused flow loops (fp32: ``fp32``, ...)."""
+    return str(options["precision"]) + ("-fused" if options.get("fuse_flow_loop") else "")
+
+
 def build(
-    preset: str, key: str, model: Any, max_batch: int, options: dict[str, Any], threads: int
+    preset: str, key: str, model: Any, max_batch: int, options: dict[str, Any], threads: int, engine: str
 ) -> tuple[Pipeline, float]:
     """Build (or reuse) one variant under ``benchmarks/.cache/engines/<preset>/<key>``; its pipeline."""
     out = CACHE / "engines" / preset / key
     start = time.perf_counter()
+    step_build = CACHE / "engines" / preset / key.removesuffix("-fused")
+    if options["precision"] == "int8" and key != step_build.name and not out.exists() and step_build.is_dir():
+        # A fused int8 build starts from a copy of the step build: build_engines re-quantizes from its
+        # calibration set (the capture, an hour on ecar-b, records the same inputs either way).
+        shutil.copytree(step_build, out)
     build_engines(model, out, max_batch=max_batch, **options)
     seconds = time.perf_counter() - start
     manifest = manifest_io.load(out)
+    if engine == "openvino":
+        from runtime.backends.openvino_backend import OpenVINOBackend
+
+        return Pipeline(manifest, OpenVINOBackend(manifest, threads=threads)), seconds
     return Pipeline(manifest, OnnxRuntimeBackend(manifest, device="cpu", threads=threads)), seconds
 
 
@@ -181,7 +207,7 @@ def main() -> None:
     if unknown or not keys:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not any(VARIANTS[k][1] is not None for k in keys):
-        parser.error("--variants needs at least one ORT build (fp32, fused, fp16 or int8)")
+        parser.error("--variants needs at least one build (fp32, fused, fp16, int8 or an ov- variant)")
     suffix = "" if args.preset == presets.DEMO else f"_{args.preset}"
     out_path = args.out or RESULTS / f"pipeline_speed{suffix}.json"
     batches = [int(b) for b in args.batches.split(",")]
@@ -194,12 +220,15 @@ def main() -> None:
     build_seconds: dict[str, float] = {}
     pipes: dict[str, Pipeline] = {}
     for key in keys:
-        name, options = VARIANTS[key]
+        name, options, engine = VARIANTS[key]
         if options is None:
             continue
         if options["precision"] == "int8":
             options = {**options, "calibration_requests": args.calibration_requests}
-        pipes[name], build_seconds[name] = build(args.preset, key, model, max(batches), options, args.threads)
+        directory = build_key(options)
+        pipes[name], build_seconds[name] = build(
+            args.preset, directory, model, max(batches), options, args.threads, engine
+        )
         print(f"built (or reused) {name} in {build_seconds[name]:.1f} s", flush=True)
 
     gemm_before = gemm_rate(args.gemm_size, args.threads, args.gemm_repeats)
@@ -212,14 +241,22 @@ def main() -> None:
         runners: dict[str, Callable[[], Timings | None]] = {}
         if "torch" in keys:
             runners[TORCH] = lambda labels=labels: (model.sample(labels, seed=args.seed), None)[1]
+        if "torch-bf16" in keys:
+
+            def bf16(labels: list[int] = labels) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model.sample(labels, seed=args.seed)
+
+            runners[TORCH_BF16] = bf16
         for name, pipe in pipes.items():
             runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
         walls, timings = time_variants(runners, args.repeats)
         for name in runners:
             print(f"  B={batch} {name}: {1000 * statistics.median(walls[name]):.1f} ms", flush=True)
         counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
-        counted[TORCH] = flops.build_flops(reference.manifest.root, batch)
+        counted[TORCH] = counted[TORCH_BF16] = flops.build_flops(reference.manifest.root, batch)
         eager = statistics.median(walls[TORCH]) if TORCH in walls else None
+        eager_bf16 = statistics.median(walls[TORCH_BF16]) if TORCH_BF16 in walls else None
         for name in runners:
             wall = statistics.median(walls[name])
             row: dict[str, Any] = {
@@ -230,6 +267,7 @@ def main() -> None:
                 "max_s": max(walls[name]),
                 "images_per_s": batch / wall,
                 "speedup_vs_torch_eager": eager / wall if eager else None,
+                "speedup_vs_torch_bf16": eager_bf16 / wall if eager_bf16 else None,
                 "flops_per_image": counted[name]["per_image"],
                 "gflops_per_s": counted[name]["total"] / wall / 1e9,
                 "flops_per_stage": [s["total"] for s in counted[name]["stages"]],
@@ -257,7 +295,7 @@ def main() -> None:
         "repeats": args.repeats,
         "variants": [VARIANTS[k][0] for k in keys],
         "threads": args.threads,
-        "int8_calibration_requests": args.calibration_requests if "int8" in keys else None,
+        "int8_calibration_requests": args.calibration_requests if any("int8" in k for k in keys) else None,
         "seed": args.seed,
         "labels": "class i % num_classes for sample i",
         "machine": {
@@ -289,7 +327,8 @@ def print_table(rows: list[dict[str, Any]], num_stages: int, ceiling: float) -> 
     stage_head = " ".join(f"{'st' + str(i + 1) + ' ms':>8}" for i in range(num_stages))
     print(f"\nGEMM ceiling {ceiling:.1f} GFLOP/s")
     print(
-        f"{'variant':20} {'B':>2} {'median ms':>10} {'min ms':>9} {'img/s':>8} {'x eager':>8} {'ovh %':>6} "
+        f"{'variant':32} {'B':>2} {'median ms':>10} {'min ms':>9} {'img/s':>8} {'x eager':>8} {'x bf16':>7} "
+        f"{'ovh %':>6} "
         f"{stage_head} {'dec ms':>7} {'GFLOP/img':>10} {'GFLOP/s':>8} {'% GEMM':>7}"
     )
     for row in rows:
@@ -299,10 +338,11 @@ def print_table(rows: list[dict[str, Any]], num_stages: int, ceiling: float) -> 
         else:
             stages = " ".join(f"{'-':>8}" for _ in range(num_stages))
             overhead, decoder = f"{'-':>6}", f"{'-':>7}"
-        speedup = row["speedup_vs_torch_eager"]
+        speedup, versus_bf16 = row["speedup_vs_torch_eager"], row["speedup_vs_torch_bf16"]
         print(
-            f"{row['variant']:20} {row['batch']:2d} {1000 * row['median_s']:10.2f} {1000 * row['min_s']:9.2f} "
-            f"{row['images_per_s']:8.2f} {f'{speedup:8.2f}' if speedup else '       -'} {overhead} {stages} "
+            f"{row['variant']:32} {row['batch']:2d} {1000 * row['median_s']:10.2f} {1000 * row['min_s']:9.2f} "
+            f"{row['images_per_s']:8.2f} {f'{speedup:8.2f}' if speedup else '       -'} "
+            f"{f'{versus_bf16:7.2f}' if versus_bf16 else '      -'} {overhead} {stages} "
             f"{decoder} {row['flops_per_image'] / 1e9:10.3f} {row['gflops_per_s']:8.2f} "
             f"{100 * row['fraction_of_gemm']:7.1f}"
         )
