@@ -201,7 +201,7 @@ def build_model(model: Any, out: Path, **options: Any) -> Path:
 
 
 # The CPU backend `backend="auto"` must pick here: OpenVINO where it is installed (the Makefile installs it;
-# it was the faster CPU backend at every precision, README "Backends"), else ONNX Runtime. Written out here
+# it was the faster CPU backend at every precision on ecar-b, README "Benchmarks"), else ONNX Runtime. Written out here
 # rather than asked of runtime.backends.selection, so that a wrong choice there fails the tests.
 AUTO_CPU_BACKEND = "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
 

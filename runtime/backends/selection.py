@@ -3,10 +3,12 @@
 ``auto`` takes, in order: TensorRT where the build has plans and TensorRT can run here; ONNX
 Runtime on CUDA where onnxruntime-gpu is installed and sees a GPU (``device`` not "cpu");
 otherwise the fastest installed CPU backend for the build's precision (:data:`CPU_PREFERENCE`,
-measured with ``benchmarks/pipeline_speed.py`` on this project's CPUs: OpenVINO ran every
-precision faster than ONNX Runtime; on ecar-b at batch 8, fp32 1.7x and fp16 builds, at bf16,
-5x ONNX Runtime's speed). Where the chosen OpenVINO is installed but cannot start, ``auto`` goes
-on with ONNX Runtime after one warning. A build made with ``ecar-export build --backend
+measured with ``benchmarks/pipeline_speed.py`` on this project's CPUs, an AMD EPYC with
+AVX-512-BF16 and an Intel Xeon with AMX: on ecar-b at batch 8 OpenVINO ran every precision
+faster than ONNX Runtime, fp32 2.0x, fp16 builds (at bf16) 3.1x and int8 2.3x its speed on the
+EPYC; only on the tiny demo model, whose calls are short, is ONNX Runtime faster at fp32 and
+int8). Where the chosen OpenVINO is installed but cannot start, ``auto`` goes on with ONNX
+Runtime after one warning. A build made with ``ecar-export build --backend
 openvino`` records that backend in its manifest (OpenVINO compiled each of its graphs once, at
 build time); its graphs are the same ONNX graphs, and ``auto`` chooses for it as for any build
 without TensorRT plans.
