@@ -9,7 +9,10 @@ images/s, p50/p95 latency and the mean number of requests per engine batch; prin
 writes benchmarks/results/serve_load.json. First, for scale, the same engines' images/s in this
 process at batch 1 and at the max batch: their ratio bounds what batching can buy.
 
-    python benchmarks/serve_load.py [--engine-dir engines] [--clients 1,8,16,32] [--requests 96]
+    python benchmarks/serve_load.py [--engine-dir engines] [--backend auto] [--clients 1,8,16,32] [--requests 96]
+
+``--backend`` is resolved once, in this process, and the server gets the backend it resolved to,
+recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -129,15 +132,15 @@ def drive(url: str, clients: int, count: int, seconds: float, classes: int, seed
     }
 
 
-def engine_ceiling(engine_dir: Path, repeats: int = 7) -> dict[str, float]:
+def engine_ceiling(engine_dir: Path, backend: str, repeats: int = 7) -> dict[str, Any]:
     """Images/s of ``Pipeline.generate`` in this process at batch 1 and at the max batch (no server running).
 
     Their ratio bounds what batching can buy once the engine, not HTTP, is the bottleneck.
     """
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_dir(engine_dir)
-    rates = {}
+    pipe = Pipeline.from_dir(engine_dir, backend=backend)
+    rates: dict[str, Any] = {"backend": pipe.backend.name}
     for batch in (1, pipe.max_batch):
         labels = [i % pipe.config.num_classes for i in range(batch)]
         pipe.generate(labels, seed=0)
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="answers per measurement")
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound per measurement")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
+    parser.add_argument("--backend", default="auto", help="the engine of the server and of the in-process rates")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = parser.parse_args()
     clients = [int(part) for part in args.clients.split(",")]
@@ -173,10 +177,11 @@ def main() -> None:
         "load_average_start": load_average(),
         "settings": {},
     }
-    results["engine_in_process"] = engine_ceiling(args.engine_dir)
-    print("engine in process:", {k: round(v, 1) for k, v in results["engine_in_process"].items()}, flush=True)
+    results["engine_in_process"] = engine_ceiling(args.engine_dir, args.backend)
+    results["backend"] = results["engine_in_process"]["backend"]  # what --backend resolved to here
+    print("engine in process:", results["engine_in_process"], flush=True)
     for setting, extra in SETTINGS.items():
-        process, url = start_server(args.engine_dir, extra)
+        process, url = start_server(args.engine_dir, [*extra, "--backend", results["backend"]])
         try:
             for index in range(args.warmup):
                 request(url, index % classes, 10**9 + index)
