@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ecar_export import presets
-    from ecar_export.evaluate import evaluate
-    from runtime.images import to_uint8
+    from ecar_export.evaluate import evaluate, torch_sampler
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = presets.load(presets.DEMO)
@@ -44,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cfg':>5} {'accuracy':>9} {'Fréchet':>8} {'seconds':>8}")
     for value in (float(v) for v in args.cfg.split(",")):
         begin = time.perf_counter()
-
-        def sampler(labels: list[int], seeds: list[int], cfg: float = value):  # type: ignore[no-untyped-def]
-            return to_uint8(model.sample(labels, seed=seeds, cfg=cfg).images.numpy())
-
-        result = evaluate(sampler, per_class=args.per_class)
+        result = evaluate(torch_sampler(model, cfg=value), per_class=args.per_class)
         seconds = time.perf_counter() - begin
         rows.append({"cfg": value, **result.to_dict(), "seconds": round(seconds, 2)})
         print(f"{value:>5.2f} {100 * result.accuracy:>8.1f}% {result.frechet_distance:>8.3f} {seconds:>8.1f}")

@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ecar_export import presets
     from ecar_export.build import build_engines
-    from ecar_export.evaluate import evaluate
-    from runtime.images import to_uint8
+    from ecar_export.evaluate import evaluate, pipeline_sampler, torch_sampler
     from runtime.pipeline import Pipeline
 
     started, load_start = time.time(), load_average()
@@ -49,11 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b and importlib.util.find_spec(b) is not None]
     model = presets.load(presets.DEMO).eval()
 
-    def torch_sampler(labels: list[int], seeds: list[int]) -> Any:
-        return to_uint8(model.sample(labels, seed=seeds).images.numpy())
-
     rows: list[dict[str, Any]] = [
-        {"source": "torch reference", **evaluate(torch_sampler, per_class=args.per_class).to_dict()}
+        {"source": "torch reference", **evaluate(torch_sampler(model), per_class=args.per_class).to_dict()}
     ]
     print(f"torch reference: {rows[0]['accuracy']:.3f} / {rows[0]['frechet_distance']:.3f}", flush=True)
     for precision in precisions:
@@ -61,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         build_engines(model, out, precision=precision)
         for backend in backends:
             pipe = Pipeline.from_dir(out, backend=backend)
-
-            def engine_sampler(labels: list[int], seeds: list[int], pipe: Pipeline = pipe) -> Any:
-                return pipe.generate_many(labels, seed=seeds).images
-
-            result = evaluate(engine_sampler, per_class=args.per_class).to_dict()
+            result = evaluate(pipeline_sampler(pipe), per_class=args.per_class).to_dict()
             rows.append({"source": "engines", "precision": precision, "backend": backend, **result})
             print(f"{precision} on {backend}: {result['accuracy']:.3f} / {result['frechet_distance']:.3f}", flush=True)
     for row in rows[1:]:

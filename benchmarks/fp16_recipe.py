@@ -21,7 +21,7 @@ import onnx
 
 from ecar_export import presets
 from ecar_export.build import build_engines
-from ecar_export.evaluate import evaluate
+from ecar_export.evaluate import evaluate, pipeline_sampler
 from ecar_export.precision import fp16
 from runtime import manifest as manifest_io
 from runtime.fileio import sha256_file
@@ -61,10 +61,7 @@ def main() -> None:
         labels = [c for c in range(10) for _ in range(4)]
         ref_latents = reference.generate_many(labels, seed=1).latents
 
-        def sampler(pipe: Pipeline):  # type: ignore[no-untyped-def]
-            return lambda lab, seeds: pipe.generate_many(lab, seed=seeds).images
-
-        ref_eval = evaluate(sampler(reference), per_class=args.per_class, seed=100)
+        ref_eval = evaluate(pipeline_sampler(reference), per_class=args.per_class, seed=100)
         rows = [
             {
                 "variant": "fp32",
@@ -80,7 +77,7 @@ def main() -> None:
             pipe = Pipeline.from_dir(target, backend="onnxruntime", device="cpu")
             latents = pipe.generate_many(labels, seed=1).latents
             a, b = ref_latents.astype(np.float64).ravel(), latents.astype(np.float64).ravel()
-            result = evaluate(sampler(pipe), per_class=args.per_class, seed=100)
+            result = evaluate(pipeline_sampler(pipe), per_class=args.per_class, seed=100)
             rows.append(
                 {
                     "variant": variant,

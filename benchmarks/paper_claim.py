@@ -33,12 +33,11 @@ from _common import CACHE, RESULTS, load_average, machine, write_json
 
 from ecar_export import checkpoint, flops, presets
 from ecar_export.build import build_engines
-from ecar_export.evaluate import evaluate
+from ecar_export.evaluate import evaluate, torch_sampler
 from ecar_export.model import ECAR
 from ecar_export.train import TrainSettings, train_demo
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 
 BASELINE = "ecar-digits-s1"
@@ -84,11 +83,7 @@ def measure(name: str, model: ECAR, per_class: int, batch: int, repeats: int, th
     """Quality (torch reference), FLOPs per image (exported fp32 graphs), ORT fp32 and torch latency."""
     config = model.config
     print(f"{name}: eval yardstick, {per_class * 10} samples ...", flush=True)
-
-    def sampler(labels: list[int], seeds: list[int]) -> Any:
-        return to_uint8(model.sample(labels, seed=seeds).images.numpy())
-
-    quality = evaluate(sampler, per_class=per_class, seed=0)
+    quality = evaluate(torch_sampler(model), per_class=per_class, seed=0)
     out = CACHE / "engines" / f"{name}-trained" / "fp32"
     build_engines(model, out, max_batch=batch)
     counted = flops.build_flops(out, batch)

@@ -291,6 +291,7 @@ def eval_cmd(
 def _eval_sampler(  # type: ignore[no-untyped-def]
     checkpoint: Path | None, preset: str | None, engine_dir: Path | None, cfg: float | None, backend: str
 ):
+    from ecar_export.evaluate import pipeline_sampler, torch_sampler
     from runtime.errors import InvalidRequestError
 
     if engine_dir is not None:
@@ -299,21 +300,10 @@ def _eval_sampler(  # type: ignore[no-untyped-def]
         from runtime.pipeline import Pipeline
 
         pipe = Pipeline.from_dir(engine_dir, backend=backend)
-
-        def run_engines(labels: list[int], seeds: list[int]):  # type: ignore[no-untyped-def]
-            return pipe.generate_many(labels, seed=seeds, cfg=cfg).images
-
-        return run_engines, f"engines {engine_dir} ({pipe.backend.name}, {pipe.manifest.precision})"
+        return pipeline_sampler(pipe, cfg), f"engines {engine_dir} ({pipe.backend.name}, {pipe.manifest.precision})"
     if backend != "auto":
         raise InvalidRequestError("--backend applies to --engine-dir only; the checkpoint runs on torch")
-    from runtime.images import to_uint8
-
-    model = _model(checkpoint, preset)
-
-    def run_torch(labels: list[int], seeds: list[int]):  # type: ignore[no-untyped-def]
-        return to_uint8(model.sample(labels, seed=seeds, cfg=cfg).images.numpy())
-
-    return run_torch, f"torch {checkpoint or preset or 'ecar-digits (bundled)'}"
+    return torch_sampler(_model(checkpoint, preset), cfg), f"torch {checkpoint or preset or 'ecar-digits (bundled)'}"
 
 
 @app.command("train-demo")

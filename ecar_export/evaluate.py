@@ -17,13 +17,37 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ecar_export.data import split
 
+if TYPE_CHECKING:
+    from ecar_export.model import ECAR
+    from runtime.pipeline import Pipeline
+
 # (labels, per-sample seeds) -> uint8 images [B, H, W, ch]
 Sampler = Callable[[list[int], list[int]], np.ndarray]
+
+
+def torch_sampler(model: ECAR, cfg: float | None = None) -> Sampler:
+    """The torch reference as a sampler: ``model.sample`` with each sample's seed, as uint8 images."""
+    from runtime.images import to_uint8
+
+    def sample(labels: list[int], seeds: list[int]) -> np.ndarray:
+        return to_uint8(model.sample(labels, seed=seeds, cfg=cfg).images.numpy())
+
+    return sample
+
+
+def pipeline_sampler(pipe: Pipeline, cfg: float | None = None) -> Sampler:
+    """A built engine directory as a sampler: ``Pipeline.generate_many`` with each sample's seed."""
+
+    def sample(labels: list[int], seeds: list[int]) -> np.ndarray:
+        return pipe.generate_many(labels, seed=seeds, cfg=cfg).images
+
+    return sample
 
 
 @dataclass(frozen=True)
