@@ -1,7 +1,7 @@
 """Capture real stage inputs: run the fp32 pipeline over a plan and record every graph's feeds.
 
 :class:`RecordingBackend` wraps any backend and keeps a copy of the feeds of every call,
-with the call's place in the request (:func:`runtime.graphs.request_plan`: stage, step).
+with the call's place in the request (its :class:`runtime.graphs.Call`: stage, step).
 :func:`capture` swaps it into a :class:`runtime.pipeline.Pipeline` and runs the
 :class:`CalibrationPlan`. Because ``flow_step`` runs once per Euler step of every stage, and
 the backbone once per stage, the recorded inputs cover the whole schedule.
@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,7 @@ from calibration.plan import SPLITS, CalibrationPlan
 from runtime.backends import Backend
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
-from runtime.graphs import Call, GraphSpec, request_plan
+from runtime.graphs import Call, GraphSpec
 from runtime.pipeline import Pipeline
 
 __all__ = ["CalibrationPlan", "CalibrationSet", "RecordedCall", "RecordingBackend", "capture", "load_calibration"]
@@ -63,13 +63,13 @@ Progress = Callable[[int, int], None]  # requests done, requests in all
 class RecordedCall:
     """One backend call: the graph, a private copy of its feeds, and where it ran in a request.
 
-    ``stage`` (1-based) and ``step`` (0-based, flow_step only) locate the call in the request
-    plan the recorder was given; without a plan both are None.
+    ``stage`` (1-based) and ``step`` (0-based, flow_step only) are the call's place in the
+    request plan (:class:`runtime.graphs.Call`).
     """
 
     graph: str
     feeds: dict[str, np.ndarray]
-    stage: int | None
+    stage: int
     step: int | None
     thread: int
     sequence: int
@@ -78,27 +78,22 @@ class RecordedCall:
 class RecordingBackend:
     """A backend that records a copy of every call's feeds and passes the outputs through.
 
-    With ``plan`` (a request plan, :func:`runtime.graphs.request_plan`), each thread's calls
-    are matched to it in order, which gives every call its stage and step; a call that is not
-    the one the plan expects is an error. Thread-safe: calls from several threads are recorded
-    with their thread id, and each thread walks the plan on its own.
+    Thread-safe: calls from several threads are recorded with their thread id.
     """
 
-    def __init__(self, inner: Backend, plan: tuple[Call, ...] | None = None) -> None:
+    def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
-        self.plan = plan
         self._lock = threading.Lock()
         self._calls: list[RecordedCall] = []
-        self._local = threading.local()
         self._sequence = 0
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         copied = {name: np.array(value, copy=True) for name, value in feeds.items()}
-        stage, step = self._advance(graph)
-        outputs = self.inner.run(graph, feeds)
+        outputs = self.inner.run(call, feeds)
         with self._lock:
-            self._calls.append(RecordedCall(graph, copied, stage, step, threading.get_ident(), self._sequence))
+            recorded = RecordedCall(call.graph, copied, call.stage, call.step, threading.get_ident(), self._sequence)
+            self._calls.append(recorded)
             self._sequence += 1
         return outputs
 
@@ -115,18 +110,6 @@ class RecordingBackend:
         with self._lock:
             calls, self._calls = self._calls, []
             return calls
-
-    def _advance(self, graph: str) -> tuple[int | None, int | None]:
-        if self.plan is None:
-            return None, None
-        position = getattr(self._local, "position", 0)
-        expected = self.plan[position]
-        if expected.graph != graph:
-            raise CalibrationError(
-                f"call {position} of a request ran graph '{graph}', the request plan expects '{expected.graph}'"
-            )
-        self._local.position = (position + 1) % len(self.plan)
-        return expected.stage, expected.step
 
 
 @dataclass
@@ -168,7 +151,7 @@ def capture(
             f"calibration plan covers {plan.num_classes} classes, the model has {config.num_classes}"
         )
     begin = time.perf_counter()
-    recorder = RecordingBackend(pipeline.backend, request_plan(config))
+    recorder = RecordingBackend(pipeline.backend)
     recording = Pipeline(manifest, recorder)
     specs = stored_specs(config)
     steps = sum(config.steps)

@@ -95,7 +95,7 @@ def resolve_backend(backend: str) -> str:
 def _tensorrt_usable() -> bool:
     """TensorRT importable (a real one, not the type stubs) and an NVIDIA GPU visible to the driver."""
     from ecar_export.tensorrt_build import tensorrt_version
-    from runtime.gpu import gpu_available
+    from runtime.backends.tensorrt.gpu import gpu_available
 
     return tensorrt_version() is not None and gpu_available()
 

@@ -116,7 +116,7 @@ def _held_out_inputs(
             return {}
     else:
         return {}
-    inputs = {}
+    inputs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for call in graphs.request_plan(manifest.config, manifest.fuse_flow_loop):
         if call.graph in calibration.graph_names() and (call.graph, call.stage) not in inputs:
             feeds = next(iter(calibration.stage_feeds(call.graph, call.stage)), None)

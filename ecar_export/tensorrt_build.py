@@ -34,16 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime import gpu, graphs
+from runtime import graphs
 from runtime import manifest as manifest_io
+from runtime.backends.tensorrt import gpu, loader
+from runtime.backends.tensorrt.compat import HARDWARE_COMPATIBILITY_LEVELS
+from runtime.backends.tensorrt.loader import LogBook, load_tensorrt, log_tail_text, tensorrt_logger, tensorrt_major
 from runtime.config import ECARConfig
 from runtime.errors import ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.fileio import atomic_path, write_bytes_atomic
 from runtime.graphs import GraphSpec, TensorSpec, profile_shapes
 from runtime.manifest import GraphEntry
-from runtime.trt import loader
-from runtime.trt.compat import HARDWARE_COMPATIBILITY_LEVELS
-from runtime.trt.loader import LogBook, load_tensorrt, log_tail_text, tensorrt_logger, tensorrt_major
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs where installed
     import tensorrt as trt

@@ -29,21 +29,35 @@ reference sampler, the FLOP count and the calibration capture all follow it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 from runtime import schedule
 from runtime.config import ECARConfig
+from runtime.errors import ManifestError
 
 CONTRACT_VERSION = 2
 Dim = int | str
-KINDS = ("backbone", "flow_step", "flow_loop", "decoder")
+DTYPES = ("float32", "int64")
+
+
+class Kind(StrEnum):
+    """The graph kinds of the contract (a kind's value is also its graph's name and JSON spelling)."""
+
+    BACKBONE = "backbone"
+    FLOW_STEP = "flow_step"
+    FLOW_LOOP = "flow_loop"
+    DECODER = "decoder"
+
+
+FLOW_KINDS = (Kind.FLOW_STEP, Kind.FLOW_LOOP)
 # Inputs of the backbone that are the same for every request of a stage (see stage_inputs).
 STAGE_INPUTS = ("up", "fresh", "renoise", "positions", "level", "kv_tokens")
-# Inputs of the flow graphs that are the same for every row of a call.
-SCALAR_INPUTS = ("t", "dt", "cfg")
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,19 @@ class TensorSpec:
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TensorSpec:
+        """The inverse of :meth:`to_dict`; :class:`ManifestError` for anything else."""
+        if not isinstance(data, Mapping) or set(data) != {"name", "shape", "dtype"}:
+            raise ManifestError(f"a tensor must be an object with name, shape and dtype, got {data!r:.120}")
+        name, shape, dtype = data["name"], data["shape"], data["dtype"]
+        dims_ok = isinstance(shape, list) and all(
+            isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
+        )
+        if not isinstance(name, str) or not name or not dims_ok or dtype not in DTYPES:
+            raise ManifestError(f"tensor {name!r:.60}: invalid name, shape or dtype")
+        return cls(name, tuple(shape), dtype)
 
 
 @dataclass(frozen=True)
@@ -86,10 +113,22 @@ class GraphSpec:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "kind": self.kind,
+            "kind": str(self.kind),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> GraphSpec:
+        """The inverse of :meth:`to_dict` (a manifest's graph entry; other keys are ignored)."""
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"graph '{name}': its entry must be an object")
+        kind, inputs, outputs = data.get("kind"), data.get("inputs"), data.get("outputs")
+        if kind not in tuple(Kind) or not isinstance(inputs, list) or not isinstance(outputs, list):
+            raise ManifestError(f"graph '{name}': cannot read its contract (kind, inputs, outputs)")
+        return cls(
+            name, Kind(kind), tuple(map(TensorSpec.from_dict, inputs)), tuple(map(TensorSpec.from_dict, outputs))
+        )
 
 
 def kv_shape(config: ECARConfig, tokens: Dim) -> tuple[Dim, ...]:
@@ -116,7 +155,7 @@ def backbone_spec(config: ECARConfig) -> GraphSpec:
         TensorSpec("x", ("B", "N", c), "float32"),
         TensorSpec("kv", kv_shape(config, "E"), "float32"),
     )
-    return GraphSpec("backbone", "backbone", inputs, outputs)
+    return GraphSpec(Kind.BACKBONE, Kind.BACKBONE, inputs, outputs)
 
 
 def flow_step_spec(config: ECARConfig) -> GraphSpec:
@@ -128,7 +167,7 @@ def flow_step_spec(config: ECARConfig) -> GraphSpec:
         TensorSpec("dt", (1,), "float32"),
         TensorSpec("cfg", (1,), "float32"),
     )
-    return GraphSpec("flow_step", "flow_step", inputs, (TensorSpec("x_next", ("M", c), "float32"),))
+    return GraphSpec(Kind.FLOW_STEP, Kind.FLOW_STEP, inputs, (TensorSpec("x_next", ("M", c), "float32"),))
 
 
 def flow_loop_spec(config: ECARConfig) -> GraphSpec:
@@ -141,19 +180,19 @@ def flow_loop_spec(config: ECARConfig) -> GraphSpec:
         TensorSpec("dt", ("K",), "float32"),
         TensorSpec("cfg", (1,), "float32"),
     )
-    return GraphSpec("flow_loop", "flow_loop", inputs, (TensorSpec("x_end", ("M", c), "float32"),))
+    return GraphSpec(Kind.FLOW_LOOP, Kind.FLOW_LOOP, inputs, (TensorSpec("x_end", ("M", c), "float32"),))
 
 
 def decoder_spec(config: ECARConfig) -> GraphSpec:
     n = config.tokens_per_stage[-1]
     image = ("B", config.image_channels, config.image_size, config.image_size)
     inputs = (TensorSpec("x", ("B", n, config.latent_channels), "float32"),)
-    return GraphSpec("decoder", "decoder", inputs, (TensorSpec("image", image, "float32"),))
+    return GraphSpec(Kind.DECODER, Kind.DECODER, inputs, (TensorSpec("image", image, "float32"),))
 
 
-def flow_graph(fuse_flow_loop: bool) -> str:
+def flow_graph(fuse_flow_loop: bool) -> Kind:
     """The flow graph of a build: ``flow_loop`` when fused, else ``flow_step``."""
-    return "flow_loop" if fuse_flow_loop else "flow_step"
+    return Kind.FLOW_LOOP if fuse_flow_loop else Kind.FLOW_STEP
 
 
 def graph_specs(config: ECARConfig, fuse_flow_loop: bool = False) -> list[GraphSpec]:
@@ -169,14 +208,16 @@ class Call:
 
     ``t`` / ``dt``: the step's time and step size (``flow_step``: one value each;
     ``flow_loop``: the stage's every step; other graphs: empty), float32-rounded as the
-    graphs receive them. The decoder's stage is the last one.
+    graphs receive them. The decoder's stage is the last one. ``ends_stage``: the stage's
+    last flow call, whose result is the stage's end state (the next stage's ``prev``).
     """
 
-    graph: str
+    graph: Kind
     stage: int
     step: int | None = None
     t: tuple[float, ...] = ()
     dt: tuple[float, ...] = ()
+    ends_stage: bool = False
 
 
 @lru_cache(maxsize=64)
@@ -184,14 +225,52 @@ def request_plan(config: ECARConfig, fuse_flow_loop: bool = False) -> tuple[Call
     """Every graph call of one request, in order."""
     calls: list[Call] = []
     for stage in range(1, config.num_stages + 1):
-        calls.append(Call("backbone", stage))
+        calls.append(Call(Kind.BACKBONE, stage))
         times = stage_times(config, stage)
         if fuse_flow_loop:
-            calls.append(Call("flow_loop", stage, None, tuple(t for t, _ in times), tuple(d for _, d in times)))
+            t, dt = tuple(t for t, _ in times), tuple(d for _, d in times)
+            calls.append(Call(Kind.FLOW_LOOP, stage, None, t, dt, ends_stage=True))
         else:
-            calls += [Call("flow_step", stage, step, (t,), (dt,)) for step, (t, dt) in enumerate(times)]
-    calls.append(Call("decoder", config.num_stages))
+            last = len(times) - 1
+            calls += [
+                Call(Kind.FLOW_STEP, stage, step, (t,), (dt,), ends_stage=step == last)
+                for step, (t, dt) in enumerate(times)
+            ]
+    calls.append(Call(Kind.DECODER, config.num_stages))
     return tuple(calls)
+
+
+# What a request holds between graph calls, by slot, and which slot feeds each input of a call
+# (FEEDS) and takes each output (RESULTS). Every executor resolves these slots in its own memory
+# (runtime.request for numpy and torch arrays, the TensorRT backend for device buffers), so the
+# wiring of a request is written once, here:
+#   labels  int64 [B]           the request's class labels
+#   noise   float32 [B, N, C]   the stage's noise (runtime.schedule.draw_noise)
+#   stage   the stage's constant inputs, by input name (stage_inputs)
+#   prev    float32 [B, P, C]   the previous stage's end state (first_prev at stage 1)
+#   past    the KV cache: rows of the stages before feed past_kv; a stage's kv is stored after them
+#   x, z    the current stage's flow state [M, C] (stored from the backbone's x [B, N, C]) and
+#           conditioning rows [2M, D]; a call that ends its stage also stores x as prev [B, N, C]
+#   t, dt   the call's times (Call.t, Call.dt); cfg the stage's guidance weight [1]
+#   image   the decoded images
+FEEDS: dict[Kind, dict[str, str]] = {
+    Kind.BACKBONE: {
+        "labels": "labels",
+        "prev": "prev",
+        "noise": "noise",
+        "past_kv": "past",
+        **{name: "stage" for name in STAGE_INPUTS},
+    },
+    Kind.FLOW_STEP: {"x": "x", "z": "z", "t": "t", "dt": "dt", "cfg": "cfg"},
+    Kind.FLOW_LOOP: {"x": "x", "z": "z", "t": "t", "dt": "dt", "cfg": "cfg"},
+    Kind.DECODER: {"x": "prev"},
+}
+RESULTS: dict[Kind, dict[str, str]] = {
+    Kind.BACKBONE: {"z": "z", "x": "x", "kv": "past"},
+    Kind.FLOW_STEP: {"x_next": "x"},
+    Kind.FLOW_LOOP: {"x_end": "x"},
+    Kind.DECODER: {"image": "image"},
+}
 
 
 def stage_times(config: ECARConfig, stage: int) -> list[tuple[float, float]]:
@@ -284,10 +363,6 @@ def kv_shape_concrete(config: ECARConfig, tokens: int, batch: int) -> tuple[int,
 
 
 # ------------------------------------------------------------------ shapes and sample inputs
-def call_dims(config: ECARConfig, call: Call, batch: int) -> dict[str, int]:
-    return stage_dims(config, call.stage, batch)
-
-
 def sample_inputs(
     spec: GraphSpec, config: ECARConfig, stage: int, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
@@ -297,7 +372,7 @@ def sample_inputs(
     drawn from the schedule's ranges.
     """
     dims = stage_dims(config, stage, batch)
-    constants = stage_inputs(config, stage) if spec.kind == "backbone" else {}
+    constants = stage_inputs(config, stage) if spec.kind == Kind.BACKBONE else {}
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tensor.concrete(dims)
@@ -320,7 +395,8 @@ def sample_inputs(
 
 def graph_stages(config: ECARConfig, spec: GraphSpec) -> list[int]:
     """The stages at which a request calls ``spec`` (the decoder: the last one)."""
-    return sorted({call.stage for call in request_plan(config, spec.kind == "flow_loop") if call.graph == spec.name})
+    fused = spec.kind == Kind.FLOW_LOOP
+    return sorted({call.stage for call in request_plan(config, fused) if call.graph == spec.name})
 
 
 def profile_shapes(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +16,12 @@ import numpy as np
 
 from runtime import graphs, schedule
 from runtime import manifest as manifest_io
-from runtime.backends import Backend, selection
-from runtime.errors import BackendUnavailableError, ECARWarning, InvalidRequestError
+from runtime.backends import Backend, DeviceResidentBackend, StageCallback, selection
+from runtime.errors import InvalidRequestError
+from runtime.graphs import Call, Kind
 from runtime.images import to_uint8
 from runtime.manifest import Manifest
-
-StageCallback = Callable[[int, int], None]  # (stages done, stages in all)
-BACKEND_CHOICES = selection.CHOICES
+from runtime.request import RequestInputs, RequestState, walk
 
 
 @dataclass
@@ -65,9 +63,33 @@ class GenerateResult:
 
 
 class Pipeline:
+    """A loaded engine directory that generates images: the graphs chained, the flow head's Euler loop driven.
+
+    Load one with :meth:`from_dir`; :meth:`generate` runs one batch, :meth:`generate_many`
+    any number of samples. The pipeline holds no per-request state, so one instance serves
+    any number of threads (backends create their sessions once, at load time). A sample's
+    image depends only on its label, its noise key and ``cfg``: sample i of a request with
+    seed S draws its noise from key (S, i), on every backend and in any batch.
+
+    Args:
+        manifest: the validated build (:func:`runtime.manifest.load`).
+        backend: what runs its graphs (:func:`runtime.backends.selection.open_backend`).
+        device_resident: where the backend can run a whole request on its device
+            (:class:`~runtime.backends.DeviceResidentBackend`: TensorRT), do so; False walks
+            the graphs through ``backend.run`` instead.
+
+    Examples:
+        >>> from runtime import Pipeline
+        >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime")
+        >>> result = pipe.generate([3, 1, 4], seed=7)
+        >>> result.images.shape, result.images.dtype
+        ((3, 16, 16, 1), dtype('uint8'))
+        >>> again = pipe.generate([4], seed=[7])  # one seed per sample: key (7, 0), as sample 0 above
+        >>> bool((again.images[0] == result.images[0]).all())
+        False
+    """
+
     def __init__(self, manifest: Manifest, backend: Backend, device_resident: bool = True) -> None:
-        """``device_resident``: where the backend can run a whole request on its device (TensorRT's
-        ``generate_on_device``), do so; False walks the graphs through ``backend.run`` instead."""
         self.manifest = manifest
         self.config = manifest.config
         self.backend = backend
@@ -81,61 +103,37 @@ class Pipeline:
         device: str = "auto",
         threads: int | None = None,
     ) -> Pipeline:
-        """Load an engine directory. ``backend``: "auto", "onnxruntime", "openvino" or "tensorrt".
+        """Load an engine directory written by ``ecar-export build``.
 
-        "auto" takes TensorRT plans where the build has them and TensorRT can run here, else
-        ONNX Runtime on CUDA where onnxruntime-gpu is installed (and ``device`` is not "cpu"),
-        else the fastest installed CPU backend for the build's precision
-        (:mod:`runtime.backends.selection`: OpenVINO where installed, else ONNX Runtime).
-        ``device`` (ONNX Runtime): "auto", "cpu" or "cuda". ``threads`` caps the CPU threads of
-        each graph (ONNX Runtime's intra-op threads, OpenVINO's inference threads; default: one
-        per core), for processes that share a machine, such as several serving replicas.
+        Args:
+            path: the engine directory.
+            backend: "auto", "onnxruntime", "openvino" or "tensorrt". "auto" takes TensorRT
+                plans where the build has them and TensorRT can run here, else ONNX Runtime on
+                CUDA where onnxruntime-gpu is installed (and ``device`` is not "cpu"), else the
+                fastest installed CPU backend (OpenVINO where installed, else ONNX Runtime;
+                :mod:`runtime.backends.selection`).
+            device: ONNX Runtime's device: "auto", "cpu" or "cuda".
+            threads: caps the CPU threads of each graph (ONNX Runtime's intra-op threads,
+                OpenVINO's inference threads; default: one per core), for processes that share
+                a machine, such as several serving replicas.
+
+        Raises:
+            ManifestError: the directory holds no complete, intact build of this runtime's
+                graph contract (the message says what to rebuild).
+            BackendUnavailableError: the backend asked for cannot run here.
+            InvalidRequestError: an unknown backend or device, or a bad ``threads``.
+
+        Examples:
+            >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime", threads=1)
+            >>> pipe.backend.name, pipe.manifest.precision, pipe.max_batch
+            ('onnxruntime', 'fp32', 8)
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
         selection.check_choice(backend)
+        selection.check_device(device)
         manifest = manifest_io.load(path)
-        if backend == "tensorrt" and manifest.backend != "tensorrt":
-            raise BackendUnavailableError(
-                f"'{path}' holds no TensorRT plans (built for {manifest.backend}); "
-                "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
-            )
-        if manifest.backend == "tensorrt" and backend in ("tensorrt", "auto"):
-            from runtime.backends import tensorrt
-
-            problem = tensorrt.probe(manifest)
-            if problem is None:
-                return cls(manifest, tensorrt.TensorRTBackend(manifest))
-            if backend == "tensorrt":
-                raise BackendUnavailableError(problem)
-            fallback = "onnxruntime" if _cuda_wanted(device) else selection.cpu_backend(manifest.precision)
-            where = "ONNX Runtime on CUDA" if _cuda_wanted(device) else selection.NAMES[fallback]
-            warnings.warn(
-                f"the TensorRT plans in '{path}' cannot run here, using {where} instead: {problem.splitlines()[0]}",
-                ECARWarning,
-                stacklevel=2,
-            )
-            backend = fallback
-        chosen = backend == "auto"
-        if backend == "auto":
-            if _cuda_wanted(device):
-                backend = "onnxruntime"
-            else:
-                backend = selection.cpu_backend(manifest.precision)
-                device = "cpu" if backend == "onnxruntime" else device
-        if backend == "openvino":
-            from runtime.backends.openvino_backend import OpenVINOBackend
-
-            try:
-                return cls(manifest, OpenVINOBackend(manifest, threads=threads))
-            except BackendUnavailableError as exc:  # installed but broken: auto goes on with ONNX Runtime
-                if not (chosen and selection.installed("onnxruntime")):
-                    raise
-                warnings.warn(f"using ONNX Runtime instead of OpenVINO: {exc}", ECARWarning, stacklevel=2)
-                device = "cpu"
-        from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return cls(manifest, OnnxRuntimeBackend(manifest, device=device, threads=threads))
+        return cls(manifest, selection.open_backend(manifest, backend, device, threads))
 
     @property
     def max_batch(self) -> int:
@@ -149,7 +147,32 @@ class Pipeline:
         cfg: float | None = None,
         on_stage: StageCallback | None = None,
     ) -> GenerateResult:
-        """Generate one batch (at most ``max_batch`` samples)."""
+        """Generate one batch (at most ``max_batch`` samples).
+
+        Args:
+            labels: one class label per sample (integers in ``[0, num_classes)``).
+            seed: an integer (sample i draws its noise from key (seed, i)) or one integer per
+                sample (sample i from key (seed[i], 0)), each in [0, 2**63 - 1].
+            cfg: the guidance weight; None takes the model's ``cfg_scale``.
+            on_stage: called with (stages done, stages in all) after each stage.
+
+        Returns:
+            :class:`GenerateResult`: ``images`` uint8 [B, H, W, ch], ``latents`` float32
+            [B, N_S, C] (the decoder's input) and per-stage and per-graph ``timings``.
+
+        Raises:
+            InvalidRequestError: (also a ``ValueError``) bad labels, seeds or cfg, or a batch
+                beyond the build's profile.
+
+        Examples:
+            >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime")
+            >>> result = pipe.generate([0, 1], seed=0, cfg=3.0)
+            >>> result.images.shape, result.latents.shape
+            ((2, 16, 16, 1), (2, 64, 4))
+            >>> alone = pipe.generate([1], seed=[0])  # sample 1 of the pair drew key (0, 1), not (0, 0)
+            >>> sorted(result.timings.graphs)
+            ['backbone', 'decoder', 'flow_step']
+        """
         label_array = self._check_labels(labels)
         if len(label_array) > self.max_batch:
             raise InvalidRequestError(
@@ -232,13 +255,6 @@ class Pipeline:
                 )
         return np.asarray(values, dtype=np.int64)
 
-    def _call(self, timings: Timings, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        start = time.perf_counter()
-        outputs = self.backend.run(graph, feeds)
-        timings.graphs[graph] += time.perf_counter() - start
-        timings.calls[graph] += 1
-        return outputs
-
     def _run(
         self,
         labels: np.ndarray,
@@ -248,12 +264,9 @@ class Pipeline:
     ) -> GenerateResult:
         begin = time.perf_counter()
         timings = Timings()
-        config = self.config
-        weights = schedule.cfg_weights(config, cfg)
-        noise = schedule.draw_noise(config, keys)
-        on_device = getattr(self.backend, "generate_on_device", None) if self.device_resident else None
-        if on_device is not None:  # TensorRT: every intermediate stays on the GPU for the whole request
-            out = on_device(labels, noise, weights, on_stage)
+        inputs = RequestInputs.draw(self.config, labels, keys, cfg)
+        if self.device_resident and isinstance(self.backend, DeviceResidentBackend):
+            out = self.backend.run_request(inputs, on_stage)  # every intermediate stays on the device
             timings.stages = list(out.stage_seconds)
             timings.graphs.update(out.graph_seconds)
             timings.calls.update(out.graph_calls)
@@ -261,49 +274,27 @@ class Pipeline:
             images = to_uint8(out.image)
             timings.total = time.perf_counter() - begin
             return GenerateResult(images, out.latents, timings)
-        rows, channels, width = len(labels), config.latent_channels, config.width
-        offsets = graphs.cache_offsets(config)
-        cache = graphs.new_cache(config, rows)
-        prev = graphs.first_prev(config, rows)
-        flat_x: np.ndarray = np.empty(0, np.float32)
-        flat_z: np.ndarray = flat_x
-        cfg_in: np.ndarray = flat_x
         stage_begin = begin
-        image = None
-        for call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
-            index = call.stage - 1
-            if call.graph == "backbone":
-                stage_begin = time.perf_counter()
-                feeds = {
-                    "labels": labels,
-                    "prev": prev,
-                    "noise": noise[index],
-                    "past_kv": cache[: offsets[index]],
-                    **graphs.stage_inputs(config, call.stage),
-                }
-                z, x, kv = self._call(timings, call.graph, feeds)
-                cache[offsets[index] : offsets[index] + len(kv)] = kv
-                flat_x, flat_z = x.reshape(rows * x.shape[1], channels), z.reshape(-1, width)
-                cfg_in = np.array([weights[index]], dtype=np.float32)
-                continue
-            if call.graph == "decoder":
-                decode_begin = time.perf_counter()
-                (image,) = self._call(timings, "decoder", {"x": prev})
-                timings.decoder = time.perf_counter() - decode_begin
-                continue
-            times = {"t": np.array(call.t, np.float32), "dt": np.array(call.dt, np.float32)}
-            (flat_x,) = self._call(timings, call.graph, {"x": flat_x, "z": flat_z, **times, "cfg": cfg_in})
-            if call.graph == "flow_loop" or call.step == config.steps[index] - 1:  # the stage is done
-                prev = flat_x.reshape(rows, config.tokens_per_stage[index], channels)
-                timings.stages.append(time.perf_counter() - stage_begin)
+
+        def run(call: Call, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            nonlocal stage_begin
+            start = time.perf_counter()
+            if call.graph == Kind.BACKBONE:
+                stage_begin = start
+            outputs = self.backend.run(call, feeds)
+            end = time.perf_counter()
+            timings.graphs[call.graph] += end - start
+            timings.calls[call.graph] += 1
+            if call.graph == Kind.DECODER:
+                timings.decoder = end - start
+            if call.ends_stage:
+                timings.stages.append(end - stage_begin)
                 if on_stage:
-                    on_stage(call.stage, config.num_stages)
-        assert image is not None
-        images = to_uint8(image)
+                    on_stage(call.stage, self.config.num_stages)
+            return outputs
+
+        plan = graphs.request_plan(self.config, self.manifest.fuse_flow_loop)
+        state: RequestState[np.ndarray] = walk(RequestState(self.config, inputs), plan, run)
+        images = to_uint8(state.image)
         timings.total = time.perf_counter() - begin
-        return GenerateResult(images, prev, timings)
-
-
-def _cuda_wanted(device: str) -> bool:
-    """ONNX Runtime on CUDA: asked for, or ``auto`` with onnxruntime-gpu seeing a GPU."""
-    return device == "cuda" or (device == "auto" and selection.onnxruntime_has_cuda())
+        return GenerateResult(images, state.latents, timings)

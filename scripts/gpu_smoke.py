@@ -11,7 +11,7 @@ ways and compares latents and images:
   the plans: an fp16 build is compared with ORT running its fp16 graphs);
 * "pipeline" — ``Pipeline(..., device_resident=False)``: every graph call through
   ``TensorRTBackend.run`` (numpy in, numpy out, a host round trip per call);
-* "device" — ``TensorRTBackend.generate_on_device``: the whole request on the GPU. Prints a table,
+* "device" — ``TensorRTBackend.run_request``: the whole request on the GPU. Prints a table,
 writes JSON with ``--out``, and exits 1 on a mismatch, 77 where TensorRT or an NVIDIA GPU is
 absent (the "skipped" exit code of automake-style test drivers), 2 on a usage error.
 
@@ -37,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime import gpu, schedule  # noqa: E402
 from runtime import manifest as manifest_io  # noqa: E402
+from runtime import schedule  # noqa: E402
+from runtime.backends.tensorrt import gpu  # noqa: E402
 from runtime.errors import ECARError  # noqa: E402
 from runtime.images import to_uint8  # noqa: E402
+from runtime.request import RequestInputs  # noqa: E402
 
 SKIP = 77
 # precision -> (latents max abs diff, mean abs pixel diff in uint8 levels)
@@ -50,7 +52,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (2e-3, 0.25), "fp16": (5e-
 @dataclass
 class Row:
     request: int
-    path: str  # "pipeline" (TensorRT via Backend.run) or "device" (generate_on_device)
+    path: str  # "pipeline" (TensorRT via Backend.run) or "device" (run_request)
     batch: int
     seed: int
     latents_max_abs: float
@@ -151,9 +153,9 @@ def run_smoke(
             start = time.perf_counter()
             host = pipeline.generate(labels, seed=request_seed)
             host_seconds = time.perf_counter() - start
-            noise = schedule.draw_noise(config, schedule.noise_keys(request_seed, size))
+            inputs = RequestInputs.draw(config, np.asarray(labels), schedule.noise_keys(request_seed, size), None)
             start = time.perf_counter()
-            device = backend.generate_on_device(np.asarray(labels), noise, schedule.cfg_weights(config, None))
+            device = backend.run_request(inputs)
             device_seconds = time.perf_counter() - start
             candidates = {
                 "pipeline": ((host.latents, host.images), host_seconds),

@@ -1,13 +1,13 @@
 """Stand-ins for TensorRT and the CUDA driver, for tests on machines without either.
 
-* :class:`FakeCuda` — the :class:`runtime.gpu.CudaDriver` interface; "device memory" and pinned
+* :class:`FakeCuda` — the :class:`runtime.backends.tensorrt.gpu.CudaDriver` interface; "device memory" and pinned
   host memory are host memory, streams run work at once (or record it while capturing).
 * :func:`make_fake_trt` — a ``tensorrt`` module: its builder parses ONNX files and writes "plans"
   (JSON naming the ONNX file and the optimisation profiles it was given); its runtime
   deserializes those plans into engines that run the ONNX graph with ONNX Runtime, reading and
   writing :class:`FakeCuda` memory at the addresses the backend bound. Outputs therefore equal
   ONNX Runtime's exactly, so any mis-binding shows.
-* :func:`install` — put both in place (``sys.modules["tensorrt"]``, ``runtime.gpu.driver``), so
+* :func:`install` — put both in place (``sys.modules["tensorrt"]``, ``runtime.backends.tensorrt.gpu.driver``), so
   the real entry points (``build_engines``, ``ecar-export build --backend tensorrt``,
   ``Pipeline.from_dir``) run on them, also in a subprocess (``python tests/fake_tensorrt.py
   ecar-export build ...``).
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime import gpu
+from runtime.backends.tensorrt import gpu
 
 FAKE_VERSION = "10.13.3.9"
 FAKE_GPU = gpu.GpuInfo(0, "NVIDIA Fake H100", "9.0", 80 << 30, 12080)
@@ -492,13 +492,13 @@ def make_fake_trt(
 
 
 def install(cuda_fails: bool = False, patch: Any = None) -> tuple[ModuleType, FakeCuda]:
-    """Make ``import tensorrt`` and ``runtime.gpu.driver()`` return the fakes.
+    """Make ``import tensorrt`` and ``runtime.backends.tensorrt.gpu.driver()`` return the fakes.
 
     ``patch`` is a ``pytest.MonkeyPatch`` (undone after the test); without one the change is
     permanent (a subprocess). Call it after anything that exports ONNX with torch: the exporter
     probes the ``tensorrt`` module it finds.
     """
-    from runtime.trt import loader
+    from runtime.backends.tensorrt import loader
 
     cuda = FakeCuda()
     trt = make_fake_trt(cuda, cuda_fails=cuda_fails)

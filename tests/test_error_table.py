@@ -263,7 +263,7 @@ def _fake_here(monkeypatch: pytest.MonkeyPatch, cuda_fails: bool = False) -> Any
     from fake_tensorrt import install
 
     import ecar_export.export  # noqa: F401  (torch's exporter first: it probes the `tensorrt` module)
-    from runtime import gpu
+    from runtime.backends.tensorrt import gpu
 
     trt, cuda = install(cuda_fails=cuda_fails, patch=monkeypatch)
     trt.__version__ = "10.14.1"

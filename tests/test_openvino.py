@@ -27,6 +27,7 @@ from runtime.backends import selection
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError
 from runtime.fileio import sha256_file
+from runtime.graphs import Call, Kind
 from runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(
@@ -73,7 +74,8 @@ def test_a_first_call_with_an_empty_cache_does_not_corrupt_later_shapes(build_ca
     spec = ov.manifest.graphs["backbone"].spec
     for stage in (1, 3, 2, 1, 3):  # stage 1 reads an empty cache; stage 3 is a shape not seen before
         feeds = graphs.sample_inputs(spec, ov.config, stage, 2, rng)
-        for got, want in zip(ov.backend.run("backbone", feeds), ort.run("backbone", feeds)):
+        call = Call(Kind.BACKBONE, stage)
+        for got, want in zip(ov.backend.run(call, feeds), ort.run(call, feeds)):
             assert got.shape == want.shape
             if want.size:
                 assert float(np.max(np.abs(got - want))) <= 1e-4, stage
@@ -147,7 +149,7 @@ def test_int8_builds_run_on_openvino_integer_kernels(precision: str, build_cache
 
 def test_auto_picks_the_fastest_installed_cpu_backend(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
     build = build_cache.get(TINY)
-    assert selection.cpu_backend("fp32") == "openvino"
+    assert selection.cpu_backend() == "openvino"
     assert Pipeline.from_dir(build.dir).backend.name == "openvino"
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
@@ -162,7 +164,7 @@ def test_auto_goes_on_with_onnxruntime_where_openvino_is_installed_but_broken(
     (fake / "__init__.py").write_text("raise ImportError('libopenvino.so.2026.4.1: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "openvino", raising=False)
-    assert selection.cpu_backend("fp32") == "openvino"  # installed, as far as the package index can tell
+    assert selection.cpu_backend() == "openvino"  # installed, as far as the package index can tell
     with pytest.warns(ECARWarning, match=r"using ONNX Runtime instead of OpenVINO: .*cannot open shared object"):
         pipe = Pipeline.from_dir(build_cache.get(TINY).dir)
     assert pipe.backend.name == "onnxruntime"

@@ -43,16 +43,16 @@ from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, Fa
 
 from ecar_export import tensorrt_build
 from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
-from runtime import gpu, graphs, schedule
+from runtime import graphs, schedule
 from runtime import manifest as manifest_io
-from runtime.backends.tensorrt import TensorRTBackend, probe
+from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
+from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.shapes import resolve_dims
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
-from runtime.graphs import graph_specs, profile_shapes
+from runtime.graphs import Call, graph_specs, profile_shapes
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
-from runtime.trt import loader
-from runtime.trt.compat import RunningEnvironment, check_plan_compatibility
+from runtime.request import RequestInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = RunningEnvironment(FAKE_VERSION, FAKE_GPU.name, FAKE_GPU.compute_capability)
@@ -79,7 +79,7 @@ def test_modules_import_without_torch_or_tensorrt() -> None:
                 return None
 
         sys.meta_path.insert(0, Block())
-        import runtime.gpu, runtime.backends.tensorrt, runtime.trt.loader as loader
+        import runtime.backends.tensorrt.gpu, runtime.backends.tensorrt, runtime.backends.tensorrt.loader as loader
         assert loader.tensorrt_version() is None
         try:
             loader.load_tensorrt()
@@ -295,8 +295,8 @@ def request(rng: np.random.Generator, classes: int, batch: int) -> tuple[list[in
 
 def on_device(backend: TensorRTBackend, labels: list[int], seed: int, cfg: float | None = None) -> Any:
     config = backend.config
-    noise = schedule.draw_noise(config, schedule.noise_keys(seed, len(labels)))
-    return backend.generate_on_device(np.asarray(labels), noise, schedule.cfg_weights(config, cfg))
+    keys = schedule.noise_keys(seed, len(labels))
+    return backend.run_request(RequestInputs.draw(config, np.asarray(labels), keys, cfg))
 
 
 # ============================================================================ backend with fakes
@@ -422,9 +422,9 @@ def test_fake_backend_refuses_bad_requests_and_plans(
         on_device(backend, [1] * (build.max_batch + 1), 0)
     noise = schedule.draw_noise(config, schedule.noise_keys(0, 2))
     with pytest.raises(InvalidRequestError, match="noise of stage 2"):
-        backend.generate_on_device(np.array([1, 2]), [noise[0], noise[1][:, :1], noise[2]], [2.0] * 3)
+        backend.run_request(RequestInputs(np.array([1, 2]), (noise[0], noise[1][:, :1], noise[2]), (2.0,) * 3))
     with pytest.raises(EngineError, match="no graph 'nope'"):
-        backend.run("nope", {})
+        backend.run(Call("nope", 1), {})  # type: ignore[arg-type]
     backend.close()
 
     # a plan TensorRT cannot deserialize (sha256 updated to match): the error shows TensorRT's log
@@ -728,7 +728,7 @@ needs_nvidia = pytest.mark.skipif(not gpu.gpu_available(), reason="no NVIDIA GPU
 @pytest.mark.gpu
 @needs_nvidia
 def test_cuda_driver_memory_streams_events_and_graphs() -> None:
-    """runtime.gpu on a real GPU (no TensorRT needed): every call the backend makes."""
+    """runtime.backends.tensorrt.gpu on a real GPU (no TensorRT needed): every call the backend makes."""
     cuda = gpu.driver()
     info = gpu.gpu_info(0)
     assert info.name and info.total_memory > 1 << 30 and gpu.parse_compute_capability(info.compute_capability) >= (3, 0)

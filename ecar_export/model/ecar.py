@@ -21,6 +21,8 @@ from ecar_export.model.tokenizer import Tokenizer
 from runtime import graphs, schedule
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
+from runtime.graphs import Call, Kind
+from runtime.request import RequestInputs, RequestState, walk
 
 
 @dataclass
@@ -168,37 +170,25 @@ class ECAR(nn.Module):
         the KV cache (a slow path that proves the fast one).
         """
         label_tensor = self._check_labels(labels)
-        rows = label_tensor.shape[0]
         config = self.config
-        noise = schedule.draw_noise(config, schedule.noise_keys(seed, rows))
-        weights = schedule.cfg_weights(config, cfg)
-        channels, width = config.latent_channels, config.width
-        offsets = graphs.cache_offsets(config)
-        cache = torch.from_numpy(graphs.new_cache(config, rows))
-        prev = torch.from_numpy(graphs.first_prev(config, rows))
+        inputs = RequestInputs.draw(config, label_tensor.numpy(), schedule.noise_keys(seed, len(label_tensor)), cfg)
+        state: RequestState[torch.Tensor] = RequestState(config, inputs, _tensor)
         ends: list[torch.Tensor] = []
-        flat_x = flat_z = torch.empty(0)
-        for call in graphs.request_plan(config):
-            index = call.stage - 1
-            if call.graph == "backbone":
-                eta = torch.from_numpy(noise[index])
-                if use_cache:
-                    past = cache[: offsets[index]]
-                    z, x, kv = self.backbone_graph(label_tensor, prev, eta, **self._stage_tensors(call.stage, past))
-                    cache[offsets[index] : offsets[index] + kv.shape[0]] = kv
-                else:
-                    z, x = self._stage_forward_uncached(index, label_tensor, ends, eta)
-                flat_x, flat_z = x.reshape(-1, channels), z.reshape(-1, width)
-                cfg_t = torch.tensor([weights[index]], dtype=torch.float32)
-            elif call.graph == "flow_step":
-                flat_x = self.flow_step(flat_x, flat_z, _scalar(call.t[0]), _scalar(call.dt[0]), cfg_t)
-                if call.step == config.steps[index] - 1:  # the stage's last step: its end state
-                    prev = flat_x.reshape(rows, config.tokens_per_stage[index], channels)
-                    ends.append(prev)
-        return SampleResult(images=self.decode_tokens(prev), latents=prev)
 
-    def _stage_tensors(self, stage: int, past: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**self.stage_feeds(stage), "past_kv": past}
+        def run(call: Call, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            if call.graph == Kind.BACKBONE:
+                if use_cache:
+                    return self.backbone_graph(**feeds)
+                if call.stage > 1:
+                    ends.append(state.prev)
+                z, x = self._stage_forward_uncached(call.stage - 1, feeds["labels"], ends, feeds["noise"])
+                return z, x, feeds["past_kv"][:0]
+            if call.graph == Kind.FLOW_STEP:
+                return (self.flow_step(**feeds),)
+            return (self.decode_tokens(feeds["x"]),)
+
+        walk(state, graphs.request_plan(config), run)
+        return SampleResult(images=state.image, latents=state.latents)
 
     def _stage_forward_uncached(
         self, stage: int, labels: torch.Tensor, ends: list[torch.Tensor], noise: torch.Tensor
@@ -238,5 +228,6 @@ def _f32(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _scalar(value: float) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.float32)
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A host array of the request as a tensor (the walk's ``convert``; copies read-only arrays)."""
+    return torch.from_numpy(array if array.flags.writeable else np.array(array))

@@ -1,21 +1,22 @@
 """ONNX Runtime backend: one InferenceSession per graph, created once and shared by all threads.
 
 CPUExecutionProvider by default; with ``device="cuda"`` (or ``"auto"`` where
-onnxruntime-gpu is installed) the CUDA / TensorRT execution providers. ORT silently
+onnxruntime-gpu is installed and sees a GPU) the CUDA execution provider. ORT silently
 falls back to the CPU when a GPU provider cannot start, so the providers a session
-actually uses are checked, not the ones requested.
+actually uses are checked, not the ones requested. (TensorRT runs through its own backend,
+:mod:`runtime.backends.tensorrt`, never through ORT's TensorRT execution provider.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from runtime.errors import BackendUnavailableError, EngineError
+from runtime.graphs import Call
 from runtime.manifest import Manifest
-
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def _ort() -> Any:
@@ -108,11 +109,12 @@ class OnnxRuntimeBackend:
             self.output_names[name] = entry.spec.output_names()
         self.providers = providers
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return list(self.sessions[graph].run(self.output_names[graph], feeds))
+            session, outputs = self.sessions[call.graph], self.output_names[call.graph]
         except KeyError:
-            raise EngineError(f"this build has no graph '{graph}'") from None
+            raise EngineError(f"this build has no graph '{call.graph}'") from None
+        return list(session.run(outputs, dict(feeds)))
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "providers": self.providers, "onnxruntime": _ort().__version__}

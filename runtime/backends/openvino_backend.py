@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from runtime import graphs
 from runtime.errors import BackendUnavailableError, EngineError
+from runtime.graphs import Call, Kind
 from runtime.manifest import Manifest
 
 CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
@@ -171,7 +173,7 @@ class OpenVINOBackend:
                 )
             self.output_index[name] = indices
             self._pools[name] = queue.SimpleQueue()
-            if entry.spec.kind == "backbone" and model_config.num_stages > 1:  # its cache is empty at stage 1
+            if entry.spec.kind == Kind.BACKBONE and model_config.num_stages > 1:  # its cache is empty at stage 1
                 self._warm_up[name] = _warm_up_feeds(entry.spec, model_config)
 
     def _request(self, graph: str) -> Any:
@@ -185,8 +187,8 @@ class OpenVINOBackend:
                 request.infer(self._warm_up[graph])
             return request
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = None
+    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        graph, request = call.graph, None
         try:
             request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})

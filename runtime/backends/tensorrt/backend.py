@@ -5,7 +5,7 @@ Two ways to run:
 * :meth:`TensorRTBackend.run` — the :class:`~runtime.backends.Backend` protocol: numpy feeds in,
   numpy outputs out, one graph per call (through pinned host buffers). Buffers are allocated
   per graph and input shape and then reused.
-* :meth:`TensorRTBackend.generate_on_device` — a whole request on the device: labels, noise and
+* :meth:`TensorRTBackend.run_request` — a whole request on the device: labels, noise and
   the per-request scalars go in, the decoded image and final latents come out, and every
   intermediate (z, x, KV cache) stays in device buffers that are bound to the next engine by
   address. With ``cuda_graphs=True`` each stage's flow loop is replayed from a CUDA graph
@@ -18,7 +18,7 @@ activation buffer. For GPU-side concurrency create one backend per thread.
 
 Compatibility: before anything is deserialized, the driver is checked against the CUDA build of
 the installed TensorRT, and the manifest's ``tensorrt`` block against the running TensorRT
-version and GPU (:mod:`runtime.trt.compat`).
+version and GPU (:mod:`runtime.backends.tensorrt.compat`).
 """
 
 from __future__ import annotations
@@ -26,25 +26,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime import gpu, graphs
-from runtime.backends.tensorrt import cuda_graphs
+from runtime import graphs
+from runtime.backends import DeviceRunResult, StageCallback
+from runtime.backends.tensorrt import cuda_graphs, gpu, loader
+from runtime.backends.tensorrt.compat import REBUILD, RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.cuda_graphs import StageGraph
 from runtime.backends.tensorrt.engine import EngineRunner
+from runtime.backends.tensorrt.loader import log_tail_text
 from runtime.backends.tensorrt.memory import DeviceAllocations, PinnedBuffers, SharedScratch
 from runtime.backends.tensorrt.shapes import nbytes, resolve_dims
-from runtime.backends.tensorrt.workspace import StageInputs, Workspace
+from runtime.backends.tensorrt.workspace import DeviceSlots, StageInputs, Workspace
 from runtime.errors import ECARError, EngineError, InvalidRequestError, ManifestError
+from runtime.graphs import Call, Kind
 from runtime.manifest import Manifest
-from runtime.trt import loader
-from runtime.trt.compat import REBUILD, RunningEnvironment, check_plan_compatibility
-from runtime.trt.loader import log_tail_text
+from runtime.request import RequestInputs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -77,19 +79,6 @@ def probe(manifest: Manifest, device_index: int = 0) -> str | None:
     except ECARError as exc:
         return str(exc)
     return None
-
-
-@dataclass
-class DeviceRunResult:
-    """What :meth:`TensorRTBackend.generate_on_device` returns (times from CUDA events)."""
-
-    image: np.ndarray  # float32 [B, ch, H, W] in [0, 1], the decoder's output
-    latents: np.ndarray  # float32 [B, N_S, C]
-    stage_seconds: list[float]
-    decoder_seconds: float
-    graph_seconds: dict[str, float] = field(default_factory=dict)
-    graph_calls: dict[str, int] = field(default_factory=dict)
-    total_seconds: float = 0.0
 
 
 @dataclass
@@ -184,32 +173,31 @@ class TensorRTBackend:
         return self._scratch.size if self._scratch else 0
 
     # ------------------------------------------------------------------ Backend protocol
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        runner = self.runners.get(graph)
+    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        runner = self.runners.get(call.graph)
         if runner is None:
-            raise EngineError(f"this build has no graph '{graph}'")
+            raise EngineError(f"this build has no graph '{call.graph}'")
         dims = resolve_dims(runner.spec, {name: np.shape(value) for name, value in feeds.items()})
-        key = (graph, tuple(sorted(dims.items())))
+        key = (call.graph, tuple(sorted(dims.items())))
         with self._lock:
             self._check_open()
             self.cuda.use_device(self.device_index)
-            call = self._host_calls.get(key)
-            if call is None:
+            host_call = self._host_calls.get(key)
+            if host_call is None:
                 names = (*runner.inputs, *runner.outputs)
-                call = _HostCall(
+                host_call = _HostCall(
                     device={n: self._host_memory.new(nbytes(runner.shape(n, dims), runner.dtypes[n])) for n in names},
                     host={n: self._host_pinned.array(runner.shape(n, dims), runner.dtypes[n]) for n in names},
                 )
-                self._host_calls[key] = call
+                self._host_calls[key] = host_call
             for name in runner.inputs:
-                np.copyto(call.host[name], feeds[name], casting="same_kind")
-                self.cuda.copy_to_device(call.device[name], call.host[name], self._stream)
-            stage = runner.stage_for(dims, self.config.tokens_per_stage, self.manifest.max_batch)
-            runner.enqueue(runner.contexts[stage], dims, call.device, self._stream)
+                np.copyto(host_call.host[name], feeds[name], casting="same_kind")
+                self.cuda.copy_to_device(host_call.device[name], host_call.host[name], self._stream)
+            runner.enqueue(runner.context(call.stage), dims, host_call.device, self._stream)
             for name in runner.outputs:
-                self.cuda.copy_to_host(call.host[name], call.device[name], self._stream)
+                self.cuda.copy_to_host(host_call.host[name], host_call.device[name], self._stream)
             self.cuda.stream_synchronize(self._stream)
-            return [call.host[name].copy() for name in runner.outputs]
+            return [host_call.host[name].copy() for name in runner.outputs]
 
     def describe(self) -> dict[str, object]:
         return {
@@ -227,32 +215,24 @@ class TensorRTBackend:
         }
 
     # ------------------------------------------------------------------ device-resident request
-    def generate_on_device(
-        self,
-        labels: np.ndarray | Sequence[int],
-        noise: Sequence[np.ndarray],
-        cfg_weights: Sequence[float],
-        on_stage: Callable[[int, int], None] | None = None,
-    ) -> DeviceRunResult:
+    def run_request(self, inputs: RequestInputs, on_stage: StageCallback | None = None) -> DeviceRunResult:
         """One whole request with every intermediate on the device.
 
-        ``labels`` int [B]; ``noise`` one float32 [B, N_s, C] array per stage (as
-        :func:`runtime.schedule.draw_noise` makes them); ``cfg_weights`` one guidance weight per
-        stage (:func:`runtime.schedule.cfg_weights`). Copies in: labels, noise and the scalars;
+        ``inputs``: the labels, every stage's noise and guidance weight
+        (:class:`runtime.request.RequestInputs`). Copies in: labels, noise and the scalars;
         copies out: the image and the final latents, all through pinned host buffers.
         ``on_stage`` (stages done, stages in all) is called after each stage has finished on the
         GPU (that costs one stream sync per stage).
         """
         config = self.config
-        label_array = np.asarray(labels)
-        batch = int(label_array.shape[0]) if label_array.ndim == 1 else 0
+        batch = int(inputs.labels.shape[0]) if inputs.labels.ndim == 1 else 0
         if not 1 <= batch <= self.manifest.max_batch:
             raise InvalidRequestError(
                 f"batch of {batch} samples is outside this build's profile (1..{self.manifest.max_batch})"
             )
-        if len(noise) != config.num_stages or len(cfg_weights) != config.num_stages:
+        if len(inputs.noise) != config.num_stages or len(inputs.cfg) != config.num_stages:
             raise InvalidRequestError(f"need noise and a cfg weight for each of the {config.num_stages} stages")
-        for index, (array, tokens) in enumerate(zip(noise, config.tokens_per_stage)):
+        for index, (array, tokens) in enumerate(zip(inputs.noise, config.tokens_per_stage)):
             expected = (batch, tokens, config.latent_channels)
             if tuple(np.shape(array)) != expected:
                 raise InvalidRequestError(
@@ -263,7 +243,7 @@ class TensorRTBackend:
             self._check_open()
             self.cuda.use_device(self.device_index)
             workspace = self._workspace(batch)
-            return self._generate(workspace, label_array, list(noise), list(cfg_weights), on_stage, begin)
+            return self._generate(workspace, inputs, on_stage, begin)
 
     def _workspace(self, batch: int) -> Workspace:
         workspace = self._workspaces.get(batch)
@@ -273,81 +253,55 @@ class TensorRTBackend:
         return workspace
 
     def _generate(
-        self,
-        ws: Workspace,
-        labels: np.ndarray,
-        noise: list[np.ndarray],
-        cfg_weights: list[float],
-        on_stage: Callable[[int, int], None] | None,
-        begin: float,
+        self, ws: Workspace, inputs: RequestInputs, on_stage: StageCallback | None, begin: float
     ) -> DeviceRunResult:
-        """Walk the request plan (:func:`runtime.graphs.request_plan`) with every tensor on the device."""
+        """Walk the request plan (:func:`runtime.graphs.request_plan`) with every tensor on the device.
+
+        Each call's buffers come from the contract's slot tables (:class:`DeviceSlots`); a
+        stage's flow steps are enqueued together when its last step comes, so that they can
+        be replayed from a CUDA graph.
+        """
         config, cuda, stream, timer = self.config, self.cuda, self._stream, ws.timer
         assert self._stage_inputs is not None
         timer.reset()
         calls: list[tuple[str, int, int, int]] = []  # graph, start event, end event, engine calls
         stage_marks: list[tuple[int, int]] = []
-        np.copyto(ws.host_labels, labels, casting="same_kind")
-        for stage, weight in enumerate(cfg_weights, start=1):
+        np.copyto(ws.host_labels, inputs.labels, casting="same_kind")
+        for stage, weight in enumerate(inputs.cfg, start=1):
             ws.set_cfg(stage, weight)
         cuda.copy_to_device(ws.labels, ws.host_labels, stream)
-        for stage, array in enumerate(noise, start=1):
+        for stage, array in enumerate(inputs.noise, start=1):
             np.copyto(ws.host_noise[stage], array, casting="same_kind")
             cuda.copy_to_device(ws.noise[stage], ws.host_noise[stage], stream)
         cuda.copy_to_device(ws.scalars, ws.host_scalars, stream)
-
-        def call(runner: EngineRunner, stage: int, bind: dict[str, int]) -> None:
-            start = timer.mark(stream)
-            runner.enqueue(runner.contexts[stage], ws.dims[stage], bind, stream)
-            calls.append((runner.name, start, timer.mark(stream), 1))
-
-        offsets = graphs.cache_offsets(config)
-        prev = ws.first_prev  # the previous stage's end state
-        current = ws.x[0]  # the flow state of this stage (never the buffer ``prev`` is in)
-        stage_start = 0
-        for request_call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
-            stage, graph = request_call.stage, request_call.graph
-            runner = self.runners[graph]
-            if graph == "backbone":
-                stage_start = timer.mark(stream)
-                current = ws.x[1] if prev == ws.x[0] else ws.x[0]
-                bind = {
-                    "labels": ws.labels,
-                    "prev": prev,
-                    "noise": ws.noise[stage],
-                    **self._stage_inputs.addresses[stage],
-                    "past_kv": ws.cache,
-                    "z": ws.z,
-                    "x": current,
-                    "kv": ws.kv_out,
-                }
-                call(runner, stage, bind)
-                emitted = ws.dims[stage]["E"]
-                if emitted:  # append the stage's keys/values to the cache (the next stage's past)
-                    target = ws.cache + offsets[stage - 1] * ws.kv_row
-                    cuda.copy_device(target, ws.kv_out, emitted * ws.kv_row, stream)
-                continue
-            if graph == "decoder":
-                decode_start = timer.mark(stream)
-                call(runner, stage, {"x": prev, "image": ws.image})
-                decode_end = timer.mark(stream)
-                continue
-            other = ws.x[1] if current == ws.x[0] else ws.x[0]
-            if graph == "flow_loop":
-                t_slot, dt_slot = ws.time_slot[stage][0]
-                bind = {"x": current, "z": ws.z, "t": ws.slot(t_slot), "dt": ws.slot(dt_slot)}
-                call(runner, stage, {**bind, "cfg": ws.cfg_slot(stage), "x_end": other})
-                prev = other
-            elif request_call.step == 0:  # flow_step: the stage's whole loop, enqueued at its first step
-                prev = self._flow_loop(ws, stage, calls, (current, other))
+        slots = DeviceSlots(ws, self._stage_inputs, graphs.cache_offsets(config))
+        stage_start = decode_start = decode_end = 0
+        steps: list[dict[str, int]] = []  # the binds of the current stage's flow steps
+        for call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
+            runner = self.runners[call.graph]
+            bind = slots.bind(call)
+            if call.graph == Kind.FLOW_STEP:
+                steps.append(bind)
+                if call.ends_stage:  # the stage's whole loop, enqueued at its last step
+                    self._flow_loop(ws, call.stage, calls, steps)
+                    steps = []
             else:
-                continue
-            stage_marks.append((stage_start, timer.mark(stream)))
-            if on_stage:
-                cuda.stream_synchronize(stream)
-                on_stage(stage, config.num_stages)
+                start = timer.mark(stream)
+                if call.graph == Kind.BACKBONE:
+                    stage_start = start
+                runner.enqueue(runner.context(call.stage), ws.dims[call.stage], bind, stream)
+                end = timer.mark(stream)
+                calls.append((runner.name, start, end, 1))
+                if call.graph == Kind.DECODER:
+                    decode_start, decode_end = start, end
+            slots.stored(call, cuda, stream)
+            if call.ends_stage:
+                stage_marks.append((stage_start, timer.mark(stream)))
+                if on_stage:
+                    cuda.stream_synchronize(stream)
+                    on_stage(call.stage, config.num_stages)
         cuda.copy_to_host(ws.host_image, ws.image, stream)
-        cuda.copy_to_host(ws.host_latents, prev, stream)
+        cuda.copy_to_host(ws.host_latents, slots.prev, stream)
         cuda.stream_synchronize(stream)
         graph_seconds: dict[str, float] = {}
         graph_calls: dict[str, int] = {}
@@ -365,51 +319,43 @@ class TensorRTBackend:
         )
 
     def _flow_loop(
-        self, ws: Workspace, stage: int, calls: list[tuple[str, int, int, int]], buffers: tuple[int, int]
-    ) -> int:
-        """Enqueue a stage's Euler loop (x ping-pongs from ``buffers[0]``); returns the final buffer.
+        self, ws: Workspace, stage: int, calls: list[tuple[str, int, int, int]], steps: list[dict[str, int]]
+    ) -> None:
+        """Enqueue a stage's Euler loop (``steps``: each step's binds, in order).
 
         With ``cuda_graphs``, the loop runs on a context of its own per (batch size, stage):
-        eagerly twice (a warm-up, then a run that is captured), replayed from then on.
+        eagerly twice (a warm-up, then a run that is captured), replayed from then on; a replay
+        needs the very binds it captured (every request of a batch size binds the same buffers).
         """
-        runner = self.runners["flow_step"]
+        runner = self.runners[Kind.FLOW_STEP]
         timer, stream = ws.timer, self._stream
-        steps = ws.time_slot[stage]
-        final = buffers[len(steps) % 2]
         dims = ws.dims[stage]
 
         def enqueue_all(context: trt.IExecutionContext, timed: bool) -> None:
-            for step, (t_slot, dt_slot) in enumerate(steps):
-                bind = {
-                    "x": buffers[step % 2],
-                    "x_next": buffers[(step + 1) % 2],
-                    "z": ws.z,
-                    "t": ws.slot(t_slot),
-                    "dt": ws.slot(dt_slot),
-                    "cfg": ws.cfg_slot(stage),
-                }
+            for bind in steps:
                 start = timer.mark(stream) if timed else -1
                 runner.enqueue(context, dims, bind, stream)
                 if timed:
                     calls.append((runner.name, start, timer.mark(stream), 1))
 
-        if not self.cuda_graphs or not steps:
-            enqueue_all(runner.contexts[stage], timed=True)
-            return final
+        if not self.cuda_graphs:
+            enqueue_all(runner.context(stage), timed=True)
+            return
         stage_graph = ws.stage_graphs.get(stage)
         if stage_graph is None:
             assert self._scratch is not None
             stage_graph = StageGraph(context=runner.new_context(self._scratch, stage, stream))
             ws.stage_graphs[stage] = stage_graph
-        if stage_graph.executable:
+        if stage_graph.executable and stage_graph.binds == steps:
             start = timer.mark(stream)
             self.cuda.graph_launch(stage_graph.executable, stream)
             calls.append((runner.name, start, timer.mark(stream), len(steps)))
-            return final
+            return
         # eager on the stage's own context; after the first (warm-up) run, capture the loop
         enqueue_all(stage_graph.context, timed=True)
-        if stage_graph.failed is None:
+        if stage_graph.failed is None and not stage_graph.executable:
             if stage_graph.warmed:
+                stage_graph.binds = [dict(bind) for bind in steps]
                 failure = cuda_graphs.capture(
                     self.cuda, stream, stage_graph, lambda: enqueue_all(stage_graph.context, timed=False)
                 )
@@ -419,7 +365,6 @@ class TensorRTBackend:
                     LOG.warning("%s", message)
             else:
                 stage_graph.warmed = True
-        return final
 
     # ------------------------------------------------------------------ lifetime
     def _check_open(self) -> None:

@@ -9,10 +9,10 @@ reported as a warning.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from runtime import gpu
+from runtime.backends.tensorrt import gpu
 from runtime.errors import BackendUnavailableError, EngineError
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ class StageGraph:
     """A stage's flow loop captured into a CUDA graph, on its own execution context."""
 
     context: trt.IExecutionContext
+    binds: list[dict[str, int]] = field(default_factory=list)  # each step's device addresses, as captured
     warmed: bool = False
     graph: int = 0
     executable: int = 0

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime.backends.tensorrt.compat import REBUILD
+from runtime.backends.tensorrt.loader import LogBook, log_tail_text
 from runtime.backends.tensorrt.memory import SharedScratch
 from runtime.errors import EngineError
 from runtime.graphs import GraphSpec
-from runtime.trt.compat import REBUILD
-from runtime.trt.loader import LogBook, log_tail_text
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type these where installed; Any otherwise
     import tensorrt as trt
@@ -132,19 +132,12 @@ class EngineRunner:
             )
         return context
 
-    def stage_for(self, dims: Mapping[str, int], config_tokens: tuple[int, ...], max_batch: int) -> int:
-        """A stage whose profile holds a call of these dims (for calls that do not say their stage)."""
-        for stage in self.stages:
-            tokens = config_tokens[stage - 1]
-            if "N" in dims and self.spec.kind == "backbone":
-                if dims["N"] == tokens:
-                    return stage
-            elif "M" in dims:
-                if dims["M"] % tokens == 0 and 1 <= dims["M"] // tokens <= max_batch:
-                    return stage
-            else:
-                return stage
-        raise EngineError(f"no profile of graph '{self.name}' holds a call of shape {dict(dims)}")
+    def context(self, stage: int) -> trt.IExecutionContext:
+        """The execution context of a stage's profile."""
+        try:
+            return self.contexts[stage]
+        except KeyError:
+            raise EngineError(f"graph '{self.name}' has no profile for stage {stage}") from None
 
     def shape(self, name: str, dims: Mapping[str, int]) -> tuple[int, ...]:
         for tensor in (*self.spec.inputs, *self.spec.outputs):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime import gpu
+from runtime.backends.tensorrt import gpu
 
 ADDRESS_ALIGNMENT = 256  # bytes; TensorRT wants 256-byte aligned tensor addresses
 

@@ -9,6 +9,9 @@ by address: labels, each stage's noise, the guidance rows ``z`` and the flow sta
 cache (token-major, so stage s reads the prefix the stages before it wrote) with a staging
 buffer for a stage's emitted keys/values, the image, and the per-request scalars; plus the
 pinned host arrays the inputs and results pass through.
+
+:class:`DeviceSlots` — a request's slots (:data:`runtime.graphs.FEEDS` / ``RESULTS``) as the
+addresses of one workspace's buffers, call by call.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime import gpu, graphs
+from runtime import graphs
+from runtime.backends.tensorrt import gpu
 from runtime.backends.tensorrt.cuda_graphs import StageGraph
 from runtime.backends.tensorrt.memory import ADDRESS_ALIGNMENT, DeviceAllocations, EventTimer, PinnedBuffers
 from runtime.backends.tensorrt.shapes import nbytes
+from runtime.graphs import FEEDS, RESULTS, Call, Kind
 
 if TYPE_CHECKING:
     from runtime.config import ECARConfig
@@ -123,3 +128,64 @@ class Workspace:
         self.timer.destroy()
         self.memory.free()
         self.pinned.free()
+
+
+class DeviceSlots:
+    """Where each slot of a request lives in a :class:`Workspace`, as the request walks its calls.
+
+    :meth:`bind` gives every input and output of a call its device address; :meth:`stored`
+    (after the call is enqueued) moves the slots on: the flow state ping-pongs between the
+    two ``x`` buffers, never writing the buffer it reads; a stage's emitted keys/values are
+    appended to the cache; a call that ends its stage makes its state the next ``prev``.
+    """
+
+    def __init__(self, ws: Workspace, stage_inputs: StageInputs, offsets: tuple[int, ...]) -> None:
+        self.ws = ws
+        self.stage_inputs = stage_inputs
+        self.offsets = offsets
+        self.prev = ws.first_prev  # the previous stage's end state
+        self.x = ws.x[0]  # the current stage's flow state
+        self._written_x = self.x
+
+    def address(self, slot: str, name: str, call: Call) -> int:
+        ws = self.ws
+        if slot == "noise":
+            return ws.noise[call.stage]
+        if slot == "stage":
+            return self.stage_inputs.addresses[call.stage][name]
+        if slot == "past":
+            return ws.cache
+        if slot in ("t", "dt"):
+            t_slot, dt_slot = ws.time_slot[call.stage][call.step or 0]
+            return ws.slot(t_slot if slot == "t" else dt_slot)
+        if slot == "cfg":
+            return ws.cfg_slot(call.stage)
+        if slot in ("prev", "x"):
+            return int(getattr(self, slot))
+        return int(getattr(ws, slot))  # labels, z, image
+
+    def bind(self, call: Call) -> dict[str, int]:
+        """The device address of every input and output of ``call``."""
+        bind = {name: self.address(slot, name, call) for name, slot in FEEDS[call.graph].items()}
+        for name, slot in RESULTS[call.graph].items():
+            if slot == "x":  # the other buffer than the one this call reads its state from
+                reading = self.prev if call.graph == Kind.BACKBONE else self.x
+                self._written_x = self.ws.x[1] if reading == self.ws.x[0] else self.ws.x[0]
+                bind[name] = self._written_x
+            elif slot == "past":  # staged, then appended to the cache (stored)
+                bind[name] = self.ws.kv_out
+            else:
+                bind[name] = self.address(slot, name, call)
+        return bind
+
+    def stored(self, call: Call, cuda: gpu.CudaDriver, stream: int) -> None:
+        """``call`` is enqueued: its outputs are now in the slots :meth:`bind` gave them."""
+        slots = RESULTS[call.graph].values()
+        if "x" in slots:
+            self.x = self._written_x
+        emitted = self.ws.dims[call.stage]["E"]
+        if "past" in slots and emitted:  # the stage's keys/values become the next stage's past
+            target = self.ws.cache + self.offsets[call.stage - 1] * self.ws.kv_row
+            cuda.copy_device(target, self.ws.kv_out, emitted * self.ws.kv_row, stream)
+        if call.ends_stage:
+            self.prev = self.x

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runtime import gpu
+from runtime.backends.tensorrt import gpu
+from runtime.backends.tensorrt.loader import load_tensorrt
 from runtime.errors import ManifestError
-from runtime.trt.loader import load_tensorrt
 
 REBUILD = "rebuild with `ecar-export build --backend tensorrt` on this machine"
 HARDWARE_COMPATIBILITY_LEVELS = ("none", "same_compute_capability", "ampere_plus")
