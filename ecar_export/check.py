@@ -20,23 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from ecar_export import export
+from ecar_export import export, precision
 from ecar_export.model import ECAR
 from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.fileio import sha256_file
 from runtime.graphs import GraphSpec
 
-# Per precision: (atol, minimum cosine). fp32 graphs must match the torch model to rounding,
-# |diff| <= atol * max(1, max|ref|); reduced-precision graphs are judged by cosine similarity
-# alone (their max abs difference is reported), as the precision recipes promise.
-TOLERANCES: dict[str, tuple[float | None, float]] = {
-    "fp32": (1e-3, 0.99999),
-    "fp16": (None, 0.999),
-    "int8": (None, 0.99),
-}
-# OpenVINO runs fp16 builds at bf16 where the CPU has it (8 bits of mantissa instead of fp16's 11); the
-# demo's graphs still reach cosine 0.99997 there, so the fp16 bound holds for both.
 CHECK_BACKENDS = ("onnxruntime", "openvino")
 
 
@@ -189,7 +179,8 @@ def check_build(
         from runtime.errors import InvalidRequestError
 
         raise InvalidRequestError(f"unknown backend '{backend}' for check: use {', '.join(CHECK_BACKENDS)}")
-    atol, min_cosine = TOLERANCES[manifest.precision]
+    judged = precision.get(manifest.precision)
+    atol, min_cosine = judged.check_atol, judged.check_min_cosine
     results: list[GraphCheck] = []
     for call in graphs.request_plan(manifest.config, manifest.fuse_flow_loop):
         name, stage = call.graph, call.stage

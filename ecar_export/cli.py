@@ -1,4 +1,4 @@
-"""``ecar-export``: train the demo, evaluate models, sample grids (and, later, build engines)."""
+"""``ecar-export``: build engine directories, check and inspect them, evaluate, sample and train the demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ecar_export.precision import CALIBRATION_METHODS
+from ecar_export.precision import HELP as PRECISION_HELP
+from runtime.backends import selection
 from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar
 
 app = typer.Typer(
@@ -98,20 +101,17 @@ def sample_cmd(
 def build_cmd(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    precision: Annotated[
-        str, typer.Option(help="fp32 | fp16 | int8 (precision is set in the ONNX graphs; see README 'Precision').")
-    ] = "fp32",
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="auto (TensorRT where importable and a GPU is present, else onnxruntime) | onnxruntime | openvino "
-            "(the same ONNX graphs, each compiled by OpenVINO once to check it) | tensorrt."
-        ),
-    ] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+    backend: Annotated[str, typer.Option(help=selection.BUILD_HELP)] = "auto",
     out: Annotated[Path, typer.Option(help="Engine directory to write (replaced atomically).")] = Path("engines"),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.")] = 8,
     fuse_flow_loop: Annotated[
-        bool, typer.Option("--fuse-flow-loop", help="Also export each stage's Euler loop unrolled into one graph.")
+        bool,
+        typer.Option(
+            "--fuse-flow-loop",
+            help="Write each stage's Euler loop as one graph (flow_loop: an ONNX Loop over the flow step) instead of "
+            "one flow_step call per step.",
+        ),
     ] = False,
     force: Annotated[
         bool,
@@ -125,22 +125,25 @@ def build_cmd(
         str,
         typer.Option(
             "--calibration-method",
-            help="INT8 only: minmax | entropy | percentile. Activations are calibrated on real stage inputs "
+            help=f"INT8 only: {' | '.join(CALIBRATION_METHODS)}. Activations are calibrated on real stage inputs "
             "captured from the fp32 pipeline (64 requests × 8 samples; every 8th request held out).",
         ),
     ] = "minmax",
 ) -> None:
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
-    from ecar_export.build import build_engines, resolve_backend
+    from ecar_export.build import build_engines
+    from runtime import manifest as manifest_io
 
     source = _model_source(checkpoint, preset)
-    chosen = resolve_backend(backend)
-    console().print(f"backend: {chosen}" + (" (auto)" if backend == "auto" else ""))
-    if chosen == "onnxruntime" and precision != "fp32":
-        console().print(
-            f"TensorRT is not available here: writing the {precision} ONNX graphs for ONNX Runtime; "
-            "compile them into TensorRT plans on a GPU machine with `ecar-export build --backend tensorrt`"
-        )
+
+    def announce(chosen: str) -> None:
+        console().print(f"backend: {chosen}" + (" (auto)" if backend == "auto" else ""))
+        if chosen == "onnxruntime" and precision != "fp32":
+            console().print(
+                f"TensorRT is not available here: writing the {precision} ONNX graphs for ONNX Runtime; "
+                "compile them into TensorRT plans on a GPU machine with `ecar-export build --backend tensorrt`"
+            )
+
     with progress_bar() as bar:
         task = bar.add_task("exporting", total=None)
 
@@ -151,21 +154,23 @@ def build_cmd(
             source,
             out,
             precision=precision,
-            backend=chosen,
+            backend=backend,
             max_batch=max_batch,
             fuse_flow_loop=fuse_flow_loop,
             progress=report,
             force=force,
             calibration_method=calibration_method,
+            on_backend=announce,
         )
     sys.stdout.write(f"{path.parent}\n")
-    import json
-
-    written = json.loads(path.read_text())
-    graphs = written["graphs"]
-    reused = [name for name, record in graphs.items() if record.get("reused")]
-    note = f" ({len(reused)} of {len(graphs)} graphs unchanged and reused; --force rebuilds them)" if reused else ""
-    if (written.get("calibration") or {}).get("reused"):
+    written = manifest_io.load(path.parent, verify_files=False)
+    reused = [name for name, entry in written.graphs.items() if entry.reused]
+    note = (
+        f" ({len(reused)} of {len(written.graphs)} graphs unchanged and reused; --force rebuilds them)"
+        if reused
+        else ""
+    )
+    if written.calibration is not None and written.calibration.reused:
         note += "; calibration inputs of the previous capture reused (same weights, plan and toolchain)"
     console().print(f"wrote {path}{note}")
 
@@ -261,9 +266,7 @@ def eval_cmd(
     per_class: Annotated[int, typer.Option("--per-class", help="Samples per class.")] = 50,
     seed: SeedOpt = 0,
     cfg: CfgOpt = None,
-    backend: Annotated[
-        str, typer.Option(help="With --engine-dir: auto | onnxruntime | openvino | tensorrt (as `ecar-run --backend`).")
-    ] = "auto",
+    backend: Annotated[str, typer.Option(help="With --engine-dir: " + selection.RUN_HELP)] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Class accuracy and Fréchet distance of generated digits (classifier trained on held-out real digits)."""

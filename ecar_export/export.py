@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch import nn
 
+from ecar_export import weights_io
 from ecar_export.model import ECAR
 from ecar_export.quiet import quiet
 from runtime.errors import EngineError
@@ -34,7 +35,6 @@ OPSET = 18
 # 2: the backbone MLP's GELU in the form ONNX Runtime fuses (layers.TanhGELU).
 # 3: graph contract 2 (one backbone for every stage, external weight data).
 EXPORT_VERSION = 3
-DATA_SUFFIX = ".data"
 # Sizes of the dims when tracing: all different (so no two dynamic dims are unified) and >= 2
 # (torch.export specialises sizes 0 and 1). The graphs run at any size, 0 included for T and E.
 TRACE_DIMS = {"B": 2, "P": 3, "N": 5, "T": 7, "E": 4, "M": 6, "K": 3}
@@ -188,7 +188,7 @@ def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -
     if program is None:
         raise EngineError(f"torch.onnx.export returned no program for graph '{spec.name}'")
     path = Path(path)
-    data = data_path(path)
+    data = weights_io.data_path(path)
     for stale in (path, data):
         stale.unlink(missing_ok=True)
     with quiet():
@@ -198,10 +198,6 @@ def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -
     onnx.save_model(proto, str(path))
     check(path)
     return path
-
-
-def data_path(path: Path) -> Path:
-    return Path(str(path) + DATA_SUFFIX)
 
 
 def clean(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:

@@ -24,6 +24,7 @@ from onnx import TensorProto
 from runtime.fileio import sha256_file
 
 WEIGHTS_SUFFIX = ".weights"
+STAGED_SUFFIX = ".data"  # the exporter's external data beside a staged graph file
 ALIGNMENT = 64
 CHUNK = 64 << 20
 # (tensor as it will be stored, its bytes as read from the source) -> bytes to store
@@ -52,6 +53,26 @@ def is_external(tensor: TensorProto) -> bool:
 def load_graph(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """A graph file without its external data (the weights stay on disk)."""
     return onnx.load(str(path), load_external_data=False)
+
+
+def data_path(graph: Path) -> Path:
+    """Where the exporter (and a recipe) keeps the external data of a staged graph file."""
+    return Path(str(graph) + STAGED_SUFFIX)
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write a graph file whose external data stays where it is (replacing ``path``)."""
+    path.unlink(missing_ok=True)
+    onnx.save_model(model, str(path))
+
+
+def relocate(model: onnx.ModelProto, location: str) -> None:
+    """Point every external initializer of ``model`` at the data file ``location`` (same offsets)."""
+    for tensor in initializers(model.graph):
+        if is_external(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
 
 
 def data_files(model: onnx.ModelProto) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from runtime.backends import selection
 from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -34,14 +35,8 @@ def run(
     seed: Annotated[int, typer.Option(help="Noise seed: sample i uses key (seed, i).")] = 0,
     cfg: Annotated[float | None, typer.Option(help="Guidance weight (default: the model's cfg_scale).")] = None,
     out: Annotated[Path, typer.Option(help="Output directory for the PNGs.")] = Path("out"),
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="auto (TensorRT plans where they can run, else ONNX Runtime on CUDA, else the fastest installed CPU "
-            "backend: OpenVINO, else ONNX Runtime) | onnxruntime | openvino | tensorrt."
-        ),
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="ONNX Runtime device: auto | cpu | cuda.")] = "auto",
+    backend: Annotated[str, typer.Option(help=selection.RUN_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=selection.DEVICE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print paths and timings as JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
@@ -108,10 +103,8 @@ def serve_command(
         float | None, typer.Option("--cpus-per-replica", help="CPUs per replica (default: cores / replicas).")
     ] = None,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica.")] = 0.0,
-    backend: Annotated[
-        str, typer.Option(help="auto | onnxruntime | openvino | tensorrt (see `ecar-run --help`).")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="ONNX Runtime device: auto | cpu | cuda.")] = "auto",
+    backend: Annotated[str, typer.Option(help=selection.RUN_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=selection.DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's logs and the access log.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:

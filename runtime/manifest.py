@@ -160,6 +160,11 @@ def reused_record(spec: GraphSpec, entry: GraphEntry) -> dict[str, Any]:
     )
 
 
+def opt_batch(max_batch: int) -> int:
+    """The batch size a build's engines are tuned for (TensorRT's optimisation profile): 8, or less."""
+    return max(1, min(max_batch, 8))
+
+
 def document(
     config: ECARConfig,
     *,
@@ -189,7 +194,7 @@ def document(
         "precision": precision,
         "backend": backend,
         "fuse_flow_loop": fuse_flow_loop,
-        "profile": {"min_batch": 1, "opt_batch": max(1, min(max_batch, 8)), "max_batch": max_batch},
+        "profile": {"min_batch": 1, "opt_batch": opt_batch(max_batch), "max_batch": max_batch},
         "checkpoint_sha256": checkpoint_sha256,
         "opset": opset,
         "export_version": export_version,

@@ -4,7 +4,7 @@
     python scripts/gpu_smoke.py --engine-dir engines/ [--out smoke.json] [--requests 4] [--cuda-graphs]
 
 Copies the build (manifest and every file it names) into a work directory, compiles TensorRT
-plans there (``ecar_export.tensorrt_build.build_plans_for_dir``), then runs N requests three
+plans there (``ecar_export.backends.tensorrt.build_plans_for_dir``), then runs N requests three
 ways and compares latents and images:
 
 * reference — ONNX Runtime on the CPU running the build's own graphs (the same precision as
@@ -16,7 +16,7 @@ writes JSON with ``--out``, and exits 1 on a mismatch, 77 where TensorRT or an N
 absent (the "skipped" exit code of automake-style test drivers), 2 on a usage error.
 
 Tolerances (per the build's precision; TensorRT builds float32 graphs with TF32 off):
-latents max |diff| and mean |diff| of uint8 pixels, see ``TOLERANCES``.
+latents max |diff| and mean |diff| of uint8 pixels, see ``ecar_export.precision.Precision.request_tolerance``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ecar_export.precision import PRECISIONS  # noqa: E402
 from runtime import manifest as manifest_io  # noqa: E402
 from runtime import schedule  # noqa: E402
 from runtime.backends.tensorrt import gpu  # noqa: E402
@@ -46,7 +47,6 @@ from runtime.request import RequestInputs  # noqa: E402
 
 SKIP = 77
 # precision -> (latents max abs diff, mean abs pixel diff in uint8 levels)
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (2e-3, 0.25), "fp16": (5e-2, 2.0), "int8": (0.25, 6.0)}
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Row:
 
 def unavailable_reason(device_index: int = 0) -> str | None:
     """Why the smoke test cannot run here ("TensorRT not installed" / "no NVIDIA GPU"), or None."""
-    from ecar_export.tensorrt_build import tensorrt_version
+    from ecar_export.backends.tensorrt import tensorrt_version
 
     if tensorrt_version() is None:
         return "TensorRT not installed"
@@ -94,7 +94,7 @@ def compare(
 ) -> dict[str, Any]:
     """Latents/images of a candidate against the reference, with the verdict for ``precision``."""
     (ref_latents, ref_images), (latents, images) = reference, candidate
-    latent_tol, pixel_tol = TOLERANCES[precision]
+    latent_tol, pixel_tol = PRECISIONS[precision].request_tolerance
     pixel_diff = np.abs(images.astype(np.int16) - ref_images.astype(np.int16))
     result = {
         "latents_max_abs": float(np.max(np.abs(latents - ref_latents))),
@@ -123,7 +123,7 @@ def run_smoke(
     timing_cache_dir: Path | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Build plans for a copy of ``engine_dir`` in ``work_dir`` and compare TensorRT with ONNX Runtime."""
-    from ecar_export.tensorrt_build import PlanOptions, build_plans_for_dir
+    from ecar_export.backends.tensorrt import PlanOptions, build_plans_for_dir
     from runtime.backends.tensorrt import TensorRTBackend
     from runtime.pipeline import Pipeline
 
@@ -171,7 +171,7 @@ def run_smoke(
         "engine_dir": str(engine_dir),
         "work_dir": str(work_dir),
         "precision": precision,
-        "tolerances": {"latents_max_abs": TOLERANCES[precision][0], "pixels_mean_abs": TOLERANCES[precision][1]},
+        "tolerances": dict(zip(("latents_max_abs", "pixels_mean_abs"), PRECISIONS[precision].request_tolerance)),
         "plan_build_seconds": build_seconds,
         "backend": info,
         "gpu": gpu.gpu_info(device_index).to_dict(),

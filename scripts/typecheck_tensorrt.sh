@@ -20,4 +20,4 @@ if [ ! -f "$STUBS/patched/tensorrt_bindings/tensorrt.pyi" ]; then
     "$STUBS/patched/tensorrt_bindings/tensorrt.pyi"
 fi
 MYPYPATH="$STUBS/patched" "$PY" -m mypy --no-incremental \
-  ecar_export/tensorrt_build.py runtime/backends/tensorrt
+  ecar_export/backends/tensorrt.py runtime/backends/tensorrt

@@ -22,7 +22,7 @@ from conftest import AUTO_CPU_BACKEND, make_perturbed_model, make_tiny_config
 from PIL import Image
 
 from ecar_export import checkpoint
-from ecar_export.tensorrt_build import tensorrt_version
+from ecar_export.backends.tensorrt import tensorrt_version
 from runtime import manifest as manifest_io
 from runtime.images import grid_image, to_uint8
 from runtime.pipeline import Pipeline

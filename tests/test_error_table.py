@@ -322,7 +322,7 @@ def test_tensorrt_cannot_start_cuda(good: tuple[Path, Path], tmp_path: Path, mon
 def test_tensorrt_timing_cache_from_another_gpu(
     good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ecar_export.tensorrt_build import timing_cache_file
+    from ecar_export.backends.tensorrt import timing_cache_file
 
     trt = _fake_here(monkeypatch)
     cache_dir = tmp_path / "nfs-home-cache"

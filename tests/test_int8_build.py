@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import onnx
 import pytest
 from conftest import BuildCache, needs_demo
 
+from ecar_export import precision
 from ecar_export.check import check_build
 from ecar_export.evaluate import evaluate
 from ecar_export.precision import int8
@@ -92,7 +94,6 @@ def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
     from conftest import build_model
 
     import calibration
-    from ecar_export import build as build_module
 
     first = build_cache.get(TINY, precision="int8")
     out = tmp_path / "engines"
@@ -103,7 +104,8 @@ def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
         raise _CaptureCalled
 
     monkeypatch.setattr(calibration, "capture", no_capture)
-    monkeypatch.setitem(build_module.RECIPE_VERSIONS, "int8", build_module.RECIPE_VERSIONS["int8"] + 1)
+    int8 = precision.PRECISIONS["int8"]
+    monkeypatch.setitem(precision.PRECISIONS, "int8", dataclasses.replace(int8, recipe_version=int8.recipe_version + 1))
     build_model(first.model, out, max_batch=first.max_batch, precision="int8")
     again = manifest_io.load(out)
     assert again.calibration is not None and again.calibration.reused

@@ -41,8 +41,8 @@ import pytest
 from conftest import AUTO_CPU_BACKEND, BuildCache, build_model, engine_model, needs_demo, run_concurrently
 from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, FakeCuda, install, make_fake_trt
 
-from ecar_export import tensorrt_build
-from ecar_export.tensorrt_build import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
+from ecar_export.backends import tensorrt as tensorrt_build
+from ecar_export.backends.tensorrt import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
 from runtime import graphs, schedule
 from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
@@ -99,7 +99,7 @@ def test_build_module_imports_without_tensorrt_and_reports_no_version() -> None:
     result = run_python(
         """
         import sys
-        import ecar_export.tensorrt_build as tb
+        import ecar_export.backends.tensorrt as tb
         print("VERSION", tb.tensorrt_version())
         print("LOADED", "tensorrt_bindings" in sys.modules or getattr(sys.modules.get("tensorrt"), "Builder", None))
         """

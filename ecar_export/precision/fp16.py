@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import onnx
+
+from ecar_export.precision import RecipeInputs
 
 FP32_OPS = ("LayerNormalization", "Softmax")
 # inputs whose whole forward closure stays fp32 (scalars of the schedule)
@@ -179,3 +182,21 @@ def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
                 name += "_"
             node.name = name
             used.add(name)
+
+
+def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[str, object]:
+    """The fp16 graph of ``source`` at ``target``: weights streamed through the conversion tensor by tensor."""
+    from ecar_export import weights_io
+
+    model = weights_io.load_graph(source)
+    original = {t.name: t.data_type for t in weights_io.initializers(model.graph)}
+    kept = fp32_nodes(model)
+    converted = convert(model)
+    weights_io.rewrite_data(converted, source.parent, weights_io.data_path(target), weights_io.to_float16(original))
+    weights_io.save_graph(converted, target)
+    return {
+        "recipe": "fp16",
+        "converter": "onnxruntime.transformers.float16",
+        "fp32_nodes": len(kept),
+        "fp32_ops": list(FP32_OPS),
+    }

@@ -50,10 +50,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ecar_export.precision import CALIBRATION_METHODS, RecipeInputs
 from ecar_export.precision.fp16 import _name_unnamed_nodes, fp32_nodes
 from ecar_export.quiet import quiet
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = CALIBRATION_METHODS
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 DEFAULT_PERCENTILE = 99.999
 HISTOGRAM_BINS = 2048  # entropy / percentile histograms (TensorRT's entropy calibrator uses 2048)
@@ -489,3 +490,31 @@ def compare_graphs(
         cosine = dot[name] / denom if denom > 0 else float(norm_ref[name] == norm_cand[name])
         result[name] = OutputAgreement(name, float(cosine), max_abs[name], ref_max[name])
     return result
+
+
+def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[str, object]:
+    """The INT8 graph of ``source`` at ``target``, calibrated on ``inputs.calibration``'s rows of ``graph``.
+
+    The fp32 graph is loaded with its weights (quantization reads and rewrites every one);
+    the result is checked (Q/DQ pairs) and compared with the fp32 graph on the held-out rows.
+    """
+    from calibration.readers import GraphReader, held_out_feeds
+    from ecar_export import weights_io
+
+    if inputs.calibration is None:
+        raise RuntimeError("internal error: the int8 recipe needs a calibration set")
+    method = inputs.calibration_method
+    fp32_graph = onnx.load(str(source))
+    quantized = quantize(fp32_graph, GraphReader(inputs.calibration, graph), method, threads=1)
+    records = check_qdq(quantized)
+    agreement = compare_graphs(fp32_graph, quantized, held_out_feeds(inputs.calibration, graph))
+    del fp32_graph
+    weights_io.save_with_external_data(quantized, target)
+    return {
+        "recipe": "int8",
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric int8, per-channel weights)",
+        "calibration_method": method,
+        "qdq_nodes": len(records),
+        "held_out_cosine": {name: round(a.cosine, 7) for name, a in agreement.items()},
+        "held_out_max_abs": {name: a.max_abs for name, a in agreement.items()},
+    }

@@ -97,7 +97,7 @@ def cuda_wanted(device: str) -> bool:
 
 def tensorrt_buildable() -> bool:
     """TensorRT importable (a real one, not the type stubs) and an NVIDIA GPU visible to the driver."""
-    from runtime.backends.tensorrt.cuda import gpu_available
+    from runtime.backends.tensorrt.gpu import gpu_available
     from runtime.backends.tensorrt.loader import tensorrt_version
 
     return tensorrt_version() is not None and gpu_available()

@@ -40,17 +40,16 @@ from runtime.backends.tensorrt import gpu, loader
 from runtime.backends.tensorrt.compat import HARDWARE_COMPATIBILITY_LEVELS
 from runtime.backends.tensorrt.loader import LogBook, load_tensorrt, log_tail_text, tensorrt_logger, tensorrt_major
 from runtime.config import ECARConfig
-from runtime.errors import ECARWarning, EngineError, InvalidRequestError, ManifestError
+from runtime.errors import ECARWarning, EngineError, InvalidRequestError
 from runtime.fileio import atomic_path, write_bytes_atomic
-from runtime.graphs import GraphSpec, TensorSpec, profile_shapes
-from runtime.manifest import GraphEntry
+from runtime.graphs import GraphSpec, profile_shapes
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs where installed
     import tensorrt as trt
 
 Profile = tuple[int, int, int]  # (min_batch, opt_batch, max_batch)
 Progress = Callable[[str, int, int], None]  # graph name, plans done, plans in all
-WEAK_PRECISIONS = ("fp32", "fp16", "int8")
+WEAK_PRECISIONS = manifest_io.PRECISIONS
 PARSER_ERRORS_SHOWN = 10
 
 
@@ -373,21 +372,9 @@ def build_plan(
 
 
 # ----------------------------------------------------------------------------- a whole build
-def _spec_from_dict(name: str, data: Mapping[str, Any]) -> GraphSpec:
-    """A manifest graph entry (or build.py's graphs data) back into its :class:`GraphSpec`."""
-    try:
-
-        def tensors(items: Any) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
-
-        return GraphSpec(name, str(data["kind"]), tensors(data["inputs"]), tensors(data["outputs"]))
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"graph '{name}': cannot read its contract ({exc})") from None
-
-
 def build_plans(
     engine_dir: str | os.PathLike[str],
-    manifest_graphs: Mapping[str, GraphEntry | Mapping[str, Any]],
+    graph_files: Mapping[str, tuple[GraphSpec, str]],
     config: ECARConfig,
     profile: Profile,
     options: PlanOptions = PlanOptions(),
@@ -397,8 +384,7 @@ def build_plans(
 ) -> tuple[dict[str, PlanRecord], dict[str, object]]:
     """One plan per graph of a build; returns the per-graph records and the manifest's ``tensorrt`` block.
 
-    ``manifest_graphs``: :attr:`Manifest.graphs` of a loaded build, or build.py's graph dicts
-    (each with ``file`` and the contract fields). Plans go into ``engine_dir`` as
+    ``graph_files``: each graph's contract and ONNX file (relative to ``engine_dir``). Plans go into ``engine_dir`` as
     ``<graph>-<sha12>.plan`` (atomic writes; nothing else is changed). ``moment`` is called with
     ``"plan:<graph>"`` after each plan is in place (build.py's kill-test hook).
     """
@@ -411,14 +397,10 @@ def build_plans(
         else None
     )
     records: dict[str, PlanRecord] = {}
-    items = list(manifest_graphs.items())
-    for done, (name, entry) in enumerate(items):
+    items = list(graph_files.items())
+    for done, (name, (spec, onnx_file)) in enumerate(items):
         if progress:
             progress(name, done, len(items))
-        if isinstance(entry, GraphEntry):
-            spec, onnx_file = entry.spec, entry.file
-        else:
-            spec, onnx_file = _spec_from_dict(name, entry), str(entry["file"])
         staging = root / f".{name}.plan.building"
         record = build_plan(root / onnx_file, staging, spec, config, profile, options, cache)
         final = f"{name}-{record.plan_sha256[:12]}.plan"
@@ -455,7 +437,8 @@ def build_plans_for_dir(engine_dir: str | os.PathLike[str], options: PlanOptions
     manifest = manifest_io.load(root)
     old_plans = {entry.plan_file for entry in manifest.graphs.values() if entry.plan_file}
     batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
-    records, block = build_plans(root, manifest.graphs, manifest.config, batches, options)
+    graph_files = {name: (entry.spec, entry.file) for name, entry in manifest.graphs.items()}
+    records, block = build_plans(root, graph_files, manifest.config, batches, options)
     data = apply_plans(manifest.document(), records, block)
     path = manifest_io.write(root, data)
     for stale in old_plans - {record.plan_file for record in records.values()}:
