@@ -41,13 +41,17 @@ from calibration.errors import CalibrationError
 from calibration.plan import SPLITS, CalibrationPlan
 from runtime import graphs
 from runtime.config import ECARConfig
-from runtime.errors import ConfigError, ECARError, InvalidRequestError
+from runtime.errors import ConfigError, InvalidRequestError
 from runtime.fileio import sha256_file, write_bytes_atomic
+from runtime.formats import Format
 from runtime.graphs import GraphSpec
 
 FORMAT = "ecar-calibration"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "calibration.json"
+CALIBRATION_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, "calibration", "an ECAR calibration manifest", CalibrationError, "capture again"
+)
 META_FIELDS = ("request", "sample", "stage")
 FLOW_META_FIELDS = ("request", "sample", "stage", "token", "step")
 ALL = "all"
@@ -386,29 +390,13 @@ def load_calibration(path: str | os.PathLike[str], verify: bool = True) -> Calib
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise CalibrationError(f"'{manifest}' is missing: '{root}' holds no complete calibration capture")
-    try:
-        data = json.loads(manifest.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CalibrationError(f"'{manifest}' is not valid JSON ({exc}); capture again") from None
-    try:
-        return _parse(root, manifest, data, verify)
-    except CalibrationError:
-        raise
-    except ECARError as exc:
-        raise CalibrationError(f"'{manifest}': {exc}") from None
+    data = CALIBRATION_FORMAT.read_json(manifest)
+    return CALIBRATION_FORMAT.parse(str(manifest), lambda: _parse(root, manifest, data, verify))
 
 
-def _parse(root: Path, manifest: Path, data: Any, verify: bool) -> CalibrationSet:
+def _parse(root: Path, manifest: Path, data: dict[str, Any], verify: bool) -> CalibrationSet:
     where = str(manifest)
-    if not isinstance(data, dict):
-        raise CalibrationError(f"{where}: must be a JSON object")
-    if data.get("format") != FORMAT:
-        raise CalibrationError(f"{where}: not an ECAR calibration manifest (format {data.get('format')!r})")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CalibrationError(
-            f"{where}: calibration format version {data.get('format_version')!r}, this toolchain reads "
-            f"{FORMAT_VERSION}; capture again"
-        )
+    CALIBRATION_FORMAT.check(data, where)
     try:
         config = ECARConfig.from_dict(data.get("model"))
     except ConfigError as exc:

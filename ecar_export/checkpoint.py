@@ -14,11 +14,15 @@ from safetensors.torch import save_file
 
 from ecar_export.model import ECAR
 from runtime.config import ECARConfig
-from runtime.errors import CheckpointError, ConfigError
+from runtime.errors import CheckpointError
 from runtime.fileio import atomic_path
+from runtime.formats import Format
 
 FORMAT = "ecar-checkpoint"
 FORMAT_VERSION = "1"
+CHECKPOINT_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, "checkpoint", "an ECAR checkpoint", CheckpointError, "convert or save it again"
+)
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 
 
@@ -91,14 +95,8 @@ def _existing(path: str | os.PathLike[str]) -> Path:
 
 
 def _config_from(path: Path, metadata: dict[str, str]) -> ECARConfig:
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is a safetensors file but not an ECAR checkpoint (no '{FORMAT}' metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"'{path}' has checkpoint format version {metadata.get('format_version')!r}; "
-            f"this toolchain reads {FORMAT_VERSION}"
-        )
+    CHECKPOINT_FORMAT.check(metadata, f"'{path}'")
     try:
-        return ECARConfig.from_json(metadata.get("config", ""))
-    except ConfigError as exc:
-        raise CheckpointError(f"'{path}' carries an invalid model config: {exc}") from None
+        return CHECKPOINT_FORMAT.parse(f"'{path}'", lambda: ECARConfig.from_json(metadata.get("config", "")))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (an invalid model config in its metadata)") from None

@@ -21,26 +21,31 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import schedule
+from packaging.version import InvalidVersion, Version
+
+from runtime.backends import selection
 from runtime.config import ECARConfig
-from runtime.errors import ConfigError, ECARError, ManifestError
+from runtime.errors import ConfigError, ManifestError
 from runtime.fileio import sha256_file, write_bytes_atomic
+from runtime.formats import Format
 from runtime.graphs import CONTRACT_VERSION, GraphSpec, graph_specs
 from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
 
 FORMAT = "ecar-engines"
 FORMAT_VERSION = CONTRACT_VERSION  # the manifest format follows the graph contract
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")  # what each is: ecar_export.precision (the runtime only validates names)
 DIGEST_FIELD = "manifest_sha256"
 REBUILD = "rebuild the engines with this toolchain's `ecar-export build`"
+OLDER_CONTRACT = "built for an older graph contract, which this runtime no longer loads"
+MANIFEST_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, "manifest", "an ECAR engine manifest", ManifestError, REBUILD, "this runtime"
+)
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,6 @@ def document(
         "runtime": {"min_version": MIN_RUNTIME_FOR_CONTRACT, "built_by": __version__},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": config.to_dict(),
-        "schedule": {
-            "scales": list(config.scales),
-            "window_bounds": list(config.window_bounds),
-            "steps": list(config.steps),
-            "start_times": [st.t_start for st in schedule.stages(config)],
-        },
         "precision": precision,
         "backend": backend,
         "fuse_flow_loop": fuse_flow_loop,
@@ -290,32 +289,17 @@ def load(engine_dir: str | os.PathLike[str], verify_files: bool = True) -> Manif
         raise ManifestError(
             f"'{path}' is missing: '{root}' holds no complete build; run `ecar-export build --out {root}`"
         )
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ManifestError(f"'{path}' is not valid JSON ({exc}); rebuild the engines") from None
-    try:
-        return _parse(root, path, data, verify_files)
-    except ManifestError:
-        raise
-    except ECARError as exc:
-        raise ManifestError(f"'{path}': {exc}") from None
+    data = MANIFEST_FORMAT.read_json(path)
+    return MANIFEST_FORMAT.parse(str(path), lambda: _parse(root, path, data, verify_files))
 
 
-def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
+def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> Manifest:
     where = str(path)
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where}: the manifest must be a JSON object")
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{where}: not an ECAR engine manifest (format {data.get('format')!r})")
+    MANIFEST_FORMAT.check_name(data, where)
     _check_runtime_version(data.get("runtime"), where)
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        older = isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION
-        why = " (built for an older graph contract, which this runtime no longer loads)" if older else ""
-        raise ManifestError(
-            f"{where}: manifest format version {version!r}, this runtime reads {FORMAT_VERSION}{why}; {REBUILD}"
-        )
+    MANIFEST_FORMAT.check_version(
+        data, where, older="built for an older graph contract, which this runtime no longer loads"
+    )
     try:
         config = ECARConfig.from_dict(_require(data, "model", dict, where))
     except ConfigError as exc:
@@ -324,7 +308,7 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
     if precision not in PRECISIONS:
         raise ManifestError(f"{where}: unknown precision '{precision}'")
     backend = _require(data, "backend", str, where)
-    if backend not in BACKENDS:
+    if backend not in selection.BACKENDS:
         raise ManifestError(f"{where}: unknown backend '{backend}'")
     fused = _require(data, "fuse_flow_loop", bool, where)
     profile = _require(data, "profile", dict, where)
@@ -372,31 +356,18 @@ def _parse(root: Path, path: Path, data: Any, verify_files: bool) -> Manifest:
     )
 
 
-def version_key(text: str) -> tuple[int, ...]:
-    """A comparable key of a version string; ``()`` where it does not start with a number.
-
-    ``"0.2"`` and ``"0.2.0"`` are equal; a pre-release (``"0.3.0rc1"``, ``"0.3.0.dev1"``) sorts
-    before its release, a post-release (``"0.3.0.post1"``) after it; a local part (``+...``) is
-    ignored.
-    """
-    match = re.match(r"(\d+(?:\.\d+)*)(.*)", text.split("+", 1)[0])
-    if not match:
-        return ()
-    numbers = [int(part) for part in match.group(1).split(".")]
-    numbers += [0] * (4 - len(numbers))
-    suffix = match.group(2).lstrip(".-_").lower()
-    stage = 1 if not suffix else 2 if suffix.startswith(("post", "rev")) else 0
-    return (*numbers, stage)
-
-
 def _check_runtime_version(raw: Any, where: str) -> None:
     """Refuse a build that needs a newer runtime than this one, naming both versions."""
     if not isinstance(raw, dict):
         return  # builds before 0.2.0 name no runtime; their format version refuses them
     needed, built_by = raw.get("min_version"), raw.get("built_by")
-    if not isinstance(needed, str) or not version_key(needed):
+    try:
+        at_least = Version(needed) if isinstance(needed, str) else None
+    except InvalidVersion:
+        at_least = None
+    if at_least is None:
         raise ManifestError(f"{where}: field 'runtime.min_version' must be a version string; rebuild the engines")
-    if version_key(__version__) < version_key(needed):
+    if Version(__version__) < at_least:
         by = f" (it was built by ecar-export {built_by})" if isinstance(built_by, str) else ""
         raise ManifestError(
             f"{where}: this build needs ecar-export's runtime {needed} or newer{by}, but this runtime is "
