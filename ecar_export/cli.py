@@ -246,7 +246,7 @@ def inspect_cmd(
     """List a build's graphs: precision, file size, input shapes and FLOPs of one call at the opt batch."""
     import json
 
-    from ecar_export.flops import format_rows, inspect_rows
+    from ecar_export.inspect_report import format_rows, inspect_rows
 
     rows = inspect_rows(engine_dir)
     if as_json:

@@ -7,18 +7,18 @@ ONNX shape inference propagates them, and every MatMul / Gemm / Conv / ConvTrans
 normalisations and softmax are not counted: on these models they are a few percent of the
 matrix products.
 
-    graph_flops(model, dims, spec)  -> {"by_op": {...}, "total": N, "unknown": [...]}
-    build_flops(engine_dir, batch)  -> per-graph, per-stage and per-image totals of a build
-    inspect_rows(engine_dir)        -> one row per graph and stage for ``ecar-export inspect``
+    graph_flops(model, dims, spec)        -> {"by_op": {...}, "total": N, "unknown": [...]}
+    build_flops(engine_dir, batch)        -> per-graph, per-stage and per-image totals of a build
+    call_flops(model, spec, config, ...)  -> one call of a graph at one stage
 
-Both walk :func:`runtime.graphs.request_plan`, the order a request calls the graphs in.
+``build_flops`` walks :func:`runtime.graphs.request_plan`, the order a request calls the
+graphs in; ``ecar-export inspect`` (:mod:`ecar_export.inspect_report`) reports them.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from onnx import shape_inference
 
 from runtime import graphs
 from runtime import manifest as manifest_io
-from runtime.graphs import GraphSpec, profile_shapes
+from runtime.graphs import GraphSpec
 
 # The exporter's names for the dynamic axes, and the contract's names for the same axes.
 DIM_ALIASES = {
@@ -285,7 +285,7 @@ def count_flops(model: onnx.ModelProto, inputs: dict[str, Shape]) -> dict[str, A
     return {"by_op": dict(by_op), "total": int(sum(by_op.values())), "unknown": unknown}
 
 
-def _models(manifest: manifest_io.Manifest) -> dict[str, onnx.ModelProto]:
+def graph_models(manifest: manifest_io.Manifest) -> dict[str, onnx.ModelProto]:
     """Every graph of a build without its weights (shapes are all FLOP counting needs)."""
     return {
         name: onnx.load(str(manifest.path(entry.file)), load_external_data=False)
@@ -305,7 +305,7 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
         raise ValueError(f"batch must be >= 1, got {batch}")
     manifest = manifest_io.load(engine_dir)
     config = manifest.config
-    models = _models(manifest)
+    models = graph_models(manifest)
     specs = {name: entry.spec for name, entry in manifest.graphs.items()}
     per_call: dict[tuple[str, int], dict[str, Any]] = {}
     graph_rows: dict[str, dict[str, Any]] = {}
@@ -396,64 +396,3 @@ def call_flops(model: onnx.ModelProto, spec: GraphSpec, config: Any, stage: int,
         "total": steps * once["total"],
         "unknown": once["unknown"],
     }
-
-
-def _shape_text(shape: tuple[Any, ...]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def inspect_rows(engine_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """One row per graph and stage it runs at, in the order of a request, for ``ecar-export inspect``.
-
-    Each row: ``name``, ``kind``, ``stage``, ``precision``, ``file``, ``size_bytes`` (the graph
-    and its weights), ``inputs`` (``[{"name", "dtype", "shape", "opt_shape"}]``: the contract's
-    symbolic shape and the concrete shape of that stage's profile at the build's opt batch),
-    ``flops`` (one call at those shapes) and ``flops_by_op``, ``unknown`` (counted nodes whose
-    shapes inference left unknown).
-    """
-    manifest = manifest_io.load(engine_dir)
-    config = manifest.config
-    models = _models(manifest)
-    rows = []
-    seen: set[tuple[str, int]] = set()
-    for call in graphs.request_plan(config, manifest.fuse_flow_loop):
-        if (call.graph, call.stage) in seen:
-            continue
-        seen.add((call.graph, call.stage))
-        entry = manifest.graphs[call.graph]
-        spec = entry.spec
-        shapes = profile_shapes(spec, config, call.stage, manifest.min_batch, manifest.opt_batch, manifest.max_batch)
-        opt = {name: value[1] for name, value in shapes.items()}
-        counted = call_flops(models[call.graph], spec, config, call.stage, manifest.opt_batch)
-        rows.append(
-            {
-                "name": call.graph,
-                "kind": spec.kind,
-                "stage": call.stage,
-                "precision": entry.precision,
-                "file": entry.file,
-                "size_bytes": sum(Path(manifest.path(f)).stat().st_size for f in (entry.file, *entry.data_files)),
-                "inputs": [
-                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "opt_shape": list(opt[t.name])}
-                    for t in spec.inputs
-                ],
-                "opt_batch": manifest.opt_batch,
-                "flops": counted["total"],
-                "flops_by_op": counted["by_op"],
-                "unknown": counted["unknown"],
-            }
-        )
-    return rows
-
-
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """``inspect_rows`` as a plain-text table (one line per graph)."""
-    header = f"{'graph':10} {'stage':>5} {'precision':9} {'size':>13} {'GFLOP@opt':>10}  inputs at the opt batch"
-    lines = [header]
-    for row in rows:
-        inputs = " ".join(f"{i['name']}{_shape_text(tuple(i['opt_shape']))}" for i in row["inputs"])
-        lines.append(
-            f"{row['name']:10} {row['stage']:>5} {row['precision']:9} {row['size_bytes']:>13,} "
-            f"{row['flops'] / 1e9:>10.4f}  {inputs}"
-        )
-    return "\n".join(lines)

@@ -108,7 +108,7 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's logs and the access log.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
-    from runtime import serve
+    from runtime.serving import ray_app as serve
 
     target = serve.application(
         engine_dir,

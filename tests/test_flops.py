@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ecar_export import flops
+from ecar_export import flops, inspect_report
 from runtime import manifest as manifest_io
 
 
@@ -123,7 +123,7 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     assert one["graphs"]["backbone@stage1"]["calls"] == 1 and one["graphs"]["decoder"]["calls"] == 1
     assert [one["graphs"][f"flow_step@stage{s}"]["calls"] for s in (1, 2, 3)] == list(config.steps)
 
-    rows = flops.inspect_rows(build.dir)
+    rows = inspect_report.inspect_rows(build.dir)
     assert [(row["name"], row["stage"]) for row in rows] == [
         ("backbone", 1), ("flow_step", 1), ("backbone", 2), ("flow_step", 2), ("backbone", 3), ("flow_step", 3),
         ("decoder", 3),

@@ -90,11 +90,11 @@ def test_pipeline_is_importable_from_the_package_root_without_torch() -> None:
 
 
 def test_runtime_imports_neither_ray_nor_its_web_stack() -> None:
-    # serving is an optional extra: only `runtime.serve` itself may import Ray
+    # serving is an optional extra: only `runtime.serving.ray_app` may import Ray
     result = run_python(
         """
         import sys
-        import runtime, runtime.pipeline, runtime.cli, runtime.serving
+        import runtime, runtime.pipeline, runtime.cli, runtime.serving.requests
         from runtime import Pipeline
         loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("ray", "fastapi", "starlette"))
         print("SERVE_MODULES", loaded)

@@ -1,6 +1,6 @@
 """Request parsing, packing and shared-batch generation of the HTTP server, without a cluster.
 
-``runtime.serving`` is plain Python: these tests pin its contract; ``test_serve.py`` runs the
+``runtime.serving.requests`` is plain Python: these tests pin its contract; ``test_serve.py`` runs the
 same code behind a real Ray Serve deployment.
 """
 
@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from runtime import serving
 from runtime.errors import InvalidRequestError
 from runtime.images import grid_image
 from runtime.pipeline import Pipeline
+from runtime.serving import requests as serving
 
 CLASSES, MAX_BATCH, DEFAULT_CFG = 10, 8, 1.5
 PIXEL_MATCH = 0.999

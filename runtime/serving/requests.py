@@ -1,6 +1,6 @@
 """What a served generate request is, and how concurrent requests share one engine batch.
 
-Everything here is plain Python + numpy, so it is tested without a cluster; ``runtime.serve``
+Everything here is plain Python + numpy, so it is tested without a cluster; ``runtime.serving.ray_app``
 wraps it in a Ray Serve deployment. The HTTP contract:
 
 ``POST /generate`` with a JSON object

@@ -4,9 +4,9 @@ Optional extra ``serve`` (``pip install 'ecar-export[serve]'``); ``import runtim
 imports this module. Each replica owns one :class:`~runtime.pipeline.Pipeline` and batches
 concurrent requests with ``serve.batch`` — bounded by the number of samples in a batch
 (never more than the engine's max batch) and a wait timeout — then packs them into shared
-engine batches (``runtime.serving``). Routes:
+engine batches (``runtime.serving.requests``). Routes:
 
-- ``POST /generate``: see ``runtime.serving`` for the JSON body and the response;
+- ``POST /generate``: see ``runtime.serving.requests`` for the JSON body and the response;
 - ``GET /healthz``: 200 once the replica has loaded its engines;
 - ``GET /info``: model, precision, backend, batching and versions.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime import manifest as manifest_io
-from runtime import serving
 from runtime.errors import BackendUnavailableError, ECARError, InvalidRequestError
+from runtime.serving import requests as serving
 
 try:
     import ray
