@@ -65,14 +65,21 @@ def load(name):
     return model
 """
 
-BUILD = (
+# every child: load the preset with its seeded weights, timed (sys.argv[1] names the preset)
+TIMED_LOAD = (
     WEIGHTS
     + """
 import json, sys, time
 begin = time.perf_counter()
-from ecar_export.build import build_engines
 model = load(sys.argv[1])
 loaded = time.perf_counter()
+"""
+)
+
+BUILD = (
+    TIMED_LOAD
+    + """
+from ecar_export.build import build_engines
 marks = []
 build_engines(model, sys.argv[2], precision=sys.argv[3], backend="onnxruntime", force=True,
               progress=lambda name, done, total: marks.append((name, time.perf_counter())))
@@ -90,13 +97,9 @@ print(json.dumps({"seconds": end - begin, "phases": phases, "fp32_weight_bytes":
 )
 
 TORCH = (
-    WEIGHTS
+    TIMED_LOAD
     + """
-import json, sys, time
 import numpy as np
-begin = time.perf_counter()
-model = load(sys.argv[1])
-loaded = time.perf_counter()
 labels, seed = json.loads(sys.argv[3])
 result = model.sample(labels, seed=seed)
 end = time.perf_counter()

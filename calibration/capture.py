@@ -51,7 +51,7 @@ from calibration.plan import SPLITS, CalibrationPlan
 from runtime.backends import Backend
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
-from runtime.graphs import Call, GraphSpec
+from runtime.graphs import Call, GraphSpec, Kind
 from runtime.pipeline import Pipeline
 
 __all__ = ["CalibrationPlan", "CalibrationSet", "RecordedCall", "RecordingBackend", "capture", "load_calibration"]
@@ -171,7 +171,7 @@ def capture(
         for name, spec in specs.items():
             for group, rows in _request_rows(spec, [c for c in calls if c.graph == name], config, index).items():
                 rng = np.random.default_rng([plan.seed, index, zlib.crc32(f"{name}/{group}".encode())])
-                row_labels = np.asarray(request_labels)[rows["meta.sample"]] if spec.kind != "flow_step" else None
+                row_labels = np.asarray(request_labels)[rows["meta.sample"]] if spec.kind != Kind.FLOW_STEP else None
                 collector = collected[name, group, split]
                 collector.add(_subsample(spec, rows, keep[name, group, split], rng, row_labels, collector.class_counts))
         if progress:
@@ -202,7 +202,7 @@ def _quota(config: ECARConfig, spec: GraphSpec, group: str, plan: CalibrationPla
     The split's total stays within its cap, except that every request keeps at least one row.
     """
     row = layout.row_bytes(spec, group_dims(config, group)) + 4 * len(meta_fields(spec))
-    if spec.kind == "flow_step":
+    if spec.kind == Kind.FLOW_STEP:
         cap = min(plan.max_rows, plan.max_bytes // (steps * row))
     else:
         cap = min(plan.max_samples, plan.max_bytes // row)
@@ -228,11 +228,11 @@ def _request_rows(
         rows["meta.request"] = np.full(count, request, np.int32)
         rows["meta.sample"] = position
         rows["meta.stage"] = np.full(count, call.stage, np.int32)
-        if spec.kind == "flow_step":
+        if spec.kind == Kind.FLOW_STEP:
             tokens = config.tokens_per_stage[call.stage - 1]
             rows["meta.sample"], rows["meta.token"] = position // tokens, position % tokens
             rows["meta.step"] = np.full(count, call.step, np.int32)
-        group = f"stage{call.stage}" if spec.kind == "backbone" else ALL
+        group = f"stage{call.stage}" if spec.kind == Kind.BACKBONE else ALL
         parts[group].append(rows)
     return {group: layout.concatenate(found) for group, found in parts.items()}
 
@@ -251,7 +251,7 @@ def _subsample(
     one at a time, a sample of the class kept least so far in this graph, group and split
     (ties broken at random), so a capped split still covers every class it can.
     """
-    if spec.kind == "flow_step":
+    if spec.kind == Kind.FLOW_STEP:
         keys = rows["meta.stage"].astype(np.int64) * 1_000_000 + rows["meta.step"]
         picked = []
         for key in np.unique(keys):

@@ -42,9 +42,9 @@ from calibration.plan import SPLITS, CalibrationPlan
 from runtime import graphs
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, InvalidRequestError
-from runtime.fileio import sha256_file, write_bytes_atomic
+from runtime.fileio import write_bytes_atomic
 from runtime.formats import Format
-from runtime.graphs import GraphSpec
+from runtime.graphs import FLOW_KINDS, GraphSpec, Kind
 
 FORMAT = "ecar-calibration"
 FORMAT_VERSION = 2
@@ -64,12 +64,12 @@ def stored_specs(config: ECARConfig) -> dict[str, GraphSpec]:
 
 
 def meta_fields(spec: GraphSpec) -> tuple[str, ...]:
-    return FLOW_META_FIELDS if spec.kind in ("flow_step", "flow_loop") else META_FIELDS
+    return FLOW_META_FIELDS if spec.kind in FLOW_KINDS else META_FIELDS
 
 
 def groups(config: ECARConfig, spec: GraphSpec) -> list[str]:
     """Group names of a graph's rows: ``stage1``.. for graphs whose row shapes differ by stage, else ``all``."""
-    if spec.kind in ("backbone", "flow_loop"):
+    if spec.kind in (Kind.BACKBONE, Kind.FLOW_LOOP):
         return [f"stage{s}" for s in range(1, config.num_stages + 1)]
     return [ALL]
 
@@ -96,9 +96,9 @@ def array_layout(config: ECARConfig, spec: GraphSpec, group: str, rows: int) -> 
 
 def stage_constants(config: ECARConfig, spec: GraphSpec, group: str) -> dict[str, np.ndarray]:
     """The stage inputs (not stored) a group's feeds take: see :func:`calibration.layout.is_stage_input`."""
-    if spec.kind == "backbone":
+    if spec.kind == Kind.BACKBONE:
         return graphs.stage_inputs(config, group_stage(config, group))
-    if spec.kind == "flow_loop":
+    if spec.kind == Kind.FLOW_LOOP:
         times = graphs.stage_times(config, group_stage(config, group))
         return {"t": np.array([t for t, _ in times], np.float32), "dt": np.array([d for _, d in times], np.float32)}
     return {}
@@ -137,7 +137,7 @@ class CalibrationSet:
         self.graphs = graphs_data
         self.raw = raw
         self._specs = {spec.name: spec for spec in graphs.graph_specs(config)}
-        self._specs["flow_loop"] = graphs.flow_loop_spec(config)
+        self._specs[Kind.FLOW_LOOP] = graphs.flow_loop_spec(config)
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -180,7 +180,7 @@ class CalibrationSet:
     def default_batch_rows(self, graph: str) -> int:
         """Rows per batch: the plan's batch of samples, or of tokens at the largest stage."""
         spec = self.spec(graph)
-        if spec.kind in ("flow_step", "flow_loop"):
+        if spec.kind in FLOW_KINDS:
             return self.plan.batch * max(self.config.tokens_per_stage)
         return self.plan.batch
 
@@ -208,7 +208,7 @@ class CalibrationSet:
     ) -> Iterator[dict[str, Any]]:
         """Feeds of the rows a request fed ``graph`` at ``stage`` (the decoder: the last stage's)."""
         spec = self.spec(graph)
-        group = f"stage{stage}" if spec.kind in ("backbone", "flow_loop") else ALL
+        group = f"stage{stage}" if spec.kind in (Kind.BACKBONE, Kind.FLOW_LOOP) else ALL
         rows, meta = self.rows(graph, split, group), self.meta(graph, split, group)
         index = np.flatnonzero(meta["stage"] == stage)
         picked = layout.select(rows, index)
@@ -241,14 +241,14 @@ class CalibrationSet:
             group = names[0]
         if group not in names:
             raise InvalidRequestError(f"graph '{graph}' has no row group '{group}'; it has {', '.join(names)}")
-        if spec.kind == "flow_loop":
+        if spec.kind == Kind.FLOW_LOOP:
             return self._flow_loop_group(spec, split, group)
         arrays = self._load(graph)
         prefix = f"{group}.{split}."
         return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
 
     def _flow_loop_group(self, spec: GraphSpec, split: str, group: str) -> dict[str, np.ndarray]:
-        data = self._group("flow_step", split, ALL)
+        data = self._group(Kind.FLOW_STEP, split, ALL)
         stage = group_stage(self.config, group)
         first = np.flatnonzero((data["meta.stage"] == stage) & (data["meta.step"] == 0))
         picked = {t.name: data[t.name][first] for t in layout.stored_inputs(spec)}
@@ -326,9 +326,9 @@ def write_calibration(
             "sha256": digest,
             "bytes": len(blob),
             "rows": counts,
-            "row_unit": "token" if spec.kind == "flow_step" else "sample",
+            "row_unit": "token" if spec.kind == Kind.FLOW_STEP else "sample",
         }
-        if spec.kind == "flow_step":
+        if spec.kind == Kind.FLOW_STEP:
             entry["rows_per_step"] = {
                 split: _per_step(data[name][ALL][split]["meta.stage"], data[name][ALL][split]["meta.step"])
                 for split in SPLITS
@@ -450,17 +450,7 @@ def _graph_entry(config: ECARConfig, where: str, spec: GraphSpec, raw: Any) -> G
 
 
 def _verify_file(path: Path, entry: GraphData, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    if not path.is_file():
-        raise CalibrationError(f"calibration file '{path}' of graph '{entry.name}' is missing; capture again")
-    try:
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise CalibrationError(f"cannot read '{path}': {exc}") from None
-    if actual != entry.sha256:
-        raise CalibrationError(
-            f"calibration file '{path}' does not match its sha256 in {MANIFEST_NAME} (corrupt or replaced); "
-            "capture again"
-        )
+    CALIBRATION_FORMAT.verify_file(path, entry.sha256, f"calibration file of graph '{entry.name}'")
     headers = _npz_headers(path)
     if headers != expected:
         raise CalibrationError(

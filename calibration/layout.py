@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from runtime.graphs import STAGE_INPUTS, GraphSpec, TensorSpec
+from runtime.graphs import STAGE_INPUTS, GraphSpec, Kind, TensorSpec
 
 ROW_DIMS = ("B", "M")
 PAIRED_DIMS = ("2B", "2M")
@@ -45,9 +45,9 @@ def row_axis(tensor: TensorSpec) -> tuple[int, bool] | None:
 
 def is_stage_input(spec: GraphSpec, tensor: TensorSpec) -> bool:
     """Inputs fixed by the stage: the backbone's stage data, a fused loop's per-step times."""
-    if spec.kind == "backbone":
+    if spec.kind == Kind.BACKBONE:
         return tensor.name in STAGE_INPUTS
-    return spec.kind == "flow_loop" and tensor.name in ("t", "dt")
+    return spec.kind == Kind.FLOW_LOOP and tensor.name in ("t", "dt")
 
 
 def stored_inputs(spec: GraphSpec) -> list[TensorSpec]:

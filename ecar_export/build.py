@@ -9,7 +9,9 @@ directory is swept: every content-addressed file and build leftover that the man
 just written does not name is removed — the previous build's files, and those of any
 build that was killed before its commit. One build at a time may write into a directory
 (an advisory lock on the directory itself); graphs whose build key is unchanged since the
-previous build are reused.
+previous build are reused (:mod:`ecar_export.graph_keys`). What each precision does to the
+graphs is :mod:`ecar_export.precision`'s; an INT8 build's calibration set is
+:mod:`calibration.lifecycle`'s; the TensorRT and OpenVINO steps are :mod:`ecar_export.backends`'.
 
 ``ECAR_BUILD_KILL_AT=<moment>`` (a test hook) makes the build SIGKILL itself at one of its
 named moments: ``export:<graph>`` (a graph traced to ONNX), ``placed:<graph>`` (its file
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -35,13 +36,13 @@ from typing import Any
 
 import torch
 
-from ecar_export import checkpoint, export, flow_loop, precision, presets, weights_io
+from ecar_export import checkpoint, export, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.model import ECAR
 from ecar_export.precision import Precision, RecipeInputs
 from runtime import manifest as manifest_io
 from runtime.backends import selection
-from runtime.errors import ECARError, InvalidRequestError, OutputError
-from runtime.fileio import sha256_file
+from runtime.errors import InvalidRequestError, OutputError
+from runtime.fileio import output_dir, sha256_file
 from runtime.graphs import GraphSpec, Kind, flow_step_spec, graph_specs
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
@@ -57,7 +58,6 @@ LEFTOVERS = (
     re.compile(r"^\.calibration-old$"),  # a calibration set being replaced
     re.compile(r"^\.build\.lock$"),  # the lock file of earlier toolchain versions
 )
-EXPORT_TOOLS = ("ecar-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon", "polygraphy")
 
 
 def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]:
@@ -72,20 +72,6 @@ def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]
     path = Path(source) if source is not None else presets.checkpoint_path(presets.DEMO)
     model = checkpoint.load(path)
     return model, sha256_file(path)
-
-
-def toolchain_versions() -> dict[str, str | None]:
-    """The versions of the tools a graph file depends on (part of every graph's build key)."""
-    versions: dict[str, str | None] = {}
-    for package in EXPORT_TOOLS:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    from runtime.backends.tensorrt.loader import tensorrt_version
-
-    versions["tensorrt"] = tensorrt_version()
-    return versions
 
 
 def build_engines(
@@ -124,9 +110,14 @@ def build_engines(
 
     Examples:
         >>> from ecar_export.build import build_engines
-        >>> path = build_engines(None, out_dir=tmp / "engines", precision="fp32", max_batch=2)
+        >>> from runtime import Pipeline
+        >>> path = build_engines(None, out_dir=tmp / "engines", max_batch=2)  # None: the bundled demo
         >>> path.name, sorted(p.suffix for p in path.parent.iterdir())
         ('manifest.json', ['.json', '.onnx', '.onnx', '.onnx', '.weights', '.weights', '.weights'])
+        >>> Pipeline.from_dir(path.parent).generate([3, 3, 3]).images.shape  # beyond max_batch=2
+        Traceback (most recent call last):
+        ...
+        runtime.errors.InvalidRequestError: batch of 3 exceeds this build's profile (max batch 2); ...
     """
     recipe = precision_of(precision, calibration_method, calibration_requests)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
@@ -135,20 +126,23 @@ def build_engines(
     if on_backend:
         on_backend(chosen)
     model, weights_digest = load_model(model_or_checkpoint_path)
-    out = _output_dir(out_dir)
+    out = output_dir(out_dir, "--out")
     with _build_lock(out):
         try:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         except OSError as exc:
             raise OutputError(f"cannot write engines into '{out}': {exc.strerror or exc}") from None
         try:
-            toolchain = toolchain_versions()
+            toolchain = graph_keys.toolchain_versions()
             options: dict[str, object] = {}
             if recipe.calibrated:
                 options = {"calibration_method": calibration_method, "calibration_requests": calibration_requests}
             specs = graph_specs(model.config, fuse_flow_loop)
-            keys = {spec.name: _graph_key(spec, weights_digest, model, recipe, toolchain, options) for spec in specs}
-            reusable = {} if force else _reusable_graphs(out, keys)
+            keys = {
+                spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, options)
+                for spec in specs
+            }
+            reusable = {} if force else graph_keys.reusable_graphs(out, keys)
             calibration = _Calibration(out, staging, model, weights_digest, toolchain, calibration_requests)
             if recipe.calibrated:
                 if not force:
@@ -158,18 +152,8 @@ def build_engines(
             records = _export_all(
                 model, staging, out, recipe, calibration, calibration_method, specs, keys, reusable, progress
             )
-            document = manifest_io.document(
-                model.config,
-                precision=recipe.name,
-                backend=chosen,
-                fuse_flow_loop=fuse_flow_loop,
-                max_batch=max_batch,
-                checkpoint_sha256=weights_digest,
-                opset=export.OPSET,
-                export_version=export.EXPORT_VERSION,
-                toolchain={**toolchain, **_backend_versions(chosen)},
-                graphs=records,
-            )
+            tools = {**toolchain, **_backend_versions(chosen)}
+            document = _document(model, weights_digest, recipe.name, chosen, fuse_flow_loop, max_batch, tools, records)
             if recipe.calibrated:
                 if calibration.captured is not None:
                     from calibration import lifecycle
@@ -192,6 +176,31 @@ def build_engines(
         return path
 
 
+def _document(
+    model: ECAR,
+    weights: str,
+    precision: str,
+    backend: str,
+    fused: bool,
+    max_batch: int,
+    toolchain: dict[str, str | None],
+    records: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest document of a build of ``model`` (this toolchain's opset and export version)."""
+    return manifest_io.document(
+        model.config,
+        precision=precision,
+        backend=backend,
+        fuse_flow_loop=fused,
+        max_batch=max_batch,
+        checkpoint_sha256=weights,
+        opset=export.OPSET,
+        export_version=export.EXPORT_VERSION,
+        toolchain=toolchain,
+        graphs=records,
+    )
+
+
 def precision_of(name: str, calibration_method: str, calibration_requests: int) -> Precision:
     """The precision of a build, its calibration settings checked."""
     recipe = precision.get(name)
@@ -209,19 +218,6 @@ def _backend_versions(backend: str) -> dict[str, str | None]:
         return {"openvino": importlib.metadata.version("openvino")}
     except importlib.metadata.PackageNotFoundError:
         return {"openvino": None}
-
-
-def _output_dir(out_dir: str | os.PathLike[str]) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out '{out}' exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write engines into '{out}': {exc.strerror or exc}; choose a writable --out"
-        ) from None
-    return out
 
 
 def moment(name: str) -> None:
@@ -277,39 +273,6 @@ def _build_lock(out: Path) -> Iterator[None]:
         os.close(handle)
 
 
-def _graph_key(
-    spec: GraphSpec,
-    weights: str,
-    model: ECAR,
-    recipe: Precision,
-    tools: dict[str, str | None],
-    options: dict[str, object],
-) -> str:
-    """Everything a graph file depends on, hashed: equal keys mean an identical graph."""
-    payload = {
-        "graph": spec.name,
-        "contract": spec.to_dict(),
-        "weights": weights,
-        "config": model.config.to_dict(),
-        "precision": recipe.name,
-        "opset": export.OPSET,
-        "export_version": export.EXPORT_VERSION,
-        "tools": tools,
-        "recipe_version": recipe.recipe_version,
-        "options": options,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _reusable_graphs(out: Path, keys: dict[str, str]) -> dict[str, manifest_io.GraphEntry]:
-    """Graphs of the previous build whose key is unchanged and whose files are intact."""
-    try:
-        old = manifest_io.load(out)
-    except ECARError:
-        return {}
-    return {name: entry for name, entry in old.graphs.items() if name in keys and entry.build_key == keys[name]}
-
-
 def traced_spec(spec: GraphSpec, model: ECAR) -> GraphSpec:
     """The graph torch traces for ``spec``: ``flow_loop`` is ``flow_step`` wrapped in a Loop afterwards."""
     return flow_step_spec(model.config) if spec.kind == Kind.FLOW_LOOP else spec
@@ -356,19 +319,10 @@ class _Calibration:
                     data_files={data.name: sha256_file(data)} if data.is_file() else {},
                     precision="fp32",
                 )
-            staged = manifest_io.document(
-                self.model.config,
-                precision="fp32",
-                backend="onnxruntime",
-                fuse_flow_loop=False,
-                max_batch=8,
-                checkpoint_sha256=self.weights,
-                opset=export.OPSET,
-                export_version=export.EXPORT_VERSION,
-                toolchain=self.key.toolchain,
-                graphs=records,
+            tools = dict(self.key.toolchain)
+            manifest_io.write(
+                fp32_dir, _document(self.model, self.weights, "fp32", "onnxruntime", False, 8, tools, records)
             )
-            manifest_io.write(fp32_dir, staged)
             self.captured = lifecycle.capture_from(
                 fp32_dir, self.key, self.staging / "calibration", lambda done, _: moment(f"calibration:{done}")
             )

@@ -46,6 +46,7 @@ PresetOpt = Annotated[
         help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-l, ecar-h.",
     ),
 ]
+EngineDirOpt = Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")]
 LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated class labels, e.g. 3,1,4.")]
 PerClassOpt = Annotated[int | None, typer.Option("--per-class", help="N samples of every class.")]
 SeedOpt = Annotated[int, typer.Option(help="Noise seed: sample i uses key (seed, i).")]
@@ -178,9 +179,7 @@ def build_cmd(
 @app.command("check")
 @fail_on_ecar_errors
 def check_cmd(
-    engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
-        "engines"
-    ),
+    engine_dir: EngineDirOpt = Path("engines"),
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     batch: Annotated[int, typer.Option(help="Batch size of the random test inputs.")] = 2,
@@ -238,9 +237,7 @@ def check_cmd(
 @app.command("inspect")
 @fail_on_ecar_errors
 def inspect_cmd(
-    engine_dir: Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")] = Path(
-        "engines"
-    ),
+    engine_dir: EngineDirOpt = Path("engines"),
     as_json: JsonOpt = False,
 ) -> None:
     """List a build's graphs: precision, file size, input shapes and FLOPs of one call at the opt batch."""

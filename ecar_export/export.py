@@ -15,6 +15,7 @@ shape-inferred and checked (``onnx.checker`` on the file pair) without loading t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ecar_export import weights_io
 from ecar_export.model import ECAR
 from ecar_export.quiet import quiet
 from runtime.errors import EngineError
-from runtime.graphs import GraphSpec
+from runtime.graphs import GraphSpec, Kind
 
 OPSET = 18
 # Bump when the exported graphs change for the same weights and config (a new operator
@@ -40,75 +41,43 @@ EXPORT_VERSION = 3
 TRACE_DIMS = {"B": 2, "P": 3, "N": 5, "T": 7, "E": 4, "M": 6, "K": 3}
 
 
-class BackboneGraph(nn.Module):
-    """``backbone``: every stage, the stage's data as inputs."""
+class GraphModule(nn.Module):
+    """One graph of the contract as a torch module: ``forward(*inputs)`` takes the contract's inputs in order.
 
-    def __init__(self, model: ECAR) -> None:
+    ``model`` is registered as a submodule, so its weights are the module's parameters.
+    """
+
+    def __init__(self, model: ECAR, function: Callable[..., Any]) -> None:
         super().__init__()
         self.model = model
+        self.function = function
 
-    def forward(
-        self,
-        labels: torch.Tensor,
-        prev: torch.Tensor,
-        noise: torch.Tensor,
-        up: torch.Tensor,
-        fresh: torch.Tensor,
-        renoise: torch.Tensor,
-        positions: torch.Tensor,
-        level: torch.Tensor,
-        past_kv: torch.Tensor,
-        kv_tokens: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        return self.model.backbone_graph(labels, prev, noise, up, fresh, renoise, positions, level, past_kv, kv_tokens)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.function(*inputs)
 
 
-class FlowStepGraph(nn.Module):
-    def __init__(self, model: ECAR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
-    ) -> torch.Tensor:
-        return self.model.flow_step(x, z, t, dt, cfg)
-
-
-class FlowLoopReference(nn.Module):
+def _flow_loop_reference(model: ECAR) -> Callable[..., torch.Tensor]:
     """The torch reference of ``flow_loop`` (for checks): ``flow_step`` at each given time, in order."""
 
-    def __init__(self, model: ECAR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
-    ) -> torch.Tensor:
+    def loop(x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
         for step in range(t.shape[0]):
-            x = self.model.flow_step(x, z, t[step : step + 1], dt[step : step + 1], cfg)
+            x = model.flow_step(x, z, t[step : step + 1], dt[step : step + 1], cfg)
         return x
 
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model: ECAR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_tokens(x)
+    return loop
 
 
 def wrapper(model: ECAR, spec: GraphSpec) -> nn.Module:
     """The torch module whose forward is the graph ``spec`` describes."""
-    modules = {
-        "backbone": BackboneGraph,
-        "flow_step": FlowStepGraph,
-        "flow_loop": FlowLoopReference,
-        "decoder": DecoderGraph,
+    functions: dict[Kind, Callable[..., Any]] = {
+        Kind.BACKBONE: model.backbone_graph,
+        Kind.FLOW_STEP: model.flow_step,
+        Kind.FLOW_LOOP: _flow_loop_reference(model),
+        Kind.DECODER: model.decode_tokens,
     }
-    if spec.kind not in modules:
+    if spec.kind not in functions:
         raise ValueError(f"unknown graph kind {spec.kind!r}")
-    return modules[spec.kind](model).eval()
+    return GraphModule(model, functions[spec.kind]).eval()
 
 
 def run_torch(model: ECAR, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +90,9 @@ def run_torch(model: ECAR, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dic
     return {name: out.numpy() for name, out in zip(spec.output_names(), outputs)}
 
 
-def _dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
+def _dynamic_shapes(spec: GraphSpec) -> tuple[tuple[dict[int, object], ...]]:
+    """The dynamic axes of every input, as torch.export wants them for ``forward(*inputs)``."""
+
     def dim(name: str, largest: int) -> Any:
         return torch.export.Dim(name, min=1, max=largest)
 
@@ -138,7 +109,7 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
         "K": dim("steps", 1 << 12),
     }
     symbols["2M"] = 2 * symbols["M"]
-    return tuple({axis: symbols[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+    return (tuple({axis: symbols[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs),)
 
 
 def trace_inputs(model: ECAR, spec: GraphSpec) -> dict[str, np.ndarray]:
@@ -168,7 +139,7 @@ def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -
     The weights are written from the torch tensors as they are (no protobuf copy); the graph
     file is cleaned, shape-inferred and checked without loading them.
     """
-    if spec.kind == "flow_loop":
+    if spec.kind == Kind.FLOW_LOOP:
         raise ValueError("flow_loop is not traced: ecar_export.flow_loop wraps the finished flow_step graph")
     module = wrapper(model, spec)
     sample = trace_inputs(model, spec)

@@ -27,7 +27,7 @@ from onnx import shape_inference
 
 from runtime import graphs
 from runtime import manifest as manifest_io
-from runtime.graphs import GraphSpec
+from runtime.graphs import GraphSpec, Kind
 
 # The exporter's names for the dynamic axes, and the contract's names for the same axes.
 DIM_ALIASES = {
@@ -315,13 +315,13 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
         if key not in per_call:
             per_call[key] = call_flops(models[call.graph], specs[call.graph], config, call.stage, batch)
         counted = per_call[key]
-        label = call.graph if call.graph == "decoder" else f"{call.graph}@stage{call.stage}"
+        label = call.graph if call.graph == Kind.DECODER else f"{call.graph}@stage{call.stage}"
         row = graph_rows.setdefault(
             label, {"calls": 0, "per_call": counted["total"], "total": 0, "by_op": counted["by_op"]}
         )
         row["calls"] += 1
         row["total"] += counted["total"]
-        if call.graph == "decoder":
+        if call.graph == Kind.DECODER:
             continue
         dims = graphs.stage_dims(config, call.stage, batch)
         stage = stages.setdefault(
@@ -339,14 +339,14 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
                 "total": 0,
             },
         )
-        if call.graph == "backbone":
+        if call.graph == Kind.BACKBONE:
             stage["backbone"] += counted["total"]
         else:
             stage["flow_calls"] += 1
             stage["flow_per_call"] = counted["total"]
             stage["flow"] += counted["total"]
         stage["total"] += counted["total"]
-    decoder = graph_rows["decoder"]["total"]
+    decoder = graph_rows[Kind.DECODER]["total"]
     total = sum(s["total"] for s in stages.values()) + decoder
     return {
         "engine_dir": str(engine_dir),
@@ -364,7 +364,7 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
 def call_flops(model: onnx.ModelProto, spec: GraphSpec, config: Any, stage: int, batch: int) -> dict[str, Any]:
     """FLOPs of one call of a graph at a stage and batch (a fused loop: its body, once per step)."""
     dims = graphs.stage_dims(config, stage, batch)
-    if spec.kind != "flow_loop":
+    if spec.kind != Kind.FLOW_LOOP:
         return graph_flops(model, dims, spec)
     body = next(a.g for node in model.graph.node if node.op_type == "Loop" for a in node.attribute if a.name == "body")
     step = onnx.ModelProto()

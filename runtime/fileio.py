@@ -40,6 +40,22 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             temp.unlink()
 
 
+def output_dir(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` as a directory to write into (created), or :class:`OutputError` naming ``option``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} '{out}' exists and is not a directory; pass {option} DIR")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create output directory '{out}': {exc.strerror or exc}; pass a writable {option} DIR"
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"output directory '{out}' is not writable; pass a writable {option} DIR")
+    return out
+
+
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(target) as temp:
         temp.write_bytes(data)

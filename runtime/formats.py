@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runtime.errors import ECARError
+from runtime.fileio import sha256_file
 
 T = TypeVar("T")
 # What a parser of well-formed JSON can raise on absurd values: int() past Python's digit limit
@@ -72,6 +73,19 @@ class Format:
     def check(self, data: Mapping[str, Any], where: str) -> None:
         self.check_name(data, where)
         self.check_version(data, where)
+
+    def verify_file(self, path: Path, expected: str, where: str) -> None:
+        """``path`` exists and its sha256 is ``expected`` (as the document recorded it), or the format's error."""
+        if not path.is_file():
+            raise self.error(f"{where}: file '{path}' is missing; {self.redo}")
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise self.error(f"{where}: cannot read '{path}': {exc}") from None
+        if actual != expected:
+            raise self.error(
+                f"{where}: '{path}' does not match its sha256 in the {self.noun} (corrupt or replaced); {self.redo}"
+            )
 
     def parse(self, where: str, parse: Callable[[], T]) -> T:
         """Run ``parse``; anything it raises that is not this format's error becomes one, naming ``where``."""

@@ -91,7 +91,7 @@ class GraphSpec:
     """One graph of the contract: its kind (also its name) and its inputs and outputs."""
 
     name: str
-    kind: str
+    kind: Kind
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import OutputError
-from runtime.fileio import atomic_path
+from runtime.fileio import atomic_path, output_dir
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -76,17 +75,7 @@ def write_outputs(
     images: np.ndarray, labels: Sequence[int], out_dir: str | os.PathLike[str], prefix: str = "sample"
 ) -> tuple[Path, list[Path]]:
     """Write ``grid.png`` plus one PNG per sample into ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path '{out}' exists and is not a directory; pass --out DIR")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot create output directory '{out}': {exc.strerror or exc}; pass a writable --out DIR"
-        ) from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"output directory '{out}' is not writable; pass a writable --out DIR")
+    out = output_dir(out_dir, "--out")
     grid = save_png(grid_image(images, labels), out / "grid.png")
     singles = [
         save_png(_pil(pixels), out / f"{prefix}_{index:03d}_class{label}.png")

@@ -31,7 +31,7 @@ from packaging.version import InvalidVersion, Version
 from runtime.backends import selection
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ManifestError
-from runtime.fileio import sha256_file, write_bytes_atomic
+from runtime.fileio import write_bytes_atomic
 from runtime.formats import Format
 from runtime.graphs import CONTRACT_VERSION, GraphSpec, graph_specs
 from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
@@ -390,20 +390,6 @@ def _calibration(raw: Any, where: str) -> CalibrationRecord | None:
     )
 
 
-def _verify(root: Path, here: str, name: str, expected: str) -> None:
-    target = root / name
-    if not target.is_file():
-        raise ManifestError(f"{here}: file '{target}' is missing; rebuild the engines")
-    try:
-        actual = sha256_file(target)
-    except OSError as exc:
-        raise ManifestError(f"{here}: cannot read '{target}': {exc}") from None
-    if actual != expected:
-        raise ManifestError(
-            f"{here}: '{target}' does not match its sha256 in the manifest (corrupt or replaced); rebuild the engines"
-        )
-
-
 def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, verify: bool) -> GraphEntry:
     here = f"{where} graph '{name}'"
     if not isinstance(raw, dict):
@@ -437,7 +423,7 @@ def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, v
     if verify:
         for item, expected in ((file, digest), *weights.items(), *([(plan, plan_digest)] if plan else [])):
             assert isinstance(expected, str)
-            _verify(root, here, item, expected)
+            MANIFEST_FORMAT.verify_file(root / item, expected, here)
     return GraphEntry(
         spec=spec,
         file=file,

@@ -80,13 +80,13 @@ class Pipeline:
 
     Examples:
         >>> from runtime import Pipeline
-        >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime")
+        >>> pipe = Pipeline.from_dir(engine_dir)  # the demo: 16x16 grey digits, classes 0..9
         >>> result = pipe.generate([3, 1, 4], seed=7)
         >>> result.images.shape, result.images.dtype
         ((3, 16, 16, 1), dtype('uint8'))
-        >>> again = pipe.generate([4], seed=[7])  # one seed per sample: key (7, 0), as sample 0 above
-        >>> bool((again.images[0] == result.images[0]).all())
-        False
+        >>> again = pipe.generate([3, 1, 4], seed=7)  # the same labels and seed: the same images
+        >>> bool((again.images == result.images).all())
+        True
     """
 
     def __init__(self, manifest: Manifest, backend: Backend, device_resident: bool = True) -> None:
@@ -127,6 +127,10 @@ class Pipeline:
             >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime", threads=1)
             >>> pipe.backend.name, pipe.manifest.precision, pipe.max_batch
             ('onnxruntime', 'fp32', 8)
+            >>> Pipeline.from_dir(engine_dir, backend="tensorrt")
+            Traceback (most recent call last):
+            ...
+            runtime.errors.BackendUnavailableError: '...' holds no TensorRT plans (built for onnxruntime); ...
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
@@ -165,13 +169,16 @@ class Pipeline:
                 beyond the build's profile.
 
         Examples:
-            >>> pipe = Pipeline.from_dir(engine_dir, backend="onnxruntime")
-            >>> result = pipe.generate([0, 1], seed=0, cfg=3.0)
+            >>> pipe = Pipeline.from_dir(engine_dir)
+            >>> result = pipe.generate([0, 1], seed=[11, 12], cfg=3.0)  # one seed per sample
             >>> result.images.shape, result.latents.shape
             ((2, 16, 16, 1), (2, 64, 4))
-            >>> alone = pipe.generate([1], seed=[0])  # sample 1 of the pair drew key (0, 1), not (0, 0)
-            >>> sorted(result.timings.graphs)
-            ['backbone', 'decoder', 'flow_step']
+            >>> sorted(result.timings.graphs), len(result.timings.stages)
+            (['backbone', 'decoder', 'flow_step'], 4)
+            >>> pipe.generate([10])
+            Traceback (most recent call last):
+            ...
+            runtime.errors.InvalidRequestError: label 10 is out of range; this model knows classes 0..9
         """
         label_array = self._check_labels(labels)
         if len(label_array) > self.max_batch:
@@ -283,8 +290,8 @@ class Pipeline:
                 stage_begin = start
             outputs = self.backend.run(call, feeds)
             end = time.perf_counter()
-            timings.graphs[call.graph] += end - start
-            timings.calls[call.graph] += 1
+            timings.graphs[str(call.graph)] += end - start
+            timings.calls[str(call.graph)] += 1
             if call.graph == Kind.DECODER:
                 timings.decoder = end - start
             if call.ends_stage:

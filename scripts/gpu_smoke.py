@@ -223,17 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work_dir = args.work_dir
     try:
-        rows, summary = run_smoke(
-            args.engine_dir,
-            work_dir,
-            requests=args.requests,
-            batch=args.batch,
-            seed=args.seed,
-            cuda_graphs=args.cuda_graphs,
-            device_index=args.device_index,
-            hardware_compatibility=args.hardware_compatibility,
-            timing_cache_dir=args.timing_cache_dir,
-        )
+        settings = ("requests", "batch", "seed", "cuda_graphs", "device_index", "hardware_compatibility")
+        options = {name: getattr(args, name) for name in (*settings, "timing_cache_dir")}
+        rows, summary = run_smoke(args.engine_dir, work_dir, **options)
     except ECARError as exc:
         print(f"gpu_smoke: error: {exc}", file=sys.stderr)
         return 1

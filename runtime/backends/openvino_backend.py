@@ -65,13 +65,6 @@ def load_openvino() -> Any:
     return openvino
 
 
-def openvino_version() -> str | None:
-    try:
-        return str(load_openvino().__version__)
-    except BackendUnavailableError:
-        return None
-
-
 def cpu_capabilities(core: Any) -> list[str]:
     try:
         return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]

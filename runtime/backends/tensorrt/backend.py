@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtime import graphs
-from runtime.backends import DeviceRunResult, StageCallback
+from runtime.backends import DeviceRunResult, StageCallback, selection
 from runtime.backends.tensorrt import cuda_graphs, gpu, loader
 from runtime.backends.tensorrt.compat import REBUILD, RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.cuda_graphs import StageGraph
@@ -63,7 +63,7 @@ def probe(manifest: Manifest, device_index: int = 0) -> str | None:
     back to ONNX Runtime when this says why not.
     """
     if manifest.backend != "tensorrt":
-        return f"the build holds no TensorRT plans (built for {manifest.backend})"
+        return selection.no_plans(manifest.root, manifest.backend)
     missing = [name for name, entry in manifest.graphs.items() if not entry.plan_file]
     if missing:
         return f"the manifest names no TensorRT plan for {', '.join(missing)}; {REBUILD}"
@@ -106,10 +106,7 @@ class TensorRTBackend:
     ) -> None:
         # trt_module / cuda / environment: test seams (fakes); normally discovered here.
         if manifest.backend != "tensorrt":
-            raise ManifestError(
-                f"'{manifest.root}' holds no TensorRT plans (built for {manifest.backend}); "
-                "rebuild with `ecar-export build --backend tensorrt` on a machine with TensorRT"
-            )
+            raise ManifestError(selection.no_plans(manifest.root, manifest.backend))
         self.trt = trt_module or loader.load_tensorrt()
         self.cuda = cuda or gpu.driver()
         self.device_index = device_index
