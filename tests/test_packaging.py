@@ -72,7 +72,9 @@ def test_wheel_holds_the_three_packages_and_the_demo_weights_and_nothing_else(di
     assert metadata["Name"] == "ecar-export" and metadata["Version"] == __version__
     requires = metadata.get_all("Requires-Dist")
     core = sorted(re.match(r"[A-Za-z0-9_.-]+", r).group() for r in requires if "extra ==" not in r)  # type: ignore[union-attr]
-    assert core == ["numpy", "packaging", "pillow", "rich", "typer"], "the runtime layer depends on no engine and no torch"
+    assert core == ["numpy", "packaging", "pillow", "rich", "typer"], (
+        "the runtime layer depends on no engine and no torch"
+    )
     assert set(metadata.get_all("Provides-Extra")) >= {"onnxruntime", "gpu", "tensorrt", "openvino", "serve", "export"}
     torch = [r for r in requires if r.startswith("torch")]
     assert len(torch) == 1 and 'extra == "export"' in torch[0]
