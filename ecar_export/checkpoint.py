@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,17 +54,12 @@ def load(path: str | os.PathLike[str]) -> ECAR:
     try:
         with safe_open(str(path), framework="pt") as handle:
             config = _config_from(path, handle.metadata() or {})
+            _check_header(path, handle, config)  # before anything the config sizes is allocated
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
     model = ECAR(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"'{path}' lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"'{path}' holds unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all)")
     for name, reference in expected.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != tuple(reference.shape):
@@ -76,6 +72,28 @@ def load(path: str | os.PathLike[str]) -> ECAR:
             raise CheckpointError(f"'{path}': tensor '{name}' holds NaN or infinite values")
     model.load_state_dict(tensors, strict=True)
     return model.eval()
+
+
+def _check_header(path: Path, handle: Any, config: ECARConfig) -> None:
+    """The file's tensor names and shapes (its header) against the model ``config`` describes, built on the
+    meta device (no memory): a config that does not fit its tensors is refused before any allocation."""
+    with torch.device("meta"):
+        skeleton = ECAR(config)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    stored = set(handle.keys())
+    missing = sorted(set(expected) - stored)
+    if missing:
+        raise CheckpointError(f"'{path}' lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+    unexpected = sorted(stored - set(expected))
+    if unexpected:
+        raise CheckpointError(f"'{path}' holds unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all)")
+    for name, shape in expected.items():
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != shape:
+            raise CheckpointError(
+                f"'{path}': tensor '{name}' has shape {found}, the config needs {shape} (is the config in the "
+                "checkpoint's metadata the one its tensors were trained with?)"
+            )
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:

@@ -13,9 +13,30 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, shown
 
 CFG_SCHEDULES = ("constant", "linear")
+CFG_LIMIT = 100.0  # |guidance weight| allowed: far beyond useful values, far below float32 overflow
+# Upper bounds of the integer fields: generous for any image generator, small enough that a config
+# asking for absurd sizes is refused before anything is allocated (a checkpoint's or a manifest's
+# config is read before its tensors).
+INT_LIMITS = {
+    "image_size": 8192,
+    "image_channels": 3,
+    "latent_size": 1024,
+    "latent_channels": 1024,
+    "tokenizer_width": 4096,
+    "width": 32768,
+    "depth": 1024,
+    "heads": 1024,
+    "head_width": 32768,
+    "head_depth": 1024,
+    "num_classes": 1_000_000,
+}
+MAX_STAGES = 64
+MAX_STEPS = 10_000  # Euler steps of one stage
+MAX_TOKENS = 1 << 20  # tokens of all stages together
+MAX_PARAMETERS = 50_000_000_000  # 200 GB of float32 weights
 
 
 @dataclass(frozen=True)
@@ -90,28 +111,15 @@ class ECARConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
 
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"invalid config field '{name}' = {getattr(self, name)!r}: {why}")
-
+        bad = self._bad
         if not isinstance(self.name, str) or not self.name:
             raise bad("name", "must be a non-empty string")
-        positive_ints = (
-            "image_size",
-            "image_channels",
-            "latent_size",
-            "latent_channels",
-            "tokenizer_width",
-            "width",
-            "depth",
-            "heads",
-            "head_width",
-            "head_depth",
-            "num_classes",
-        )
-        for name in positive_ints:
+        for name, limit in INT_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "must be a positive integer")
+            if value > limit:
+                raise bad(name, f"must be at most {limit:,}")
         if self.image_channels not in (1, 3):
             raise bad("image_channels", "must be 1 (grey) or 3 (RGB)")
         factor, rest = divmod(self.image_size, self.latent_size)
@@ -121,10 +129,12 @@ class ECARConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
-        if self.latent_scale <= 0:
-            raise bad("latent_scale", "must be positive")
-        if self.mlp_ratio <= 0:
-            raise bad("mlp_ratio", "must be positive")
+        if not 1e-6 <= self.latent_scale <= 1e6:
+            raise bad("latent_scale", "must lie in [1e-6, 1e6]")
+        if not 0 < self.mlp_ratio <= 64:
+            raise bad("mlp_ratio", "must lie in (0, 64]")
+        if abs(self.cfg_scale) > CFG_LIMIT:
+            raise bad("cfg_scale", f"must lie in [-{CFG_LIMIT:g}, {CFG_LIMIT:g}]")
         if not 0.0 <= self.class_dropout < 1.0:
             raise bad("class_dropout", "must lie in [0, 1)")
         if self.width % self.heads:
@@ -132,14 +142,32 @@ class ECARConfig:
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise bad("cfg_schedule", f"must be one of {', '.join(CFG_SCHEDULES)}")
         self._validate_stages()
+        parameters = self.parameter_estimate()
+        if parameters > MAX_PARAMETERS:
+            raise ConfigError(
+                f"invalid config: width {self.width}, depth {self.depth}, head {self.head_width}x{self.head_depth} and "
+                f"{self.num_classes:,} classes ask for about {parameters / 1e9:,.0f} B parameters "
+                f"({4 * parameters / 2**30:,.0f} GiB of float32 weights); this toolchain builds models of up to "
+                f"{MAX_PARAMETERS / 1e9:.0f} B"
+            )
+
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
+
+    def parameter_estimate(self) -> int:
+        """Roughly how many weights the architecture has (its matrices), from the config alone."""
+        block = (4 + 2 * self.mlp_ratio + 6) * self.width**2  # attention, MLP, AdaLN modulation
+        head = self.head_depth * 5 * self.head_width**2 + self.width * self.head_width
+        embeddings = (self.num_classes + 1 + self.total_tokens) * self.width
+        return int(self.depth * block + head + embeddings)
 
     def _validate_stages(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"invalid config field '{name}' = {getattr(self, name)!r}: {why}")
-
+        bad = self._bad
         scales, bounds, steps = self.scales, self.window_bounds, self.steps
         if not isinstance(scales, tuple) or not scales:
             raise bad("scales", "must be a non-empty list of token-grid sides")
+        if len(scales) > MAX_STAGES:
+            raise bad("scales", f"at most {MAX_STAGES} stages")
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in scales):
             raise bad("scales", "every scale must be a positive integer")
         for previous, current in zip(scales, scales[1:]):
@@ -159,6 +187,10 @@ class ECARConfig:
             raise bad("steps", f"needs one Euler step count per stage ({len(scales)})")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
             raise bad("steps", "every stage needs a positive integer number of steps")
+        if max(steps) > MAX_STEPS:
+            raise bad("steps", f"at most {MAX_STEPS:,} Euler steps per stage")
+        if sum(r * r for r in scales) > MAX_TOKENS:
+            raise bad("scales", f"at most {MAX_TOKENS:,} tokens in all stages together")
 
     # ---------------------------------------------------------------- JSON I/O
     def to_dict(self) -> dict[str, Any]:
@@ -188,8 +220,8 @@ class ECARConfig:
     def from_json(cls, text: str | bytes) -> ECARConfig:
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"model config is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+            raise ConfigError(f"model config is not valid JSON: {shown(exc)}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ECARConfig:

@@ -46,3 +46,17 @@ class ECARWarning(UserWarning):
 
     Raised through :mod:`warnings`; both CLIs print each one as a single ``warning:`` line on stderr.
     """
+
+
+def shown(value: object, limit: int = 120) -> str:
+    """A value from a file or a caller as message text: ``repr``, cut short (a 5,000-digit number stays readable).
+
+    ``repr`` of an int beyond Python's int-to-string limit raises ``ValueError``; this never does.
+    """
+    try:
+        text = str(value) if isinstance(value, BaseException) else repr(value)
+    except ValueError:  # an int with more digits than sys.get_int_max_str_digits()
+        text = (
+            f"<an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits>" if isinstance(value, int) else "?"
+        )
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runtime.errors import ECARError
+from runtime.errors import ECARError, shown
 from runtime.fileio import sha256_file
 
 T = TypeVar("T")
@@ -44,14 +44,14 @@ class Format:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, *MALFORMED) as exc:  # JSONDecodeError and the int digit limit are ValueErrors
-            raise self.error(f"'{path}' is not valid JSON ({_short(exc)}); {self.redo}") from None
+            raise self.error(f"'{path}' is not valid JSON ({shown(exc)}); {self.redo}") from None
         if not isinstance(data, dict):
             raise self.error(f"{path}: the document must be a JSON object")
         return data
 
     def check_name(self, data: Mapping[str, Any], where: str) -> None:
         if data.get("format") != self.name:
-            raise self.error(f"{where}: not {self.what} (format {_short(data.get('format'))}, expected '{self.name}')")
+            raise self.error(f"{where}: not {self.what} (format {shown(data.get('format'))}, expected '{self.name}')")
 
     def check_version(self, data: Mapping[str, Any], where: str, older: str = "") -> None:
         """Refuse another version; ``older`` explains a version below this one."""
@@ -66,7 +66,7 @@ class Format:
         )
         why = f" ({older})" if older and is_older else ""
         raise self.error(
-            f"{where}: {self.noun} format version {_short(version)}, {self.reader} reads {self.version}{why}; "
+            f"{where}: {self.noun} format version {shown(version)}, {self.reader} reads {self.version}{why}; "
             f"{self.redo}"
         )
 
@@ -96,10 +96,4 @@ class Format:
         except ECARError as exc:
             raise self.error(f"{where}: {exc}") from None
         except MALFORMED as exc:
-            raise self.error(f"{where}: malformed ({type(exc).__name__}: {_short(exc)}); {self.redo}") from None
-
-
-def _short(value: object, limit: int = 120) -> str:
-    """``repr``-like text of a value from a file, cut short (a 5,000-digit number stays readable)."""
-    text = str(value) if isinstance(value, BaseException) else repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+            raise self.error(f"{where}: malformed ({type(exc).__name__}: {shown(exc)}); {self.redo}") from None

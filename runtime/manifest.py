@@ -275,6 +275,20 @@ def _safe_file(root: Path, name: Any, where: str) -> str:
     return name
 
 
+def committed_digest(engine_dir: str | os.PathLike[str]) -> str | None:
+    """The digest of the build committed in ``engine_dir`` right now (None where there is none to read).
+
+    A loader compares it before and after loading: a different value means a build committed
+    into the directory meanwhile (and may have swept the files of the one being loaded).
+    """
+    try:
+        data = json.loads((Path(engine_dir) / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    digest = data.get(DIGEST_FIELD) if isinstance(data, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def load(engine_dir: str | os.PathLike[str], verify_files: bool = True) -> Manifest:
     """Read and validate an engine directory's manifest; raises :class:`ManifestError`."""
     root = Path(engine_dir)

@@ -17,11 +17,13 @@ import numpy as np
 from runtime import graphs, schedule
 from runtime import manifest as manifest_io
 from runtime.backends import Backend, DeviceResidentBackend, StageCallback, selection
-from runtime.errors import InvalidRequestError
+from runtime.errors import ECARError, EngineError, InvalidRequestError, ManifestError, shown
 from runtime.graphs import Call, Kind
 from runtime.images import to_uint8
 from runtime.manifest import Manifest
 from runtime.request import RequestInputs, RequestState, walk
+
+MAX_SAMPLES = 10_000  # samples of one generate_many call (and of one ecar-run)
 
 
 @dataclass
@@ -136,8 +138,18 @@ class Pipeline:
             raise InvalidRequestError(f"threads must be a positive integer or None, got {threads!r}")
         selection.check_choice(backend)
         selection.check_device(device)
-        manifest = manifest_io.load(path)
-        return cls(manifest, selection.open_backend(manifest, backend, device, threads))
+        for _ in range(2):  # a build that commits into the directory while we load: load the new build
+            before = manifest_io.committed_digest(path)
+            try:
+                manifest = manifest_io.load(path)
+                return cls(manifest, selection.open_backend(manifest, backend, device, threads))
+            except ECARError:
+                if manifest_io.committed_digest(path) == before:
+                    raise  # nothing changed under us: the error is the build's
+        raise ManifestError(
+            f"the engine directory '{path}' changed while it was being loaded (a build committed into it twice); "
+            "retry when the build has finished"
+        )
 
     @property
     def max_batch(self) -> int:
@@ -218,8 +230,14 @@ class Pipeline:
         cfg: float | None = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> GenerateResult:
-        """Any number of samples, run in batches of ``max_batch``; images equal one big ``generate``."""
+        """Any number of samples (at most :data:`MAX_SAMPLES`), run in batches of ``max_batch``; images equal one
+        big ``generate``."""
         label_array = self._check_labels(labels)
+        if len(label_array) > MAX_SAMPLES:
+            raise InvalidRequestError(
+                f"{len(label_array):,} samples in one call; at most {MAX_SAMPLES:,} (its images are held in memory "
+                "together): split the work into several calls"
+            )
         keys = schedule.noise_keys(seed, len(label_array))
         results = []
         for start in range(0, len(label_array), self.max_batch):
@@ -245,8 +263,9 @@ class Pipeline:
 
     # ------------------------------------------------------------- internals
     def _check_labels(self, labels: Sequence[int] | np.ndarray) -> np.ndarray:
-        if isinstance(labels, (str, bytes)):
-            raise InvalidRequestError(f"labels must be a list of integers, got {labels!r}")
+        one_dimensional = labels.ndim == 1 if isinstance(labels, np.ndarray) else isinstance(labels, Sequence)
+        if isinstance(labels, (str, bytes)) or not one_dimensional:
+            raise InvalidRequestError(f"labels must be a list of integers, got {shown(labels)}")
         values = list(labels.tolist() if isinstance(labels, np.ndarray) else labels)
         if not values:
             raise InvalidRequestError("labels must not be empty; give at least one class label")
@@ -254,11 +273,11 @@ class Pipeline:
         for value in values:
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise InvalidRequestError(
-                    f"label {value!r} is not an integer; labels are integers in [0, {classes - 1}]"
+                    f"label {shown(value)} is not an integer; labels are integers in [0, {classes - 1}]"
                 )
             if not 0 <= int(value) < classes:
                 raise InvalidRequestError(
-                    f"label {int(value)} is out of range; this model knows classes 0..{classes - 1}"
+                    f"label {shown(value)} is out of range; this model knows classes 0..{classes - 1}"
                 )
         return np.asarray(values, dtype=np.int64)
 
@@ -278,6 +297,7 @@ class Pipeline:
             timings.graphs.update(out.graph_seconds)
             timings.calls.update(out.graph_calls)
             timings.decoder = out.decoder_seconds
+            _check_finite(out.latents, "the request (checked after its last stage on the device)")
             images = to_uint8(out.image)
             timings.total = time.perf_counter() - begin
             return GenerateResult(images, out.latents, timings)
@@ -295,6 +315,7 @@ class Pipeline:
             if call.graph == Kind.DECODER:
                 timings.decoder = end - start
             if call.ends_stage:
+                _check_finite(outputs[0], f"stage {call.stage}")
                 timings.stages.append(end - stage_begin)
                 if on_stage:
                     on_stage(call.stage, self.config.num_stages)
@@ -305,3 +326,12 @@ class Pipeline:
         images = to_uint8(state.image)
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, state.latents, timings)
+
+
+def _check_finite(latents: np.ndarray, where: str) -> None:
+    """Latents that came out NaN or infinite are an error naming where, never a black image."""
+    if not np.isfinite(latents).all():
+        raise EngineError(
+            f"{where} produced non-finite latents (NaN or inf) although the request was valid: the engines' numbers "
+            "overflowed; try the fp32 build, a smaller cfg, or report it with the model and the request"
+        )

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.config import ECARConfig
-from runtime.errors import InvalidRequestError
+from runtime.config import CFG_LIMIT, ECARConfig
+from runtime.errors import InvalidRequestError, shown
 
 A = Any  # a numpy array or a torch tensor: the formulas below use only @, *, + and -
 
@@ -169,11 +169,27 @@ def stages(config: ECARConfig) -> tuple[Stage, ...]:
     return tuple(result)
 
 
+def check_cfg(cfg: object, name: str = "cfg") -> float:
+    """A guidance weight as a float: a real number in [-CFG_LIMIT, CFG_LIMIT], else :class:`InvalidRequestError`.
+
+    The graphs compute in float32: a weight that is finite in float64 but not in float32 (1e308),
+    or just large enough to overflow the guidance mix, would give NaN latents and black images.
+    """
+    bad = InvalidRequestError(f"{name} must be a finite number in [-{CFG_LIMIT:g}, {CFG_LIMIT:g}], got {shown(cfg)}")
+    if isinstance(cfg, (bool, np.bool_)) or not isinstance(cfg, (int, float, np.integer, np.floating)):
+        raise bad
+    try:
+        value = float(cfg)
+    except OverflowError:  # an int beyond float range
+        raise bad from None
+    if not math.isfinite(value) or abs(value) > CFG_LIMIT:
+        raise bad
+    return value
+
+
 def cfg_weights(config: ECARConfig, cfg: float | None = None) -> tuple[float, ...]:
     """Guidance weight w_s per stage: constant, or linear ramp w_s = 1 + (cfg - 1)·s/S (w_S = cfg)."""
-    scale = config.cfg_scale if cfg is None else cfg
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale):
-        raise InvalidRequestError(f"cfg must be a finite number, got {cfg!r}")
+    scale = check_cfg(config.cfg_scale if cfg is None else cfg)
     count = config.num_stages
     if config.cfg_schedule == "linear":
         return tuple(1.0 + (float(scale) - 1.0) * (s + 1) / count for s in range(count))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import InvalidRequestError
-from runtime.schedule import MAX_SEED
+from runtime.errors import InvalidRequestError, shown
+from runtime.schedule import MAX_SEED, check_cfg
 
 FORMATS = {"png": "image/png", "npy": "application/x-npy"}
 FIELDS = ("labels", "seed", "cfg", "format")
@@ -66,9 +65,11 @@ def parse_generate(body: bytes, num_classes: int, max_batch: int, default_cfg: f
         raise BadRequest(f"request body of {len(body)} bytes is too large (limit {MAX_BODY_BYTES})")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int past the digit limit
+        if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError | json.JSONDecodeError):
+            raise InvalidRequestError(f"a number in the request has too many digits ({shown(exc)})") from None
         raise BadRequest(
-            f"request body is not valid JSON ({exc}); send an object like "
+            f"request body is not valid JSON ({shown(exc)}); send an object like "
             '{"labels": [3, 1], "seed": 0, "format": "png"}'
         ) from None
     if not isinstance(data, dict):
@@ -80,31 +81,30 @@ def parse_generate(body: bytes, num_classes: int, max_batch: int, default_cfg: f
         raise InvalidRequestError("missing field 'labels': a list of class labels, e.g. [3, 1, 4]")
     labels = data["labels"]
     if not isinstance(labels, list):
-        raise InvalidRequestError(f"'labels' must be a list of integers, got {json.dumps(labels)}")
+        raise InvalidRequestError(f"'labels' must be a list of integers, got {_as_json(labels)}")
     if not labels:
         raise InvalidRequestError("'labels' must not be empty; give at least one class label")
     for value in labels:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidRequestError(
-                f"label {json.dumps(value)} is not an integer; labels are integers in [0, {num_classes - 1}]"
+                f"label {_as_json(value)} is not an integer; labels are integers in [0, {num_classes - 1}]"
             )
         if not 0 <= value < num_classes:
-            raise InvalidRequestError(f"label {value} is out of range; this model knows classes 0..{num_classes - 1}")
+            raise InvalidRequestError(
+                f"label {shown(value)} is out of range; this model knows classes 0..{num_classes - 1}"
+            )
     if len(labels) > max_batch:
         raise InvalidRequestError(
             f"{len(labels)} labels exceed this server's max batch of {max_batch}; split the request"
         )
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidRequestError(f"'seed' must be an integer in [0, 2**63 - 1], got {json.dumps(seed)}")
+        raise InvalidRequestError(f"'seed' must be an integer in [0, 2**63 - 1], got {_as_json(seed)}")
     cfg = data.get("cfg")
-    if cfg is None:
-        cfg = default_cfg
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise InvalidRequestError(f"'cfg' must be a finite number, got {json.dumps(data.get('cfg'))}")
+    cfg = check_cfg(default_cfg if cfg is None else cfg, "'cfg'")
     fmt = data.get("format", "png")
     if fmt not in FORMATS:
-        raise InvalidRequestError(f"'format' must be one of {', '.join(FORMATS)}, got {json.dumps(fmt)}")
+        raise InvalidRequestError(f"'format' must be one of {', '.join(FORMATS)}, got {_as_json(fmt)}")
     return GenerateRequest(tuple(labels), seed, float(cfg), fmt)
 
 
@@ -215,3 +215,12 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
         "versions": versions,
         "build_toolchain": manifest.toolchain,
     }
+
+
+def _as_json(value: object, limit: int = 120) -> str:
+    """A value of the request body as the client wrote it (JSON), cut short like :func:`runtime.errors.shown`."""
+    try:
+        text = json.dumps(value)
+    except ValueError:  # an integer past the int-to-string digit limit
+        return shown(value, limit)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
