@@ -1,0 +1,238 @@
+"""FlowAR's configuration: the architecture and the reference sampling settings of one model.
+
+Plain data like :class:`runtime.config.ECARConfig`: a frozen dataclass with a JSON round trip (it
+travels in a converted checkpoint's metadata) and a validation that names the offending field.
+The presets carry the numbers of the authors' FlowAR-S, -L and -H.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, MAX_TOKENS
+from runtime.errors import ConfigError, shown
+
+HEAD_HEAD_DIM = 64  # the flow head always splits its width into heads of 64 channels
+INT_LIMITS = {
+    "image_size": 8192,
+    "vae_stride": 64,
+    "token_dim": 1024,
+    "width": 32768,
+    "encoder_depth": 1024,
+    "decoder_depth": 1024,
+    "heads": 1024,
+    "head_width": 32768,
+    "head_depth": 1024,
+    "num_classes": 1_000_000,
+    "steps": MAX_STEPS,
+    "resample_size": 1024,
+    "rope_grid": 1024,
+}
+MAX_STAGES = 64
+
+
+@dataclass(frozen=True)
+class FlowARConfig:
+    """Architecture and sampling settings of one FlowAR model. Defaults describe FlowAR-S."""
+
+    name: str = "flowar-s"
+    # latent layout: a KL-16 tokenizer maps 256x256 images to 16x16 grids of 16-channel tokens
+    image_size: int = 256
+    vae_stride: int = 16
+    token_dim: int = 16
+    latent_scale: float = 0.2325  # tokens are the tokenizer's latents times this; divided out before decoding
+    scales: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # backbone: encoder and decoder stacks of equal width (the decoder's adaLN takes the class embedding)
+    width: int = 768
+    encoder_depth: int = 6
+    decoder_depth: int = 6
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    # flow head: a small transformer over a stage's tokens; `cross` adds cross-attention to the backbone output
+    head_width: int = 1024
+    head_depth: int = 2
+    cross: bool = False
+    num_classes: int = 1000  # labels 0..num_classes-1; row num_classes of the class table is the null class
+    # sampling (the authors' README settings)
+    steps: int = 25
+    cfg: float = 4.3
+    guidance: float = 0.9  # guidance applies while t <= this
+    # geometry fixed by the reference code: the stage-input resampling goes through this grid, and RoPE
+    # maps every stage onto positions 0..rope_grid
+    resample_size: int = 16
+    rope_grid: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scales, list):
+            object.__setattr__(self, "scales", tuple(self.scales))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def grid(self) -> int:
+        """Side of the final token grid."""
+        return self.image_size // self.vae_stride
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.scales)
+
+    @property
+    def tokens_per_stage(self) -> tuple[int, ...]:
+        return tuple(s * s for s in self.scales)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens_per_stage)
+
+    @property
+    def stage_slices(self) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` of each stage in the position tables."""
+        ends = [sum(self.tokens_per_stage[: k + 1]) for k in range(self.num_stages)]
+        return tuple(zip([0, *ends[:-1]], ends))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def head_heads(self) -> int:
+        return self.head_width // HEAD_HEAD_DIM
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @staticmethod
+    def mlp_hidden(width: int, mlp_ratio: float = 4.0) -> int:
+        """GEGLU hidden width: two thirds of ``width * mlp_ratio``, truncated as the reference does."""
+        return int(width * mlp_ratio * 2 / 3.0)
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        bad = self._bad
+        if not isinstance(self.name, str) or not self.name:
+            raise bad("name", "must be a non-empty string")
+        for name, limit in INT_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "must be a positive integer")
+            if value > limit:
+                raise bad(name, f"must be at most {limit:,}")
+        if not isinstance(self.cross, bool):
+            raise bad("cross", "must be true or false")
+        for name in ("latent_scale", "mlp_ratio", "cfg", "guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if not 1e-6 <= self.latent_scale <= 1e6:
+            raise bad("latent_scale", "must lie in [1e-6, 1e6]")
+        if not 0 < self.mlp_ratio <= 64:
+            raise bad("mlp_ratio", "must lie in (0, 64]")
+        if abs(self.cfg) > CFG_LIMIT:
+            raise bad("cfg", f"must lie in [-{CFG_LIMIT:g}, {CFG_LIMIT:g}]")
+        if not 0.0 <= self.guidance <= 1.0:
+            raise bad("guidance", "must lie in [0, 1]")
+        if self.steps < 2:
+            raise bad("steps", "needs at least 2 (the reference time grid is empty below that)")
+        if self.image_size % self.vae_stride:
+            raise bad("vae_stride", f"must divide image_size ({self.image_size})")
+        if self.width % self.heads or (self.width // self.heads) % 4:
+            raise bad("heads", f"must divide width ({self.width}) into heads of a multiple of 4 channels (2-D RoPE)")
+        if self.head_width % HEAD_HEAD_DIM:
+            raise bad("head_width", f"must be a multiple of {HEAD_HEAD_DIM} (the head's attention head size)")
+        self._validate_scales()
+        parameters = self.parameter_estimate()
+        if parameters > MAX_PARAMETERS:
+            raise ConfigError(
+                f"invalid config: width {self.width}, depth {self.encoder_depth}+{self.decoder_depth}, head "
+                f"{self.head_width}x{self.head_depth} ask for about {parameters / 1e9:,.0f} B parameters; this "
+                f"toolchain builds models of up to {MAX_PARAMETERS / 1e9:.0f} B"
+            )
+
+    def _validate_scales(self) -> None:
+        bad, scales = self._bad, self.scales
+        if not isinstance(scales, tuple) or not scales:
+            raise bad("scales", "must be a non-empty list of token-grid sides")
+        if len(scales) > MAX_STAGES:
+            raise bad("scales", f"at most {MAX_STAGES} stages")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
+            raise bad("scales", "every scale must be a positive integer")
+        if any(later <= earlier for earlier, later in zip(scales, scales[1:])):
+            raise bad("scales", "must be strictly increasing")
+        if scales[-1] != self.grid:
+            raise bad("scales", f"the last scale must equal image_size / vae_stride ({self.grid})")
+        if any(self.resample_size % s for s in scales):
+            raise bad("resample_size", "every scale must divide it (the stage input is an area mean over it)")
+        if self.total_tokens > MAX_TOKENS:
+            raise bad("scales", f"at most {MAX_TOKENS:,} tokens in all stages together")
+
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
+
+    def parameter_estimate(self) -> int:
+        """Roughly how many weights the architecture has, from the config alone."""
+        w, h = self.width, self.head_width
+        block = (4 + 3 * 2 / 3 * self.mlp_ratio + 6) * w * w
+        head_block = (4 + 3 * 2 / 3 * 4.0 + 6 + (3 if self.cross else 0)) * h * h
+        tables = (self.num_classes + 1 + 3 * self.total_tokens) * w
+        return int((self.encoder_depth + self.decoder_depth) * block + self.head_depth * head_block + tables)
+
+    # ---------------------------------------------------------------- JSON I/O
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["scales"] = list(self.scales)
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FlowARConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a FlowAR config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown FlowAR config field(s): {', '.join(map(str, unknown))}")
+        values = dict(data)
+        if isinstance(values.get("scales"), list):
+            values["scales"] = tuple(values["scales"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FlowARConfig:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"FlowAR config is not valid JSON: {shown(exc)}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> FlowARConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The authors' models (factories flowar_small / flowar_large / flowar_huge, README eval settings; eval.sh uses
+# cfg 4.2 for S and cfg 2.8 for H instead).
+FLOWAR_S = FlowARConfig()
+FLOWAR_L = FlowARConfig(
+    name="flowar-l", width=1024, encoder_depth=8, decoder_depth=8, heads=16, head_width=1024, head_depth=12,
+    cross=True, cfg=2.4, guidance=0.9,
+)  # fmt: skip
+FLOWAR_H = FlowARConfig(
+    name="flowar-h", width=1536, encoder_depth=15, decoder_depth=15, heads=16, head_width=1536, head_depth=12,
+    cross=True, steps=50, cfg=2.4, guidance=0.7,
+)  # fmt: skip
+# Reduced models for tests and golden fixtures: the real latent geometry and scale schedule, small widths.
+FLOWAR_TINY = FlowARConfig(
+    name="flowar-tiny", width=32, encoder_depth=2, decoder_depth=2, heads=2, head_width=64, head_depth=2,
+)  # fmt: skip
+FLOWAR_TINY_CROSS = FLOWAR_TINY.replace(
+    name="flowar-tiny-cross", head_width=128, head_depth=1, cross=True, steps=50, cfg=2.4, guidance=0.7
+)
+
+PRESETS = {c.name: c for c in (FLOWAR_S, FLOWAR_L, FLOWAR_H, FLOWAR_TINY, FLOWAR_TINY_CROSS)}

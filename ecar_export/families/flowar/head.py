@@ -1,0 +1,81 @@
+"""FlowAR's flow head: a small transformer that predicts the velocity of a stage's noisy tokens.
+
+It sees the stage's tokens x_t ``[B, N, token_dim]``, the flow time t (1 = noise, 0 = data) and the
+backbone output z ``[B, N, width]`` of the same tokens. Time and z enter every block through
+per-token adaLN; FlowAR-L/H blocks also cross-attend to z.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ecar_export.families.flowar.config import FlowARConfig
+from ecar_export.families.flowar.layers import CrossHeadBlock, HeadBlock, RMSNorm
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding (cos half first) of an integer timestep 0..1000, then a two-layer MLP."""
+
+    def __init__(self, width: int, frequencies: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = frequencies // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, steps: torch.Tensor) -> torch.Tensor:
+        """steps ``[B]`` (whole numbers, any float or int dtype) -> ``[B, width]``."""
+        args = steps.float()[:, None] * self.get_buffer("freqs")[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, adaLN shift/scale from ``time + condition``, then the projection to the token dim."""
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm_final = RMSNorm(width)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class FlowHead(nn.Module):
+    """The velocity model ``v(x_t, t, z)``; attribute names follow the authors' ``SimpleTransformerAdaLN``."""
+
+    def __init__(self, config: FlowARConfig) -> None:
+        super().__init__()
+        w, heads, grid = config.head_width, config.head_heads, config.rope_grid
+        hidden = config.mlp_hidden(w)
+        self.time_embed = TimestepEmbedder(w)
+        self.cond_embed = nn.Linear(config.width, w)
+        self.input_proj = nn.Linear(config.token_dim, w)
+        blocks: list[nn.Module] = [
+            CrossHeadBlock(w, heads, hidden, config.width, grid) if config.cross else HeadBlock(w, heads, hidden, grid)
+            for _ in range(config.head_depth)
+        ]
+        self.res_blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(w, config.token_dim)
+
+    @staticmethod
+    def timestep(t: torch.Tensor) -> torch.Tensor:
+        """The integer timestep the head is trained on: ``t * 1000`` (float32) truncated toward zero.
+
+        Kept as a float (``trunc``) rather than an integer cast; the values are the same whole numbers.
+        """
+        return torch.trunc(t.float() * 1000)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x ``[B, N, token_dim]``, t ``[B]``, z ``[B, N, width]`` -> velocity ``[B, N, token_dim]``."""
+        temb = self.time_embed(self.timestep(t)).unsqueeze(1)
+        c = self.cond_embed(z)
+        h = self.input_proj(x)
+        for block in self.res_blocks:
+            h = block(h, temb, c, z)
+        return self.final_layer(h, c + temb)
