@@ -38,6 +38,7 @@ FORMAT = Format("flowar-checkpoint", "1", "checkpoint", "a FlowAR checkpoint", C
 ENTRIES = ("model_ema", "model")  # where a wrapped state dict may sit, in order of preference
 MASK_KEY = "mask"
 ROPE_SUFFIX = ".rope.freqs"
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol >= 2)
 
 
 def is_buffer_key(key: str) -> bool:
@@ -69,12 +70,18 @@ def read_official(path: str | os.PathLike[str], entry: str | None = None) -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a file")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(f"'{path}' is not a torch checkpoint (neither a torch.save archive nor a pickle)")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
         raise CheckpointError(
             f"'{path}' holds objects other than tensors and plain containers, which are never unpickled "
-            f"(torch.load weights_only=True refused it: {shown(str(exc).splitlines()[0], 200)})"
+            f"(torch.load weights_only=True refused it: {why.split('. ')[0][:160]})"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"'{path}' is not a readable torch checkpoint: {shown(exc, 200)}") from None
@@ -92,7 +99,7 @@ def read_official(path: str | os.PathLike[str], entry: str | None = None) -> dic
     state: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"'{path}': entry '{shown(key)}' is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"'{path}': entry {shown(key)} is a {type(value).__name__}, not a tensor")
         state[str(key)] = value
     return state
 
