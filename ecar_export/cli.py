@@ -43,7 +43,8 @@ PresetOpt = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-l, ecar-h.",
+        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-b-f8, "
+        "ecar-l, ecar-h.",
     ),
 ]
 EngineDirOpt = Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")]
@@ -335,8 +336,64 @@ def train_demo_cmd(
     console().print(f"wrote {out}")
 
 
+@app.command("convert")
+@fail_on_ecar_errors
+def convert_cmd(
+    backbone: Annotated[
+        Path,
+        typer.Option(
+            "--backbone",
+            help="ECAR .safetensors checkpoint of the trained backbone and flow head; its config names the VAE "
+            "layout (tokenizer 'kl', tokenizer_channels, latent_channels, latent_scale, ...). Tokenizer tensors in it, "
+            "if any, are replaced.",
+        ),
+    ],
+    vae: Annotated[
+        Path,
+        typer.Option(
+            "--vae",
+            help="The VAE: an LDM / MAR checkpoint (kl16.ckpt: {'model': state_dict} or a bare state dict with "
+            "encoder.*, decoder.*, quant_conv.*, post_quant_conv.*; .ckpt / .pth / .pt / .bin are read with "
+            "torch.load(weights_only=True): tensors only), a .safetensors file (LDM or diffusers names) or a "
+            "diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The checkpoint to write (.safetensors, written atomically); build it with "
+            "`ecar-export build --checkpoint OUT`.",
+        ),
+    ],
+) -> None:
+    """Join a backbone checkpoint and a published VAE (MAR's KL-16, SD's kl-f8, ...) into one ECAR checkpoint.
+
+    Every VAE tensor is mapped to diffusers' AutoencoderKL names and checked against the layout the backbone's
+    config describes (names, shapes, floating-point dtypes, finite values, the latent grid); a misfit is refused
+    naming the tensor and both shapes, and nothing is written. Example:
+
+        ecar-export convert --backbone ecar-b.safetensors --vae kl16.ckpt --out ecar-b-kl16.safetensors
+    """
+    from ecar_export.vae import convert
+
+    path = convert(backbone, vae, out)
+    sys.stdout.write(f"{path}\n")
+    console().print(f"wrote {path}; build it with `ecar-export build --checkpoint {path}`")
+
+
 # What `ecar-export` needs beyond the runtime layer (the `export` extra), as import names.
-EXPORT_LAYER = ("torch", "onnx", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "polygraphy", "safetensors", "sklearn")
+EXPORT_LAYER = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnx_ir",
+    "onnx_graphsurgeon",
+    "polygraphy",
+    "safetensors",
+    "sklearn",
+    "diffusers",
+)
 INSTALL_EXPORT = "pip install torch==2.13.0 && pip install 'ecar-export[export,onnxruntime]'"
 
 

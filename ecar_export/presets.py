@@ -11,15 +11,31 @@ from runtime.errors import ConfigError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEMO = "ecar-digits"
 
+# The latent-diffusion VAEs of the paper-scale presets, as diffusers AutoencoderKL layouts.
+# MAR's KL-16 (LDM ch 128, ch_mult 1,1,2,2,4, two ResNet layers per level, attention in the encoder's
+# 16×16 level): 256² images to 16×16×16 latents, which MAR models multiplied by 0.2325.
+KL16 = {
+    "tokenizer": "kl",
+    "tokenizer_channels": (128, 128, 256, 256, 512),
+    "tokenizer_layers": 2,
+    "tokenizer_groups": 32,
+    "tokenizer_attention": (16,),
+    "latent_scale": 0.2325,
+    "image_output": "signed",
+}
+# Stable Diffusion's kl-f8 (sd-vae-ft-mse; LDM ch 128, ch_mult 1,2,4,4): 256² images to 32×32×4 latents,
+# scaled by 0.18215.
+KL_F8 = {**KL16, "tokenizer_channels": (128, 256, 512, 512), "tokenizer_attention": (), "latent_scale": 0.18215}
+
 # Paper-scale architectures (random init, for export and benchmarks): 256×256 RGB,
-# 16×16×16 latents, scales 1, 2, 4, 8, 16.
+# 16×16×16 KL-16 latents, scales 1, 2, 4, 8, 16.
 _ECAR_B = ECARConfig(
     name="ecar-b",
     image_size=256,
     image_channels=3,
     latent_size=16,
     latent_channels=16,
-    tokenizer_width=64,
+    **KL16,  # type: ignore[arg-type]
     scales=(1, 2, 4, 8, 16),
     steps=(4, 4, 4, 4, 4),
     width=768,
@@ -41,6 +57,18 @@ _CONFIGS: dict[str, ECARConfig] = {
     # The single-stage (S = 1) baseline of ecar-b: one window at the full 16×16 grid, the same
     # total number of flow steps (20 = 5 × 4); architecture otherwise identical.
     "ecar-b-s1": replace(_ECAR_B, name="ecar-b-s1", scales=(16,), steps=(20,), window_bounds=()),
+    # ecar-b's backbone and flow head on Stable Diffusion's kl-f8 latents: a 32×32×4 grid, so one stage more
+    # (scales 1 ... 32; the last stage has 1,024 tokens).
+    "ecar-b-f8": replace(
+        _ECAR_B,
+        name="ecar-b-f8",
+        latent_size=32,
+        latent_channels=4,
+        **KL_F8,  # type: ignore[arg-type]
+        scales=(1, 2, 4, 8, 16, 32),
+        steps=(4, 4, 4, 4, 4, 4),
+        window_bounds=(),
+    ),
     "ecar-l": replace(_ECAR_B, name="ecar-l", width=1024, depth=24, heads=16, head_width=1024, head_depth=8),
     # Paper scale, for the scale benchmark: ecar-b's latent layout with the backbone of the peers' largest
     # models (VAR-d30: width 1920, depth 30, 30 heads of 64) and MAR-H's flow head (width 1536, 12 blocks).

@@ -16,6 +16,14 @@ from typing import Any
 from runtime.errors import ConfigError, shown
 
 CFG_SCHEDULES = ("constant", "linear")
+# The tokenizer's architecture: "conv", the demo's small convolutional autoencoder (tokenizer_width wide), or
+# "kl", a latent-diffusion KL autoencoder (diffusers' AutoencoderKL: MAR's KL-16, Stable Diffusion's kl-f8),
+# laid out by the tokenizer_* fields.
+TOKENIZERS = ("conv", "kl")
+# How the decoder's raw output becomes an image in [0, 1]: "sigmoid", or "signed" for decoders trained on
+# images in [-1, 1] (the latent-diffusion VAEs): clip((x + 1) / 2, 0, 1).
+IMAGE_OUTPUTS = ("sigmoid", "signed")
+MAX_TOKENIZER_LEVELS = 8
 CFG_LIMIT = 100.0  # |guidance weight| allowed: far beyond useful values, far below float32 overflow
 # Upper bounds of the integer fields: generous for any image generator, small enough that a config
 # asking for absurd sizes is refused before anything is allocated (a checkpoint's or a manifest's
@@ -26,6 +34,8 @@ INT_LIMITS = {
     "latent_size": 1024,
     "latent_channels": 1024,
     "tokenizer_width": 4096,
+    "tokenizer_layers": 64,
+    "tokenizer_groups": 4096,
     "width": 32768,
     "depth": 1024,
     "heads": 1024,
@@ -37,6 +47,7 @@ MAX_STAGES = 64
 MAX_STEPS = 10_000  # Euler steps of one stage
 MAX_TOKENS = 1 << 20  # tokens of all stages together
 MAX_PARAMETERS = 50_000_000_000  # 200 GB of float32 weights
+TUPLE_FIELDS = ("scales", "window_bounds", "steps", "tokenizer_channels", "tokenizer_attention")
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,18 @@ class ECARConfig:
     latent_size: int = 8
     latent_channels: int = 4
     latent_scale: float = 1.0
+    # the model works on (latent - latent_shift) * latent_scale (diffusers' shift_factor and scaling_factor)
+    latent_shift: float = 0.0
+    tokenizer: str = "conv"
     tokenizer_width: int = 32
+    # "kl" tokenizers: block_out_channels per level (one level per factor 2 of image_size / latent_size, plus
+    # one), ResNet layers per encoder level (the decoder has one more), GroupNorm groups, and the encoder
+    # resolutions with self-attention blocks (LDM's attn_resolutions; MAR's KL-16: 16)
+    tokenizer_channels: tuple[int, ...] = ()
+    tokenizer_layers: int = 2
+    tokenizer_groups: int = 32
+    tokenizer_attention: tuple[int, ...] = ()
+    image_output: str = "sigmoid"
     # stages: token grid side per stage, window boundaries tau_0 = 1 > ... > tau_S = 0, Euler steps
     scales: tuple[int, ...] = (1, 2, 4, 8)
     window_bounds: tuple[float, ...] = ()
@@ -73,7 +95,7 @@ class ECARConfig:
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("scales", "window_bounds", "steps"):
+        for name in TUPLE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -125,12 +147,15 @@ class ECARConfig:
         factor, rest = divmod(self.image_size, self.latent_size)
         if rest or factor < 1 or factor & (factor - 1):
             raise bad("latent_size", "image_size / latent_size must be a power of two (1, 2, 4, ...)")
-        for name in ("latent_scale", "mlp_ratio", "cfg_scale", "class_dropout"):
+        for name in ("latent_scale", "latent_shift", "mlp_ratio", "cfg_scale", "class_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
         if not 1e-6 <= self.latent_scale <= 1e6:
             raise bad("latent_scale", "must lie in [1e-6, 1e6]")
+        if abs(self.latent_shift) > 1e6:
+            raise bad("latent_shift", "must lie in [-1e6, 1e6]")
+        self._validate_tokenizer()
         if not 0 < self.mlp_ratio <= 64:
             raise bad("mlp_ratio", "must lie in (0, 64]")
         if abs(self.cfg_scale) > CFG_LIMIT:
@@ -159,7 +184,41 @@ class ECARConfig:
         block = (4 + 2 * self.mlp_ratio + 6) * self.width**2  # attention, MLP, AdaLN modulation
         head = self.head_depth * 5 * self.head_width**2 + self.width * self.head_width
         embeddings = (self.num_classes + 1 + self.total_tokens) * self.width
-        return int(self.depth * block + head + embeddings)
+        # encoder and decoder: two 3x3 convolutions per ResNet layer, a decoder level one layer more
+        tokenizer = sum(9 * 2 * (2 * self.tokenizer_layers + 1) * c * c for c in self.tokenizer_channels)
+        return int(self.depth * block + head + embeddings + tokenizer)
+
+    def _validate_tokenizer(self) -> None:
+        bad = self._bad
+        if self.tokenizer not in TOKENIZERS:
+            raise bad("tokenizer", f"must be one of {', '.join(TOKENIZERS)}")
+        if self.image_output not in IMAGE_OUTPUTS:
+            raise bad("image_output", f"must be one of {', '.join(IMAGE_OUTPUTS)}")
+        channels, attention = self.tokenizer_channels, self.tokenizer_attention
+        for name, values in (("tokenizer_channels", channels), ("tokenizer_attention", attention)):
+            if not isinstance(values, tuple) or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= INT_LIMITS["tokenizer_width"]
+                for v in values
+            ):
+                raise bad(name, f"must be a list of integers in [1, {INT_LIMITS['tokenizer_width']}]")
+        if self.tokenizer == "conv":
+            if channels or attention:
+                raise bad("tokenizer_channels" if channels else "tokenizer_attention", "applies to 'kl' tokenizers")
+            return
+        levels = self.tokenizer_factor.bit_length()  # factor 2**k: k downsampling steps, k + 1 levels
+        if len(channels) != levels:
+            raise bad(
+                "tokenizer_channels",
+                f"a 'kl' tokenizer from {self.image_size}² images to {self.latent_size}² latents has {levels} "
+                f"levels (image_size / latent_size = {self.tokenizer_factor}); give one channel count per level",
+            )
+        if levels > MAX_TOKENIZER_LEVELS:
+            raise bad("tokenizer_channels", f"at most {MAX_TOKENIZER_LEVELS} levels")
+        if any(c % self.tokenizer_groups for c in channels):
+            raise bad("tokenizer_groups", f"must divide every tokenizer channel count {list(channels)}")
+        resolutions = {self.image_size >> level for level in range(levels)}
+        if any(r not in resolutions for r in attention):
+            raise bad("tokenizer_attention", f"every entry must be an encoder resolution: {sorted(resolutions)}")
 
     def _validate_stages(self) -> None:
         bad = self._bad
@@ -195,7 +254,7 @@ class ECARConfig:
     # ---------------------------------------------------------------- JSON I/O
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("scales", "window_bounds", "steps"):
+        for name in TUPLE_FIELDS:
             data[name] = list(data[name])
         return data
 
@@ -211,7 +270,7 @@ class ECARConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         values = dict(data)
-        for name in ("scales", "window_bounds", "steps"):
+        for name in TUPLE_FIELDS:
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         return cls(**values)

@@ -6,6 +6,7 @@ One number for both layers (one distribution, ``ecar-export``): ``runtime.__vers
 naming both versions.
 """
 
-__version__ = "0.2.0"
-# Graph contract 2 (one backbone for every stage, external weight data) first loads in 0.2.0.
-MIN_RUNTIME_FOR_CONTRACT = "0.2.0"
+__version__ = "0.3.0"
+# Graph contract 2 (one backbone for every stage, external weight data) first loads in 0.2.0; manifests whose
+# model config names its tokenizer (tokenizer, tokenizer_channels, ..., latent_shift, image_output) in 0.3.0.
+MIN_RUNTIME_FOR_CONTRACT = "0.3.0"

@@ -34,7 +34,17 @@ from runtime.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-1-2-4"
-EXPORT_ONLY = ("torch", "onnx", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "polygraphy", "safetensors", "sklearn")
+EXPORT_ONLY = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnx_ir",
+    "onnx_graphsurgeon",
+    "polygraphy",
+    "safetensors",
+    "sklearn",
+    "diffusers",
+)
 
 
 def run(command: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

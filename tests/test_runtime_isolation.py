@@ -30,10 +30,12 @@ def test_importing_runtime_does_not_import_torch() -> None:
         assert runtime.schedule.draw_noise is not None
         loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
         print("TORCH_MODULES", loaded)
+        print("DIFFUSERS_MODULES", sorted(name for name in sys.modules if name.split(".")[0] == "diffusers"))
         """
     )
     assert result.returncode == 0, result.stderr
     assert "TORCH_MODULES []" in result.stdout, result.stdout
+    assert "DIFFUSERS_MODULES []" in result.stdout, result.stdout  # the decoder is a graph, the VAE stays behind
 
 
 def test_check_detects_torch_when_it_is_imported() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ecar_export.model.backbone import Backbone
 from ecar_export.model.flow_head import FlowHead
-from ecar_export.model.tokenizer import Tokenizer
+from ecar_export.model.tokenizer import make_tokenizer
 from runtime import graphs, schedule
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
@@ -35,7 +35,7 @@ class ECAR(nn.Module):
     def __init__(self, config: ECARConfig) -> None:
         super().__init__()
         self.config = config
-        self.tokenizer = Tokenizer(config)
+        self.tokenizer = make_tokenizer(config)
         self.backbone = Backbone(config)
         self.head = FlowHead(config)
         self.stages = schedule.stages(config)
@@ -54,14 +54,19 @@ class ECAR(nn.Module):
     # ------------------------------------------------------------ latent layout
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, ch, H, W] in [0, 1] -> scaled latent tokens [B, N_S, C]."""
-        latents = self.tokenizer.encode(images) * self.config.latent_scale
+        latents = self.tokenizer.encode(images)
+        if self.config.latent_shift:
+            latents = latents - self.config.latent_shift
+        latents = latents * self.config.latent_scale
         return latents.flatten(2).transpose(1, 2)
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The ``decoder`` graph: tokens [B, N_S, C] -> images [B, ch, H, W] in [0, 1]."""
         side, channels = self.config.latent_size, self.config.latent_channels
-        latents = tokens.transpose(1, 2).reshape(-1, channels, side, side)
-        return self.tokenizer.decode(latents * (1.0 / self.config.latent_scale))
+        latents = tokens.transpose(1, 2).reshape(-1, channels, side, side) * (1.0 / self.config.latent_scale)
+        if self.config.latent_shift:
+            latents = latents + self.config.latent_shift
+        return self.tokenizer.decode(latents)
 
     # --------------------------------------------------------- exported graphs
     def condition(self, labels: torch.Tensor) -> torch.Tensor:

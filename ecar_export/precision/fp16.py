@@ -4,12 +4,20 @@ Conversion uses ONNX Runtime's maintained converter
 (``onnxruntime.transformers.float16.convert_float_to_float16``); this module only decides
 which nodes stay in float32. Kept in float32 (see README "Precision" for the measurements):
 
-* ``LayerNormalization`` and ``Softmax`` — normalisation statistics and attention weights;
+* ``LayerNormalization``, ``InstanceNormalization``, ``GroupNormalization`` and ``Softmax`` —
+  normalisation statistics and attention weights;
+* the statistics of normalisations written as plain ops (the decoder's GroupNorms,
+  :class:`ecar_export.model.tokenizer.StatisticsGroupNorm`): every ``ReduceMean`` with the
+  elementwise ops that feed it (the squares) and those that use its result up to the
+  normalised values (variance, square root, division) — a float16 mean square overflows once
+  a group's values pass 256;
 * the time embedding — every node computed from the flow time ``t`` alone (the ×1000
   sinusoid's arguments lose their fractional part in fp16);
 * the sampler's state — the Euler update and guidance mix (``x - dt·u``), renoising and
   every other elementwise op on the path into a state output (``x``, ``x_next``,
-  ``x_end``), back to the last matrix product, so the integration accumulates in fp32;
+  ``x_end``), back to the last matrix product, so the integration accumulates in fp32; and the
+  decoder's final activation (``image``: the sigmoid or the ``(x + 1) / 2`` clip after its last
+  convolution);
 * the grid resampling matrices (``up_s`` / ``fresh_s`` / ``down_s``) and their products.
 """
 
@@ -24,11 +32,14 @@ import onnx
 
 from ecar_export.precision import RecipeInputs
 
-FP32_OPS = ("LayerNormalization", "Softmax")
+FP32_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax")
+# normalisation statistics as plain ops: the reductions, and the elementwise ops around them
+STATISTICS_OPS = ("ReduceMean",)
+ELEMENTWISE_OPS = ("Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Relu", "Max", "Pow", "Neg")
 # inputs whose whole forward closure stays fp32 (scalars of the schedule)
 FP32_SOURCES = ("t", "dt", "cfg")
 # outputs that carry the sampler's state; elementwise producers of these stay fp32
-STATE_OUTPUTS = ("x", "x_next", "x_end")
+STATE_OUTPUTS = ("x", "x_next", "x_end", "image")
 # ops that end the backward walk from a state output (the heavy compute stays fp16)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
@@ -36,7 +47,7 @@ RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (runtime.gra
 
 
 # the recipe's fp32 islands, each switchable for measurements (benchmarks/fp16_recipe.py)
-PARTS = ("ops", "time", "state", "resampling")
+PARTS = ("ops", "time", "state", "resampling", "statistics")
 
 
 def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[str]:
@@ -71,13 +82,57 @@ def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[s
         keep.add(node.name)
         stack.extend(i for i in node.input if i and i not in static)
 
-    # 3. products with the resampling matrices
+    # 3. normalisation statistics written as plain ops
+    if "statistics" in parts:
+        keep.update(_statistics_nodes(graph, static))
+
+    # 4. products with the resampling matrices, and the ops kept by type
     for node in graph.node:
         if ("ops" in parts and node.op_type in FP32_OPS) or (
             "resampling" in parts and _uses_resampling(node, initializers)
         ):
             keep.add(node.name)
     return sorted(keep)
+
+
+def _statistics_nodes(graph: onnx.GraphProto, static: set[str]) -> set[str]:
+    """Each ``ReduceMean``, the elementwise ops feeding it, and the elementwise ops downstream of its result.
+
+    Downstream: the closure through elementwise ops of the reductions' outputs (mean, mean square,
+    variance, its square root and the division), ended by any other op (the Reshape back to the
+    tensor's shape). Upstream: the elementwise producers of a reduction's input (the squares).
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in STATISTICS_OPS:
+            continue
+        keep.add(node.name)
+        source = producers.get(node.input[0]) if node.input else None
+        if source is not None and source.op_type in ELEMENTWISE_OPS:
+            keep.add(source.name)
+        stack = list(node.output)
+        while stack:
+            for consumer in consumers.get(stack.pop(), []):
+                if consumer.op_type not in ELEMENTWISE_OPS or consumer.name in keep:
+                    continue
+                keep.add(consumer.name)
+                if not _normalises(consumer, producers):  # the normalised values end the island
+                    stack.extend(consumer.output)
+    return keep
+
+
+def _normalises(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
+    """A division by the statistics, or a product with their reciprocal square root."""
+    if node.op_type == "Div":
+        return True
+    return node.op_type == "Mul" and any(
+        (source := producers.get(name)) is not None and source.op_type in ("Sqrt", "Reciprocal") for name in node.input
+    )
 
 
 def _uses_resampling(node: onnx.NodeProto, initializers: set[str]) -> bool:
