@@ -103,6 +103,13 @@ def serve_command(
         float | None, typer.Option("--cpus-per-replica", help="CPUs per replica (default: cores / replicas).")
     ] = None,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica.")] = 0.0,
+    request_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout-s",
+            help="Longest wait for a replica's answer; past it, or when a replica is lost, the request gets 503.",
+        ),
+    ] = 30.0,
     backend: Annotated[str, typer.Option(help=selection.RUN_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=selection.DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's logs and the access log.")] = False,
@@ -119,6 +126,7 @@ def serve_command(
         device=device,
         cpus_per_replica=cpus_per_replica,
         gpus_per_replica=gpus_per_replica,
+        request_timeout_s=request_timeout_s,
     )
     if address is None:
         serve.check_port_free(host, port)

@@ -8,6 +8,7 @@ pixels identical (a shared batch runs batch-size dependent kernels).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from test_serving import assert_same_images
 from runtime import manifest as manifest_io
 from runtime.images import grid_image
 from runtime.pipeline import Pipeline
+from runtime.serving.requests import MAX_BODY_BYTES
 
 pytest.importorskip("ray", reason="the 'serve' extra (Ray Serve) is not installed")
 pytestmark = needs_demo
@@ -200,6 +203,50 @@ def test_healthz_and_info_describe_the_build(server: Server) -> None:
 def test_unknown_routes_and_methods_are_4xx(server: Server) -> None:
     assert http(f"{server.url}/nowhere").status == 404
     assert http(f"{server.url}/generate", method="GET").status == 405
+
+
+def raw_post(url: str, headers: dict[str, str], chunks: list[bytes], timeout: float = 20) -> Response:
+    """POST /generate over a bare socket: the head with ``headers``, then ``chunks`` as sent; the answer.
+
+    Sending stops early if the server closes the connection; the answer must come within ``timeout``.
+    """
+    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+    head = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        conn.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        with contextlib.suppress(OSError):
+            for chunk in chunks:
+                conn.sendall(chunk)
+        answer = HTTPResponse(conn)
+        answer.begin()
+        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+
+
+def test_a_declared_body_over_the_limit_is_refused_without_waiting_for_it(server: Server) -> None:
+    started = time.monotonic()
+    response = raw_post(server.url, {"Content-Length": str(10**9), "Content-Type": "application/json"}, [b"{}"])
+    assert response.status == 413, response.body
+    assert f"request body of {10**9} bytes is too large" in response.json()["error"]
+    assert time.monotonic() - started < 10
+
+
+def test_a_chunked_body_over_the_limit_is_refused_once_past_it(server: Server) -> None:
+    # the body never ends (no last chunk): only a server that stops at the limit can answer
+    piece = 8192
+    chunk = f"{piece:x}\r\n".encode() + b" " * piece + b"\r\n"
+    chunks = [chunk] * (MAX_BODY_BYTES // piece + 4)
+    response = raw_post(server.url, {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}, chunks)
+    assert response.status == 413, response.body
+    assert f"more than {MAX_BODY_BYTES} bytes is too large" in response.json()["error"]
+
+
+def test_a_chunked_body_under_the_limit_is_served(server: Server) -> None:
+    body = json.dumps({"labels": [2], "seed": 5, "format": "npy"}).encode()
+    chunks = [f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (body[:7], body[7:])] + [b"0\r\n\r\n"]
+    response = raw_post(server.url, {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}, chunks)
+    assert response.status == 200, response.body
+    want = server.pipe.generate([2], seed=5).images
+    assert_same_images(np.load(io.BytesIO(response.body), allow_pickle=False), want)
 
 
 def test_ctrl_c_stops_the_server_and_its_cluster(server: Server) -> None:
