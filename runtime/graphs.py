@@ -190,6 +190,18 @@ def decoder_spec(config: ECARConfig) -> GraphSpec:
     return GraphSpec(Kind.DECODER, Kind.DECODER, inputs, (TensorSpec("image", image, "float32"),))
 
 
+# The decoder has a request's largest activations (KL-16 at 256²: 128 channels at full resolution, 32 MiB
+# per image and tensor); its calls are cut into sub-batches whose widest activation stays under this.
+DECODER_ACTIVATION_BYTES = 64 << 20
+
+
+def decoder_batch(config: ECARConfig) -> int:
+    """How many images one decoder call takes at most (the runtime splits larger batches; results are the same)."""
+    widest = config.tokenizer_channels[0] if config.tokenizer_channels else config.tokenizer_width
+    per_image = 4 * widest * config.image_size * config.image_size
+    return max(1, DECODER_ACTIVATION_BYTES // per_image)
+
+
 def flow_graph(fuse_flow_loop: bool) -> Kind:
     """The flow graph of a build: ``flow_loop`` when fused, else ``flow_step``."""
     return Kind.FLOW_LOOP if fuse_flow_loop else Kind.FLOW_STEP

@@ -308,7 +308,10 @@ class Pipeline:
             start = time.perf_counter()
             if call.graph == Kind.BACKBONE:
                 stage_begin = start
-            outputs = self.backend.run(call, feeds)
+            if call.graph == Kind.DECODER:
+                outputs = self._decode(call, feeds)
+            else:
+                outputs = self.backend.run(call, feeds)
             end = time.perf_counter()
             timings.graphs[str(call.graph)] += end - start
             timings.calls[str(call.graph)] += 1
@@ -326,6 +329,16 @@ class Pipeline:
         images = to_uint8(state.image)
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, state.latents, timings)
+
+    def _decode(self, call: Call, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The decoder call in sub-batches of :func:`runtime.graphs.decoder_batch` images: its activations are the
+        request's largest, and a batch of 8 at 256² in one call would hold them all at once."""
+        x = feeds["x"]
+        step = graphs.decoder_batch(self.config)
+        if len(x) <= step:
+            return self.backend.run(call, feeds)
+        parts = [self.backend.run(call, {**feeds, "x": x[i : i + step]}) for i in range(0, len(x), step)]
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
 
 def _check_finite(latents: np.ndarray, where: str) -> None:

@@ -378,3 +378,39 @@ def test_fp16_recipe_keeps_groupnorm_statistics_in_float32(kl16_converted: dict[
     assert wrong(naive) and wrong(without)
     assert recipe_finite and np.isfinite(recipe).all()
     assert cosine(recipe) >= 0.999
+
+
+# ------------------------------------------------------------------ memory
+def test_pipeline_decodes_in_sub_batches_with_the_same_images(
+    kl16_converted: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime import graphs
+
+    pipe = Pipeline.from_dir(kl16_converted["engines"], backend="onnxruntime")
+    whole = pipe.generate(labels=[1, 2, 3], seed=SEED)
+    monkeypatch.setattr(graphs, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
+    assert graphs.decoder_batch(kl16_converted["config"]) == 1
+    batches: list[int] = []
+    run = pipe.backend.run
+
+    def counting(call: Any, feeds: dict[str, np.ndarray]) -> Any:
+        if call.graph == Kind.DECODER:
+            batches.append(len(feeds["x"]))
+        return run(call, feeds)
+
+    monkeypatch.setattr(pipe.backend, "run", counting)
+    split = pipe.generate(labels=[1, 2, 3], seed=SEED)
+    assert batches == [1, 1, 1]
+    assert np.array_equal(split.images, whole.images)
+
+
+def test_inspect_shows_the_decoders_share_of_a_request(kl16_converted: dict[str, Any]) -> None:
+    from ecar_export import inspect_report
+
+    rows = inspect_report.inspect_rows(kl16_converted["engines"])
+    assert abs(sum(row["request_share"] for row in rows) - 1.0) < 1e-9
+    (decoder,) = [row for row in rows if row["name"] == "decoder"]
+    assert decoder["calls"] == 1 and 0.0 < decoder["request_share"] < 1.0
+    result = CliRunner().invoke(export_app, ["inspect", "--engine-dir", str(kl16_converted["engines"])])
+    assert result.exit_code == 0, result.output
+    assert f"decoder {100 * decoder['request_share']:.1f} %" in result.output
