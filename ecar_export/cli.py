@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from ecar_export.precision import CALIBRATION_METHODS
 from ecar_export.precision import HELP as PRECISION_HELP
 from runtime.backends import selection
-from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar
+from runtime.cli_support import console, fail_on_ecar_errors, parse_labels, progress_bar, stdout_console
 
 app = typer.Typer(
     help=(
@@ -228,7 +227,7 @@ def check_cmd(
                 f"{r.cosine:.7f}",
                 "pass" if r.ok else f"FAIL{': ' + r.error if r.error else ''}",
             )
-        Console(highlight=False).print(table)
+        stdout_console().print(table)
     failed = [f"{r.graph}@stage{r.stage}" for r in results if not r.ok]
     if failed:
         console().print(f"check failed for: {', '.join(failed)}")
@@ -281,7 +280,7 @@ def eval_cmd(
     if as_json:
         sys.stdout.write(json.dumps({"source": source, **result.to_dict()}, indent=2) + "\n")
         return
-    Console(highlight=False).print(
+    stdout_console().print(
         f"{source}: {result.samples} samples\n"
         f"  class accuracy     {100 * result.accuracy:.1f} %   (classifier on real training digits: "
         f"{100 * result.classifier_accuracy_on_real:.1f} %)\n"

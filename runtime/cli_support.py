@@ -29,6 +29,12 @@ def console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
+def stdout_console() -> Console:
+    """Results for people on stdout: fitted to a terminal; piped or redirected, whole values (no 80-column cut)."""
+    piped = not sys.stdout.isatty()
+    return Console(highlight=False, width=1_000 if piped else None, soft_wrap=piped)
+
+
 def progress_bar() -> Progress:
     """A rich progress bar on stderr, silent when stderr is not a terminal (piped, CI)."""
     err = console()
@@ -111,4 +117,12 @@ def parse_labels(labels: str | None, per_class: int | None, num_classes: int) ->
     count = 1 if per_class is None else per_class
     if count < 1:
         raise InvalidRequestError(f"--per-class must be at least 1, got {count}")
+    from runtime.pipeline import MAX_SAMPLES
+
+    if count * num_classes > MAX_SAMPLES:
+        raise InvalidRequestError(
+            f"--per-class {count:,} asks for {count * num_classes:,} samples; one run makes at most {MAX_SAMPLES:,} "
+            f"(--per-class {MAX_SAMPLES // num_classes:,} for this model's {num_classes} classes): run it several "
+            "times with different --seed values"
+        )
     return [c for c in range(num_classes) for _ in range(count)]

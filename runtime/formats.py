@@ -13,6 +13,7 @@ format's own one-paragraph error that says what to do, never a traceback.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ class Format:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, *MALFORMED) as exc:  # JSONDecodeError and the int digit limit are ValueErrors
-            raise self.error(f"'{path}' is not valid JSON ({shown(exc)}); {self.redo}") from None
+            why = shown(exc)
+            if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+                why = f"it holds an integer of more than {sys.get_int_max_str_digits():,} digits"
+            raise self.error(f"'{path}' is not valid JSON ({why}); {self.redo}") from None
         if not isinstance(data, dict):
             raise self.error(f"{path}: the document must be a JSON object")
         return data

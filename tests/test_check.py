@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -102,9 +103,13 @@ def test_swapped_graph_file_fails_only_that_graph(swapped: tuple[Path, Path], bu
 def test_check_cli_passes_an_intact_build(build_cache: BuildCache, swapped: tuple[Path, Path], rng):
     _, ckpt = swapped  # the tiny model's checkpoint; the intact build is the shared one
     args = ["check", "--engine-dir", str(build_cache.get(TINY).dir), "--checkpoint", str(ckpt)]
-    result = CliRunner().invoke(app, [*args, "--seed", str(fresh_seed(rng))])
+    result = CliRunner().invoke(app, [*args, "--seed", str(fresh_seed(rng))], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert "check failed" not in result.output
+    # stdout is not a terminal here (as when piped): whole values, never cut to 80 columns
+    assert "…" not in result.stdout, result.stdout
+    rows = [line for line in result.stdout.splitlines() if "backbone-" in line]
+    assert len(rows) == 3 and all(re.search(r"\b1\.0000000\b|\b0\.99999\d\d\b", row) for row in rows), rows
 
 
 def test_check_cli_exits_nonzero_and_names_the_swapped_graph(swapped: tuple[Path, Path], rng):

@@ -99,6 +99,13 @@ def test_help_describes_the_options(args: tuple[str, ...], expected: tuple[str, 
         assert option in result.stdout, option
 
 
+def test_fuse_flow_loop_help_says_what_it_writes() -> None:
+    result = cli(ECAR_EXPORT, "build", "--help")
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "unrolled" not in text and "also" not in text.split("--fuse-flow-loop", 1)[1][:200]
+    assert "ONNX Loop" in text and "instead of" in text
+
+
 # ----------------------------------------------------------------------------- build
 def test_build_reports_the_backend_and_writes_a_loadable_build(built: CliBuild):
     out = built.ok()

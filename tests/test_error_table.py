@@ -96,6 +96,28 @@ def _extra(t: dict[str, torch.Tensor]) -> None:
     t["head.surprise"] = torch.ones(3)
 
 
+def _bad_config(tmp: Path, good: Path, **changes: int) -> Path:
+    """The good checkpoint's tensors under a config whose numbers parse but do not fit them."""
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = dict(handle.metadata())
+    metadata["config"] = json.dumps({**json.loads(metadata["config"]), **changes})
+    path = tmp / "absurd.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _giant_integer(engines: Path) -> None:
+    """A manifest that is valid JSON holding an integer past Python's int-to-string digit limit."""
+    text = (engines / "manifest.json").read_text()
+    document = json.loads(text)
+    needle = f'"max_batch": {document["profile"]["max_batch"]}'
+    assert needle in text
+    (engines / "manifest.json").write_text(text.replace(needle, '"max_batch": ' + "9" * 5001, 1))
+
+
 def _pickle(tmp: Path) -> Path:
     path = tmp / "model.pt"
     path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
@@ -175,6 +197,49 @@ SCENARIOS = [
         r"tensor 'head\.out_proj\.weight' holds NaN",
     ),
     Scenario("checkpoint-pickle", "export", lambda e, c, t: _build(_pickle(t), t), r"never loaded"),
+    Scenario(
+        "checkpoint-config-absurd",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, depth=10**9), t),
+        r"invalid config field 'depth' = 1000000000: must be at most 1,024 \(an invalid model config",
+    ),
+    Scenario(
+        "checkpoint-config-num-classes",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, num_classes=10**12), t),
+        r"'num_classes' = 1000000000000: must be at most 1,000,000",
+    ),
+    Scenario(
+        "checkpoint-config-mismatch",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, head_width=33), t),
+        r"tensor '[a-z_.0-9]+' has shape \(.*\), the config needs \(.*\)",
+    ),
+    Scenario(
+        "manifest-giant-integer",
+        "run",
+        lambda e, c, t: [_giant_integer(e), *_run(e)][1:],
+        r"manifest\.json.*(too many digits|digit|not valid JSON)",
+    ),
+    Scenario(
+        "inspect-giant-integer",
+        "export",
+        lambda e, c, t: [_giant_integer(e), "inspect", "--engine-dir", str(e)][1:],
+        r"manifest\.json.*(too many digits|digit|not valid JSON)",
+    ),
+    Scenario("device-unknown", "run", lambda e, c, t: _run(e, "--device", "foo"), r"unknown device 'foo'"),
+    Scenario(
+        "cfg-out-of-range",
+        "run",
+        lambda e, c, t: _run(e, "--cfg", "1e308"),
+        r"cfg must be a finite number in \[-100, 100\], got 1e\+308",
+    ),
+    Scenario(
+        "per-class-too-many",
+        "run",
+        lambda e, c, t: _run(e, "--per-class", "100000"),
+        r"--per-class 100,000 asks for 1,000,000 samples; one run makes at most 10,000",
+    ),
     Scenario("label-out-of-range", "run", lambda e, c, t: _run(e, "--labels", "3,12"), r"class 12 is out of range"),
     Scenario("label-negative", "run", lambda e, c, t: _run(e, "--labels", "-1"), r"class -1 is out of range"),
     Scenario("label-not-integer", "run", lambda e, c, t: _run(e, "--labels", "3,x"), r"'x' is not an integer"),
@@ -194,6 +259,57 @@ SCENARIOS = [
         r"cannot create output directory",
     ),
 ]
+
+
+# Published VAEs (`ecar-export convert`): a backbone of a reduced KL-16 layout and VAE files made in tmp.
+def _convert(tmp: Path, vae: Path) -> list[str]:
+    from test_vae import KL16, backbone_file, kl_config
+
+    backbone = backbone_file(kl_config(KL16), tmp / "backbone.safetensors", 0)
+    return ["convert", "--backbone", str(backbone), "--vae", str(vae), "--out", str(tmp / "out.safetensors")]
+
+
+def _vae_file(tmp: Path, layout: str = "kl16", change: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    from test_vae import F8, KL16, kl_config, ldm_shapes, random_weights
+
+    state: dict[str, Any] = random_weights(ldm_shapes(kl_config(KL16 if layout == "kl16" else F8)), 0)
+    if change is not None:
+        change(state)
+    path = tmp / "kl16.ckpt"
+    torch.save({"model": state}, path)
+    return path
+
+
+VAE_SCENARIOS = [
+    Scenario(
+        "vae-misshaped-tensor",
+        "export",
+        lambda e, c, t: _convert(
+            t, _vae_file(t, change=lambda s: s.update({"decoder.up.1.block.0.conv1.weight": torch.ones(16, 16, 3, 3)}))
+        ),
+        r"VAE tensor 'decoder\.up_blocks\.1\.resnets\.0\.conv1\.weight' has shape \(16, 16, 3, 3\), "
+        r"the model's config needs \(16, 32, 3, 3\)",
+    ),
+    Scenario(
+        "vae-missing-tensor",
+        "export",
+        lambda e, c, t: _convert(t, _vae_file(t, change=lambda s: s.pop("decoder.mid.attn_1.q.bias"))),
+        r"lacks VAE tensor 'decoder\.mid_block\.attentions\.0\.to_q\.bias'",
+    ),
+    Scenario(
+        "vae-layout-mismatch",
+        "export",
+        lambda e, c, t: _convert(t, _vae_file(t, "f8")),
+        r"the VAE's layout does not match the model's latent grid: it makes 4-channel latents at factor 8",
+    ),
+    Scenario(
+        "vae-pickled-objects",
+        "export",
+        lambda e, c, t: _convert(t, _vae_file(t, change=lambda s: s.update({"args": Path("x")}))),
+        r"cannot be read as a torch checkpoint of tensors .* never arbitrary pickled objects",
+    ),
+]
+SCENARIOS += VAE_SCENARIOS
 
 
 def _file(tmp: Path) -> Path:

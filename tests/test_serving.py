@@ -69,6 +69,12 @@ def test_defaults_are_seed_0_the_models_cfg_and_png() -> None:
         ({"labels": [1], "cfg": True}, 422, "'cfg' must be a finite number"),
         (b'{"labels": [1], "cfg": NaN}', 422, "'cfg' must be a finite number"),
         ({"labels": [1], "format": "gif"}, 422, "'format' must be one of png, npy"),
+        # numbers that parse but are absurd: past the int-to-string digit limit, or overflowing float32
+        (b'{"labels": [1], "seed": ' + b"7" * 5001 + b"}", 422, "a number in the request has too many digits"),
+        (b'{"labels": [1], "cfg": ' + b"9" * 401 + b"}", 422, "'cfg' must be a finite number in [-100, 100]"),
+        ({"labels": [1], "cfg": 1e308}, 422, "'cfg' must be a finite number in [-100, 100], got 1e+308"),
+        ({"labels": [1], "cfg": -3.5e38}, 422, "'cfg' must be a finite number in [-100, 100]"),
+        (b'{"labels": [' + b"1" * 5001 + b"]}", 422, "a number in the request has too many digits"),
         ({"labels": [1], "label": [2]}, 422, "unknown field(s) label"),
     ],
 )
