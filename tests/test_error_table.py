@@ -96,6 +96,28 @@ def _extra(t: dict[str, torch.Tensor]) -> None:
     t["head.surprise"] = torch.ones(3)
 
 
+def _bad_config(tmp: Path, good: Path, **changes: int) -> Path:
+    """The good checkpoint's tensors under a config whose numbers parse but do not fit them."""
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = dict(handle.metadata())
+    metadata["config"] = json.dumps({**json.loads(metadata["config"]), **changes})
+    path = tmp / "absurd.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _giant_integer(engines: Path) -> None:
+    """A manifest that is valid JSON holding an integer past Python's int-to-string digit limit."""
+    text = (engines / "manifest.json").read_text()
+    document = json.loads(text)
+    needle = f'"max_batch": {document["profile"]["max_batch"]}'
+    assert needle in text
+    (engines / "manifest.json").write_text(text.replace(needle, '"max_batch": ' + "9" * 5001, 1))
+
+
 def _pickle(tmp: Path) -> Path:
     path = tmp / "model.pt"
     path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
@@ -175,6 +197,49 @@ SCENARIOS = [
         r"tensor 'head\.out_proj\.weight' holds NaN",
     ),
     Scenario("checkpoint-pickle", "export", lambda e, c, t: _build(_pickle(t), t), r"never loaded"),
+    Scenario(
+        "checkpoint-config-absurd",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, depth=10**9), t),
+        r"invalid config field 'depth' = 1000000000: must be at most 1,024 \(an invalid model config",
+    ),
+    Scenario(
+        "checkpoint-config-num-classes",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, num_classes=10**12), t),
+        r"'num_classes' = 1000000000000: must be at most 1,000,000",
+    ),
+    Scenario(
+        "checkpoint-config-mismatch",
+        "export",
+        lambda e, c, t: _build(_bad_config(t, c, head_width=33), t),
+        r"tensor '[a-z_.0-9]+' has shape \(.*\), the config needs \(.*\)",
+    ),
+    Scenario(
+        "manifest-giant-integer",
+        "run",
+        lambda e, c, t: [_giant_integer(e), *_run(e)][1:],
+        r"manifest\.json.*(too many digits|digit|not valid JSON)",
+    ),
+    Scenario(
+        "inspect-giant-integer",
+        "export",
+        lambda e, c, t: [_giant_integer(e), "inspect", "--engine-dir", str(e)][1:],
+        r"manifest\.json.*(too many digits|digit|not valid JSON)",
+    ),
+    Scenario("device-unknown", "run", lambda e, c, t: _run(e, "--device", "foo"), r"unknown device 'foo'"),
+    Scenario(
+        "cfg-out-of-range",
+        "run",
+        lambda e, c, t: _run(e, "--cfg", "1e308"),
+        r"cfg must be a finite number in \[-100, 100\], got 1e\+308",
+    ),
+    Scenario(
+        "per-class-too-many",
+        "run",
+        lambda e, c, t: _run(e, "--per-class", "100000"),
+        r"--per-class 100,000 asks for 1,000,000 samples; one run makes at most 10,000",
+    ),
     Scenario("label-out-of-range", "run", lambda e, c, t: _run(e, "--labels", "3,12"), r"class 12 is out of range"),
     Scenario("label-negative", "run", lambda e, c, t: _run(e, "--labels", "-1"), r"class -1 is out of range"),
     Scenario("label-not-integer", "run", lambda e, c, t: _run(e, "--labels", "3,x"), r"'x' is not an integer"),
