@@ -414,3 +414,28 @@ def test_inspect_shows_the_decoders_share_of_a_request(kl16_converted: dict[str,
     result = CliRunner().invoke(export_app, ["inspect", "--engine-dir", str(kl16_converted["engines"])])
     assert result.exit_code == 0, result.output
     assert f"decoder {100 * decoder['request_share']:.1f} %" in result.output
+
+
+# ------------------------------------------------------------------ paper scale (pytest -m slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["ecar-b", "ecar-b-f8"])
+def test_paper_scale_preset_builds_and_runs_on_both_engines(preset: str, tmp_path: Path) -> None:
+    """`ecar-export build --preset` with the full-size VAE (KL-16: 38 M decoder parameters, 250 GFLOP per image);
+    one request on each engine against the torch reference. Minutes on two cores."""
+    from ecar_export import presets
+
+    result = CliRunner().invoke(
+        export_app,
+        ["build", "--preset", preset, "--out", str(tmp_path / "e"), "--max-batch", "1", "--backend", "onnxruntime"],
+    )
+    assert result.exit_code == 0, result.output
+    model = presets.load(preset)
+    reference = model.sample([207], seed=SEED)
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        out = Pipeline.from_dir(tmp_path / "e", backend=backend).generate(labels=[207], seed=SEED)
+        ref = reference.latents.numpy()
+        assert np.abs(out.latents - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max())), backend
+        pixels = to_uint8(reference.images.numpy()).astype(int)
+        assert np.mean(np.abs(out.images.astype(int) - pixels) <= 1) >= 0.999, backend
