@@ -1,4 +1,4 @@
-"""The HTTP body size limit, without a cluster: ``ray_app.read_body`` on fake streams.
+"""The HTTP body size limit and the 503 of a lost replica, without a cluster: fake streams and handles.
 
 A declared ``Content-Length`` over the limit is refused before the first chunk is read; a body
 without one is read only until it passes the limit (at most the limit plus one chunk).
@@ -8,11 +8,15 @@ without one is read only until it passes the limit (at most the limit plus one c
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 pytest.importorskip("ray", reason="the 'serve' extra (Ray Serve) is not installed")
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError  # noqa: E402
 
 from runtime.serving import ray_app  # noqa: E402
 from runtime.serving import requests as serving  # noqa: E402
@@ -92,3 +96,62 @@ def test_a_task_error_is_retryable_only_when_it_wraps_a_lost_actor() -> None:
     lost = RayTaskError("generate", "traceback", ActorDiedError())
     bug = RayTaskError("generate", "traceback", ZeroDivisionError("bug"))
     assert ray_app._retryable(lost) and not ray_app._retryable(bug)
+
+
+class FakeMethod:
+    """A deployment handle's method whose call raises ``error``, or sleeps ``delay`` seconds and answers."""
+
+    def __init__(self, error: BaseException | None = None, delay: float = 0.0) -> None:
+        self.error, self.delay, self.cancelled = error, delay, False
+
+    def remote(self, *args: object) -> FakeMethod:
+        return self
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self._answer().__await__()
+
+    async def _answer(self) -> str:
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return "answer"
+
+
+def ask(method: FakeMethod, timeout_s: float = 5.0) -> tuple[object, object]:
+    return asyncio.run(ray_app.ask(method, (), timeout_s))
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ray_app.RayActorError(), "RayActorError"),
+        (ActorDiedError(), "ActorDiedError"),
+        (ActorUnavailableError("node gone", None), "ActorUnavailableError"),
+        (ray_app.DeploymentUnavailableError("ECARGenerator"), "DeploymentUnavailableError"),
+    ],
+)
+def test_a_lost_replica_is_503_with_json_and_retry_after(error: BaseException, reason: str) -> None:
+    result, failed = ask(FakeMethod(error))
+    assert result is None and failed is not None
+    assert failed.status_code == 503  # type: ignore[attr-defined]
+    assert failed.headers["retry-after"] == str(ray_app.RETRY_AFTER_S)  # type: ignore[attr-defined]
+    body = json.loads(failed.body)  # type: ignore[attr-defined]
+    assert body == {"error": f"the replica serving this request was lost ({reason}); retry"}
+
+
+def test_no_answer_in_time_is_503_and_the_call_is_cancelled() -> None:
+    method = FakeMethod(delay=10)
+    started = time.monotonic()
+    result, failed = ask(method, timeout_s=0.2)
+    assert time.monotonic() - started < 5 and method.cancelled
+    assert failed.status_code == 503  # type: ignore[attr-defined]
+    assert json.loads(failed.body) == {"error": "no replica answered within 0.2 s; retry later"}  # type: ignore[attr-defined]
+
+
+def test_an_answer_is_passed_on_and_a_bug_is_not_hidden() -> None:
+    assert ask(FakeMethod()) == ("answer", None)
+    with pytest.raises(ZeroDivisionError):
+        ask(FakeMethod(ZeroDivisionError("bug")))

@@ -122,6 +122,21 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, RayError)  # ActorDiedError, NodeDiedError, WorkerCrashedError, ObjectLostError, ...
 
 
+async def ask(method: Any, args: tuple[Any, ...], timeout_s: float) -> tuple[Any, JSONResponse | None]:
+    """``method.remote(*args)`` of a deployment handle: its result, or the 503 to answer when no replica did."""
+    response = method.remote(*args)
+    try:
+        return await asyncio.wait_for(response, timeout_s), None
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        if isinstance(exc, TimeoutError):
+            response.cancel()
+            return None, _unavailable(f"no replica answered within {timeout_s:g} s; retry later")
+        if _retryable(exc):
+            reason = type(getattr(exc, "cause", None) or exc).__name__
+            return None, _unavailable(f"the replica serving this request was lost ({reason}); retry")
+        raise
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What a generator replica answers: a response body, or an error status and message."""
@@ -200,18 +215,7 @@ class ECARIngress:
         self.timeout_s = request_timeout_s
 
     async def _call(self, method: str, *args: Any) -> tuple[Any, JSONResponse | None]:
-        """``generator.method(*args)``: its result, or the error response when no replica answered."""
-        response = getattr(self.generator, method).remote(*args)
-        try:
-            return await asyncio.wait_for(response, self.timeout_s), None
-        except Exception as exc:  # noqa: BLE001 - sorted below
-            if isinstance(exc, TimeoutError):
-                response.cancel()
-                return None, _unavailable(f"no replica answered within {self.timeout_s:g} s; retry later")
-            if _retryable(exc):
-                reason = type(getattr(exc, "cause", None) or exc).__name__
-                return None, _unavailable(f"the replica serving this request was lost ({reason}); retry")
-            raise
+        return await ask(getattr(self.generator, method), args, self.timeout_s)
 
     @app.get("/healthz")
     async def healthz(self) -> Response:
