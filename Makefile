@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/runtime_install.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/serve_failover.py
 
 clean:
 	rm -rf $(VENV) out engines/*.onnx engines/*.weights engines/manifest.json
