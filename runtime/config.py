@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,25 @@ MAX_STEPS = 10_000  # Euler steps of one stage
 MAX_TOKENS = 1 << 20  # tokens of all stages together
 MAX_PARAMETERS = 50_000_000_000  # 200 GB of float32 weights
 TUPLE_FIELDS = ("scales", "window_bounds", "steps", "tokenizer_channels", "tokenizer_attention")
+
+
+def check_fields(
+    config: object, int_limits: Mapping[str, int], numbers: Iterable[str], bad: Callable[[str, str], ConfigError]
+) -> None:
+    """The checks every model family's config starts with: a name, bounded positive integers, finite numbers."""
+    name = getattr(config, "name", None)
+    if not isinstance(name, str) or not name:
+        raise bad("name", "must be a non-empty string")
+    for field_name, limit in int_limits.items():
+        value = getattr(config, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(field_name, "must be a positive integer")
+        if value > limit:
+            raise bad(field_name, f"must be at most {limit:,}")
+    for field_name in numbers:
+        value = getattr(config, field_name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(field_name, "must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -134,23 +154,12 @@ class ECARConfig:
         """Raise :class:`ConfigError` naming the first invalid field."""
 
         bad = self._bad
-        if not isinstance(self.name, str) or not self.name:
-            raise bad("name", "must be a non-empty string")
-        for name, limit in INT_LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "must be a positive integer")
-            if value > limit:
-                raise bad(name, f"must be at most {limit:,}")
+        check_fields(self, INT_LIMITS, ("latent_scale", "latent_shift", "mlp_ratio", "cfg_scale", "class_dropout"), bad)
         if self.image_channels not in (1, 3):
             raise bad("image_channels", "must be 1 (grey) or 3 (RGB)")
         factor, rest = divmod(self.image_size, self.latent_size)
         if rest or factor < 1 or factor & (factor - 1):
             raise bad("latent_size", "image_size / latent_size must be a power of two (1, 2, 4, ...)")
-        for name in ("latent_scale", "latent_shift", "mlp_ratio", "cfg_scale", "class_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, "must be a finite number")
         if not 1e-6 <= self.latent_scale <= 1e6:
             raise bad("latent_scale", "must lie in [1e-6, 1e6]")
         if abs(self.latent_shift) > 1e6:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, MAX_TOKENS
+from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, MAX_TOKENS, check_fields
 from runtime.errors import ConfigError, shown
 
 HEAD_HEAD_DIM = 64  # the flow head always splits its width into heads of 64 channels
@@ -116,20 +115,9 @@ class FlowARConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
         bad = self._bad
-        if not isinstance(self.name, str) or not self.name:
-            raise bad("name", "must be a non-empty string")
-        for name, limit in INT_LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "must be a positive integer")
-            if value > limit:
-                raise bad(name, f"must be at most {limit:,}")
+        check_fields(self, INT_LIMITS, ("latent_scale", "mlp_ratio", "cfg", "guidance"), bad)
         if not isinstance(self.cross, bool):
             raise bad("cross", "must be true or false")
-        for name in ("latent_scale", "mlp_ratio", "cfg", "guidance"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, "must be a finite number")
         if not 1e-6 <= self.latent_scale <= 1e6:
             raise bad("latent_scale", "must lie in [1e-6, 1e6]")
         if not 0 < self.mlp_ratio <= 64:
