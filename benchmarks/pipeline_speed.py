@@ -1,13 +1,18 @@
-"""How fast is the runtime? Torch eager (fp32 and bf16 autocast) against the runtime on ONNX Runtime and OpenVINO.
+"""How fast is the runtime? Torch (eager and torch.compile, fp32 and bf16 autocast) against ONNX Runtime and OpenVINO.
 
 Builds the preset (default the bundled ``ecar-digits``; presets without trained weights, such
-as ``ecar-b``, are seeded random inits: speed does not depend on the weights) as fp32 (step
+as ``ecar-b``, are seeded random inits with every all-zero tensor re-drawn at a trained model's
+scale, ``_common.benchmark_weights``: an engine would fold zero products away) as fp32 (step
 graph), fp32 with the fused flow loop, fp16 and int8 (with and without the fused loop) into
 ``benchmarks/.cache/engines/`` (gitignored; a rerun reuses every graph whose build key is
 unchanged), then times, for every batch size, the torch reference (``model.sample``: float32,
 and under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the half precision a CPU user would
-try first) and each build's ``Pipeline.generate`` on ONNX Runtime and on OpenVINO (one build,
-both engines), on the same labels and seeds. ``--variants`` picks a subset.
+try first), the same model with its three graph functions (backbone, flow step, decoder) under
+``torch.compile`` (inductor, ``freezing = True``, static shapes unless ``--compile-dynamic``; at
+fp32 and under bf16 autocast; the first call, which compiles, is reported apart) and each
+build's ``Pipeline.generate`` on ONNX Runtime and on OpenVINO (one build, both engines), on the
+same labels and seeds. ``--variants`` picks a subset. Every variant's latents of one call are
+compared with torch eager fp32's (max |diff|, cosine).
 Every variant gets one warm-up call, then the variants are timed round-robin: ``--repeats``
 rounds, each variant once per round in a rotating order, a short pause before each call (idle
 worker threads of the previous variant stop spinning), so that a noisy minute on a shared
@@ -16,24 +21,29 @@ takes under a second gets, in each round, an untimed call and then as many timed
 fill a second, the round counting with their median (timed warm, as in a stream of requests). Reported times are
 medians (min and max are kept in the JSON: on a shared machine the spread is large).
 
-In the same run it measures the machine's float32 GEMM rate through ONNX Runtime: one
-``--gemm-size``³ MatMul graph (the right operand a constant, as model weights are), loaded
-with the runtime's own session options and thread count, median of ``--gemm-repeats`` calls,
-once before and once after the variants; the higher of the two is the ceiling.
+In the same run it measures the machine's GEMM peak per precision (``peak.py``: the best rate of
+any installed engine on one ``--gemm-size``² product at fp32, bf16 and int8), once before and
+once after the variants; the higher of the two medians counts. Each variant is set against the
+peak of the precision it runs at: torch fp32 / bf16 by its variant, ONNX Runtime fp32 and fp16
+builds at fp32 (its CPU provider has no fp16 GEMM on x86), OpenVINO at the precision its
+compiled graphs report (``INFERENCE_PRECISION_HINT``), int8 builds at int8 (an upper-bound view:
+only their quantized products run int8).
 
 Reports images/s, the ratios to torch eager and to torch bf16, the runtime's overhead fraction (wall time outside
 backend calls) and per-stage seconds, FLOPs per image (``ecar_export.flops``, multiply-adds of
-MatMul/Gemm/Conv, 2 per MAC), the achieved GFLOP/s and its fraction of the GEMM ceiling.
+MatMul/Gemm/Conv, 2 per MAC), the achieved GFLOP/s and its fraction of the peak of its precision.
 Prints a table; writes benchmarks/results/pipeline_speed.json (``pipeline_speed_<preset>.json``
 for other presets) and the per-stage chart next to it (``benchmarks/charts.py``).
 
     python benchmarks/pipeline_speed.py [--preset ecar-digits] [--batches 1,8] [--repeats 7]
-        [--variants torch,torch-bf16,fp32,ov-fp32,ov-fused-fp16,...] [--threads 2] [--gemm-size 2048]
+        [--variants torch,torch-bf16,torch-compile,fp32,ov-fp32,ov-fused-fp16,...] [--threads 2] [--gemm-size 2048]
+        [--smoke]  (any --repeats, tiny checks; the JSON says "smoke": true)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import shutil
 import statistics
@@ -43,24 +53,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+import peak
 import torch
-from _common import CACHE, RESULTS, load_average, machine, write_json
-from onnx import TensorProto, helper, numpy_helper
+from _common import CACHE, RESULTS, begin_run, benchmark_model, machine, write_json
 
 from ecar_export import flops, presets
 from ecar_export.build import build_engines
 from runtime import manifest as manifest_io
-from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, session_options
+from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.pipeline import Pipeline, Timings
 
 TORCH = "torch eager"
 TORCH_BF16 = "torch eager bf16 autocast"
+TORCH_COMPILE = "torch compile fp32"
+TORCH_COMPILE_BF16 = "torch compile bf16 autocast"
+# the model's functions that are the exported graphs: torch.compile compiles these
+GRAPH_FUNCTIONS = ("backbone_graph", "flow_step", "decode_tokens")
 # --variants key -> (variant name, build_engines options, engine); the torch variants are the references.
 # ORT and OpenVINO variants of the same build options share one build.
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "torch": (TORCH, None, "torch"),
     "torch-bf16": (TORCH_BF16, None, "torch-bf16"),
+    "torch-compile": (TORCH_COMPILE, None, "torch-compile"),
+    "torch-compile-bf16": (TORCH_COMPILE_BF16, None, "torch-compile-bf16"),
     "fp32": ("ort fp32", {"precision": "fp32"}, "onnxruntime"),
     "fused": ("ort fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}, "onnxruntime"),
     "fp16": ("ort fp16", {"precision": "fp16"}, "onnxruntime"),
@@ -74,41 +89,86 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
 }
 
 
-def gemm_rate(size: int, threads: int, repeats: int) -> dict[str, Any]:
-    """float32 GEMM rate of ONNX Runtime here: ``[size, size] @ W[size, size]``, median of ``repeats``."""
-    import onnxruntime as ort
+def autocast_bf16(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
 
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "w"], ["y"])],
-        "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
-        initializer=[weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
-    session = ort.InferenceSession(
-        model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-    )
-    feeds = {"a": rng.standard_normal((size, size), dtype=np.float32)}
-    session.run(None, feeds)  # warm-up (weight pre-packing, thread pool start)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    work = 2 * size**3
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return function(*args, **kwargs)
+
+    return run
+
+
+def compiled_model(model: Any, bf16: bool, dynamic: bool) -> Any:
+    """A twin of ``model`` (same parameters) whose graph functions run under ``torch.compile``.
+
+    Inductor with ``freezing`` (weights folded in as constants; it needs ``torch.no_grad()``, which
+    ``model.sample`` is under). The twin's ``sample`` is the eager walk over the compiled functions,
+    as the runtime walks its graphs; with ``bf16`` each function runs under bf16 autocast.
+    """
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
+    # static shapes: one compile per stage shape and batch (5 stages x 3 functions x batches x 2 precisions)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    twin = copy.copy(model)
+    for name in GRAPH_FUNCTIONS:
+        function = getattr(model, name)
+        # the twin's own attribute shadows the method (model itself stays eager)
+        object.__setattr__(
+            twin, name, torch.compile(autocast_bf16(function) if bf16 else function, dynamic=None if dynamic else False)
+        )
+    return twin
+
+
+def compare(latents: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """max |latents - reference| and their cosine similarity (flattened)."""
+    a, b = latents.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     return {
-        "size": size,
-        "repeats": repeats,
-        "flops_per_call": work,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "gflops_per_s": work / statistics.median(times) / 1e9,
-        "best_gflops_per_s": work / min(times) / 1e9,
+        "max_abs": float(np.max(np.abs(a - b))),
+        "max_abs_reference": float(np.max(np.abs(b))),
+        "cosine": float(a @ b / norm) if norm else float("nan"),
     }
+
+
+def openvino_execution(pipe: Pipeline) -> dict[str, Any]:
+    """Per graph of an OpenVINO pipeline: its ``INFERENCE_PRECISION_HINT`` and its products' runtime precisions."""
+    backend: Any = pipe.backend
+    return {
+        graph: {"inference_precision": backend.precision[graph]} | peak.runtime_precisions(compiled)
+        for graph, compiled in backend.compiled.items()
+    }
+
+
+def run_precision(engine: str, build_precision: str | None, execution: dict[str, Any] | None) -> tuple[str, str]:
+    """The precision whose peak a variant is set against, and why."""
+    if engine in ("torch", "torch-compile"):
+        return "fp32", "float32"
+    if engine in ("torch-bf16", "torch-compile-bf16"):
+        return "bf16", "bf16 autocast: its products run in bfloat16"
+    if build_precision == "int8":
+        return "int8", (
+            "int8 build: its quantized products run int8, the rest at higher precision; the share of the int8 "
+            "peak is an upper-bound view"
+        )
+    if engine == "onnxruntime":
+        if build_precision == "fp16":
+            return "fp32", "ONNX Runtime's CPU provider has no fp16 GEMM on x86: the fp16 build's products run in fp32"
+        return "fp32", "float32"
+    compiled = sorted({g["inference_precision"] for g in (execution or {}).values()})
+    names = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+    precision = names.get(compiled[-1] if len(compiled) == 1 else "bf16" if "bf16" in compiled else "f32", "fp32")
+    return precision, f"OpenVINO compiled the graphs at {', '.join(compiled)} (INFERENCE_PRECISION_HINT)"
+
+
+def measure_peak(size: int, threads: int, repeats: int, when: str) -> dict[str, Any]:
+    result = peak.measure(size, threads, repeats)
+    rates = ", ".join(f"{p} {r:.1f}" for p, r in result["peak_gflops_per_s"].items())
+    print(f"GEMM peak ({when}), GFLOP/s: {rates}", flush=True)
+    return result
 
 
 def build_key(options: dict[str, Any]) -> str:
@@ -188,8 +248,14 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM of the ceiling")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM of the peak probe")
     parser.add_argument("--gemm-repeats", type=int, default=10)
+    parser.add_argument(
+        "--peak-threads", type=int, help="threads of the peak probe (default: every physical core, peak.py)"
+    )
+    parser.add_argument(
+        "--compile-dynamic", action="store_true", help="torch.compile with automatic dynamic shapes (fewer compiles)"
+    )
     parser.add_argument(
         "--calibration-requests",
         type=int,
@@ -199,9 +265,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/pipeline_speed*.json)")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the per-stage PNG chart")
+    parser.add_argument(
+        "--smoke", action="store_true", help='a check that the script runs: any --repeats, JSON says "smoke": true'
+    )
     args = parser.parse_args()
-    if args.repeats < 5:
-        parser.error("--repeats must be at least 5")
+    if args.repeats < (1 if args.smoke else 5):
+        parser.error("--repeats must be at least 5 (--smoke: 1)")
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown or not keys:
@@ -212,11 +281,12 @@ def main() -> None:
     out_path = args.out or RESULTS / f"pipeline_speed{suffix}.json"
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
-    load_start = load_average()
+    begin_run()
     started = time.time()
 
-    model = presets.load(args.preset).eval()
+    model, weights = benchmark_model(args.preset, seed=0)
     config = model.config
+    executions: dict[str, dict[str, Any]] = {}
     build_seconds: dict[str, float] = {}
     pipes: dict[str, Pipeline] = {}
     for key in keys:
@@ -230,10 +300,21 @@ def main() -> None:
             args.preset, directory, model, max(batches), options, args.threads, engine
         )
         print(f"built (or reused) {name} in {build_seconds[name]:.1f} s", flush=True)
+        if engine == "openvino":
+            executions[name] = openvino_execution(pipes[name])
+    twins = {
+        TORCH_COMPILE: compiled_model(model, bf16=False, dynamic=args.compile_dynamic)
+        if "torch-compile" in keys
+        else None,
+        TORCH_COMPILE_BF16: compiled_model(model, bf16=True, dynamic=args.compile_dynamic)
+        if "torch-compile-bf16" in keys
+        else None,
+    }
 
-    gemm_before = gemm_rate(args.gemm_size, args.threads, args.gemm_repeats)
-    print(f"GEMM ceiling (before): {gemm_before['gflops_per_s']:.1f} GFLOP/s", flush=True)
+    peak_before = measure_peak(args.gemm_size, args.peak_threads or 0, args.gemm_repeats, "before")
     rows: list[dict[str, Any]] = []
+    first_calls: dict[tuple[str, int], float] = {}
+    latent_checks: dict[tuple[str, int], dict[str, float]] = {}
     # FLOPs of the computation torch eager performs: the step-graph build's count (any precision)
     reference = next((p for n, p in pipes.items() if "fused" not in n), next(iter(pipes.values())))
     for batch in batches:
@@ -248,13 +329,42 @@ def main() -> None:
                     model.sample(labels, seed=args.seed)
 
             runners[TORCH_BF16] = bf16
+        for twin_name, twin in twins.items():
+            if twin is not None:
+                runners[twin_name] = lambda twin=twin, labels=labels: (twin.sample(labels, seed=args.seed), None)[1]
         for name, pipe in pipes.items():
             runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
+
+        # One call of every variant before the timed rounds: its latents against torch eager fp32's, and its
+        # time (for torch.compile: the compile of this batch's shapes, reported apart from the steady state).
+        def latents_of(name: str, labels: list[int] = labels) -> np.ndarray:
+            if name in pipes:
+                return np.asarray(pipes[name].generate(labels, seed=args.seed).latents)
+            if name == TORCH_BF16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model.sample(labels, seed=args.seed).latents.float().numpy()
+            sampler = twins.get(name) or model
+            return sampler.sample(labels, seed=args.seed).latents.float().numpy()
+
+        reference_latents = latents_of(TORCH)
+        for name in runners:
+            start = time.perf_counter()
+            latents = latents_of(name)
+            first_calls[name, batch] = time.perf_counter() - start
+            latent_checks[name, batch] = compare(latents, reference_latents)
+            check = latent_checks[name, batch]
+            print(
+                f"  B={batch} {name}: first call {first_calls[name, batch]:.2f} s, latents vs torch eager "
+                f"max|diff| {check['max_abs']:.2e}, cosine {check['cosine']:.6f}",
+                flush=True,
+            )
         walls, timings = time_variants(runners, args.repeats)
         for name in runners:
             print(f"  B={batch} {name}: {1000 * statistics.median(walls[name]):.1f} ms", flush=True)
         counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
-        counted[TORCH] = counted[TORCH_BF16] = flops.build_flops(reference.manifest.root, batch)
+        torch_flops = flops.build_flops(reference.manifest.root, batch)
+        for name in (TORCH, TORCH_BF16, TORCH_COMPILE, TORCH_COMPILE_BF16):
+            counted[name] = torch_flops
         eager = statistics.median(walls[TORCH]) if TORCH in walls else None
         eager_bf16 = statistics.median(walls[TORCH_BF16]) if TORCH_BF16 in walls else None
         for name in runners:
@@ -272,7 +382,18 @@ def main() -> None:
                 "gflops_per_s": counted[name]["total"] / wall / 1e9,
                 "flops_per_stage": [s["total"] for s in counted[name]["stages"]],
                 "flops_decoder": counted[name]["decoder"],
+                "first_call_s": first_calls[name, batch],
+                "latents_vs_torch_eager": latent_checks[name, batch],
             }
+            if name in twins:
+                row["compile_s"] = first_calls[name, batch] - wall  # the first call less a steady-state call
+            key = next(k for k in keys if VARIANTS[k][0] == name)
+            options, engine = VARIANTS[key][1], VARIANTS[key][2]
+            row["precision"], row["precision_note"] = run_precision(
+                engine, options["precision"] if options else None, executions.get(name)
+            )
+            if name in executions:
+                row["openvino_execution"] = executions[name]
             if timings[name]:
                 runs = timings[name]
                 row["overhead_fraction"] = statistics.median(t.overhead / t.total for t in runs)
@@ -281,16 +402,25 @@ def main() -> None:
                 row["decoder_s"] = statistics.median(t.decoder for t in runs)
                 row["graphs_s"] = {g: statistics.median(t.graphs[g] for t in runs) for g in runs[0].graphs}
             rows.append(row)
-    gemm_after = gemm_rate(args.gemm_size, args.threads, args.gemm_repeats)
-    print(f"GEMM ceiling (after): {gemm_after['gflops_per_s']:.1f} GFLOP/s", flush=True)
-    ceiling = max(gemm_before["gflops_per_s"], gemm_after["gflops_per_s"])
+    peak_after = measure_peak(args.gemm_size, args.peak_threads or 0, args.gemm_repeats, "after")
+    peaks = {
+        precision: max(
+            p["peak_gflops_per_s"][precision] for p in (peak_before, peak_after) if precision in p["peak_gflops_per_s"]
+        )
+        for precision in peak.PRECISIONS
+        if any(precision in p["peak_gflops_per_s"] for p in (peak_before, peak_after))
+    }
     for row in rows:
-        row["fraction_of_gemm"] = row["gflops_per_s"] / ceiling
+        rate = peaks.get(row["precision"])
+        row["peak_gflops_per_s"] = rate
+        row["fraction_of_peak"] = row["gflops_per_s"] / rate if rate else None
 
-    print_table(rows, config.num_stages, ceiling)
+    print_table(rows, config.num_stages, peaks)
     result = {
+        "smoke": args.smoke,
         "preset": args.preset,
-        "weights": "trained (bundled)" if args.preset in presets.TRAINED else "random init (torch seed 0)",
+        "weights": weights["weights"],
+        "weights_detail": weights,
         "batches": batches,
         "repeats": args.repeats,
         "variants": [VARIANTS[k][0] for k in keys],
@@ -298,20 +428,27 @@ def main() -> None:
         "int8_calibration_requests": args.calibration_requests if any("int8" in k for k in keys) else None,
         "seed": args.seed,
         "labels": "class i % num_classes for sample i",
-        "machine": {
-            **machine(),
-            "load_average_at_start": load_start,
-            "load_average_at_end": load_average(),
-        },
+        "machine": machine(),
         "wall_minutes": (time.time() - started) / 60,
         "build_seconds": build_seconds,
-        "gemm": {
-            "note": "one float32 MatMul [n,n] @ W[n,n] (W a constant) through ONNX Runtime CPU with the runtime's "
-            "session options and thread count; ceiling = the higher median of the two measurements",
-            "before": gemm_before,
-            "after": gemm_after,
-            "ceiling_gflops_per_s": ceiling,
+        "peak": {
+            "note": "the best median GFLOP/s of any installed engine on one [n,n] @ W[n,n] product per precision "
+            "(benchmarks/peak.py), measured before and after the variants; the higher counts. Each row's "
+            "fraction_of_peak is against the peak of the precision it runs at (its 'precision')",
+            "peak_gflops_per_s": peaks,
+            "before": peak_before,
+            "after": peak_after,
         },
+        "torch_compile": {
+            "backend": "inductor",
+            "freezing": True,
+            "dynamic": args.compile_dynamic,
+            "compiled": list(GRAPH_FUNCTIONS),
+            "note": "model.sample's walk over the compiled graph functions; first_call_s of each batch includes "
+            "compiling its shapes, compile_s = first_call_s - median_s",
+        },
+        "aot_inductor": "not run: it needs one exported program per stage shape (or dynamic-shape specs for the "
+        "KV-cache inputs) and its compile is the same inductor compile as torch.compile's",
         "flops_note": "multiply-add FLOPs (2 per MAC) of MatMul/Gemm/Conv from ecar_export.flops; "
         "torch eager uses the step-graph build's count",
         "rows": rows,
@@ -323,13 +460,13 @@ def main() -> None:
         print(f"wrote {charts.draw(result, out_path.with_suffix('.png'))}")
 
 
-def print_table(rows: list[dict[str, Any]], num_stages: int, ceiling: float) -> None:
+def print_table(rows: list[dict[str, Any]], num_stages: int, peaks: dict[str, float]) -> None:
     stage_head = " ".join(f"{'st' + str(i + 1) + ' ms':>8}" for i in range(num_stages))
-    print(f"\nGEMM ceiling {ceiling:.1f} GFLOP/s")
+    print("\nGEMM peak, GFLOP/s: " + ", ".join(f"{p} {r:.1f}" for p, r in peaks.items()))
     print(
         f"{'variant':32} {'B':>2} {'median ms':>10} {'min ms':>9} {'img/s':>8} {'x eager':>8} {'x bf16':>7} "
         f"{'ovh %':>6} "
-        f"{stage_head} {'dec ms':>7} {'GFLOP/img':>10} {'GFLOP/s':>8} {'% GEMM':>7}"
+        f"{stage_head} {'dec ms':>7} {'GFLOP/img':>10} {'GFLOP/s':>8} {'prec':>5} {'% peak':>7}"
     )
     for row in rows:
         if "stages_s" in row:
@@ -339,12 +476,19 @@ def print_table(rows: list[dict[str, Any]], num_stages: int, ceiling: float) -> 
             stages = " ".join(f"{'-':>8}" for _ in range(num_stages))
             overhead, decoder = f"{'-':>6}", f"{'-':>7}"
         speedup, versus_bf16 = row["speedup_vs_torch_eager"], row["speedup_vs_torch_bf16"]
+        share = row["fraction_of_peak"]
         print(
             f"{row['variant']:32} {row['batch']:2d} {1000 * row['median_s']:10.2f} {1000 * row['min_s']:9.2f} "
             f"{row['images_per_s']:8.2f} {f'{speedup:8.2f}' if speedup else '       -'} "
             f"{f'{versus_bf16:7.2f}' if versus_bf16 else '      -'} {overhead} {stages} "
-            f"{decoder} {row['flops_per_image'] / 1e9:10.3f} {row['gflops_per_s']:8.2f} "
-            f"{100 * row['fraction_of_gemm']:7.1f}"
+            f"{decoder} {row['flops_per_image'] / 1e9:10.3f} {row['gflops_per_s']:8.2f} {row['precision']:>5} "
+            f"{f'{100 * share:7.1f}' if share is not None else '      -'}"
+        )
+    compiled = [row for row in rows if "compile_s" in row]
+    for row in compiled:
+        print(
+            f"{row['variant']} B={row['batch']}: first call {row['first_call_s']:.1f} s "
+            f"(compile ~{row['compile_s']:.1f} s)"
         )
 
 
