@@ -9,7 +9,9 @@ unchanged), then times, for every batch size, the torch reference (``model.sampl
 and under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the half precision a CPU user would
 try first), the same model with its three graph functions (backbone, flow step, decoder) under
 ``torch.compile`` (inductor, ``freezing = True``, static shapes unless ``--compile-dynamic``; at
-fp32 and under bf16 autocast; the first call, which compiles, is reported apart) and each
+fp32 and under bf16 autocast; the first call, which compiles, is reported apart), the same
+functions compiled ahead of time by AOTInductor (``torch-aoti``: fp32, one package per call
+shape; for the small presets) and each
 build's ``Pipeline.generate`` on ONNX Runtime and on OpenVINO (one build, both engines), on the
 same labels and seeds. ``--variants`` picks a subset. Every variant's latents of one call are
 compared with torch eager fp32's (max |diff|, cosine).
@@ -44,9 +46,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +71,7 @@ TORCH = "torch eager"
 TORCH_BF16 = "torch eager bf16 autocast"
 TORCH_COMPILE = "torch compile fp32"
 TORCH_COMPILE_BF16 = "torch compile bf16 autocast"
+TORCH_AOTI = "torch aotinductor fp32"
 # the model's functions that are the exported graphs: torch.compile compiles these
 GRAPH_FUNCTIONS = ("backbone_graph", "flow_step", "decode_tokens")
 # --variants key -> (variant name, build_engines options, engine); the torch variants are the references.
@@ -76,6 +81,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "torch-bf16": (TORCH_BF16, None, "torch-bf16"),
     "torch-compile": (TORCH_COMPILE, None, "torch-compile"),
     "torch-compile-bf16": (TORCH_COMPILE_BF16, None, "torch-compile-bf16"),
+    "torch-aoti": (TORCH_AOTI, None, "torch-aoti"),
     "fp32": ("ort fp32", {"precision": "fp32"}, "onnxruntime"),
     "fused": ("ort fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}, "onnxruntime"),
     "fp16": ("ort fp16", {"precision": "fp16"}, "onnxruntime"),
@@ -123,6 +129,87 @@ def compiled_model(model: Any, bf16: bool, dynamic: bool) -> Any:
     return twin
 
 
+class _GraphFunction(torch.nn.Module):
+    """One of the model's graph functions as a module, for ``torch.export``."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, **feeds: torch.Tensor) -> Any:
+        return getattr(self.model, self.name)(**feeds)
+
+
+class AotInductorModel:
+    """``model.sample`` over AOTInductor packages of its graph functions, one package per call shape.
+
+    :meth:`prepare` records the calls of one request (eager), exports each new shape with
+    ``torch.export`` and compiles it with ``torch._inductor.aoti_compile_and_package`` (weights
+    embedded; inductor's ``freezing`` as for torch.compile); :meth:`sample` dispatches every call to
+    the package of its shape. Each package holds its own copy of the weights, so this suits the
+    small presets (the demo: 9 packages per batch size), not ecar-b.
+    """
+
+    def __init__(self, model: Any, directory: Path) -> None:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        self.model, self.directory = model, directory
+        self.loaded: dict[tuple[str, tuple[Any, ...]], Any] = {}
+        self.returns_tuple: dict[str, bool] = {}
+        self.twin = copy.copy(model)
+        for name in GRAPH_FUNCTIONS:
+            object.__setattr__(self.twin, name, self._dispatch(name))
+
+    def _feeds(self, name: str, args: Any, kwargs: Any) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
+        feeds = dict(inspect.signature(getattr(self.model, name)).bind(*args, **kwargs).arguments)
+        return feeds, tuple((key, tuple(value.shape), value.dtype) for key, value in feeds.items())
+
+    def _dispatch(self, name: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            feeds, signature = self._feeds(name, args, kwargs)
+            outputs = self.loaded[name, signature](**feeds)
+            if self.returns_tuple[name]:
+                return tuple(outputs)
+            return outputs if isinstance(outputs, torch.Tensor) else outputs[0]  # one output: a tensor or a list
+
+        return run
+
+    def prepare(self, labels: list[int], seed: int) -> float:
+        """Export and compile every call shape of a request of ``labels`` not compiled yet; the seconds it took."""
+        start = time.perf_counter()
+        found: dict[tuple[str, tuple[Any, ...]], dict[str, torch.Tensor]] = {}
+        recorder = copy.copy(self.model)
+
+        def record(name: str) -> Callable[..., Any]:
+            function = getattr(self.model, name)
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                feeds, signature = self._feeds(name, args, kwargs)
+                found.setdefault((name, signature), {k: v.clone() for k, v in feeds.items()})
+                result = function(**feeds)
+                self.returns_tuple[name] = isinstance(result, tuple)
+                return result
+
+            return run
+
+        for name in GRAPH_FUNCTIONS:
+            object.__setattr__(recorder, name, record(name))
+        recorder.sample(labels, seed=seed)
+        with torch.no_grad():
+            for (name, signature), feeds in found.items():
+                if (name, signature) in self.loaded:
+                    continue
+                program = torch.export.export(_GraphFunction(self.model, name), (), feeds, strict=False)
+                path = self.directory / f"{name}-{len(self.loaded)}.pt2"
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+                self.loaded[name, signature] = torch._inductor.aoti_load_package(str(path))
+        return time.perf_counter() - start
+
+    def sample(self, labels: list[int], seed: int) -> Any:
+        return self.twin.sample(labels, seed=seed)
+
+
 def compare(latents: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """max |latents - reference| and their cosine similarity (flattened)."""
     a, b = latents.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
@@ -145,7 +232,7 @@ def openvino_execution(pipe: Pipeline) -> dict[str, Any]:
 
 def run_precision(engine: str, build_precision: str | None, execution: dict[str, Any] | None) -> tuple[str, str]:
     """The precision whose peak a variant is set against, and why."""
-    if engine in ("torch", "torch-compile"):
+    if engine in ("torch", "torch-compile", "torch-aoti"):
         return "fp32", "float32"
     if engine in ("torch-bf16", "torch-compile-bf16"):
         return "bf16", "bf16 autocast: its products run in bfloat16"
@@ -310,6 +397,9 @@ def main() -> None:
         if "torch-compile-bf16" in keys
         else None,
     }
+    aoti_directory = tempfile.TemporaryDirectory(prefix="ecar-aoti-") if "torch-aoti" in keys else None
+    aoti = AotInductorModel(model, Path(aoti_directory.name)) if aoti_directory else None
+    compiles: dict[tuple[str, int], float] = {}
 
     peak_before = measure_peak(args.gemm_size, args.peak_threads or 0, args.gemm_repeats, "before")
     rows: list[dict[str, Any]] = []
@@ -332,6 +422,10 @@ def main() -> None:
         for twin_name, twin in twins.items():
             if twin is not None:
                 runners[twin_name] = lambda twin=twin, labels=labels: (twin.sample(labels, seed=args.seed), None)[1]
+        if aoti is not None:
+            compiles[TORCH_AOTI, batch] = aoti.prepare(labels, args.seed)
+            print(f"  B={batch} {TORCH_AOTI}: exported and compiled in {compiles[TORCH_AOTI, batch]:.1f} s", flush=True)
+            runners[TORCH_AOTI] = lambda labels=labels: (aoti.sample(labels, seed=args.seed), None)[1]
         for name, pipe in pipes.items():
             runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
 
@@ -343,14 +437,14 @@ def main() -> None:
             if name == TORCH_BF16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return model.sample(labels, seed=args.seed).latents.float().numpy()
-            sampler = twins.get(name) or model
+            sampler: Any = aoti if name == TORCH_AOTI else twins.get(name) or model
             return sampler.sample(labels, seed=args.seed).latents.float().numpy()
 
         reference_latents = latents_of(TORCH)
         for name in runners:
             start = time.perf_counter()
             latents = latents_of(name)
-            first_calls[name, batch] = time.perf_counter() - start
+            first_calls[name, batch] = time.perf_counter() - start + compiles.get((name, batch), 0.0)
             latent_checks[name, batch] = compare(latents, reference_latents)
             check = latent_checks[name, batch]
             print(
@@ -363,7 +457,7 @@ def main() -> None:
             print(f"  B={batch} {name}: {1000 * statistics.median(walls[name]):.1f} ms", flush=True)
         counted = {name: flops.build_flops(pipe.manifest.root, batch) for name, pipe in pipes.items()}
         torch_flops = flops.build_flops(reference.manifest.root, batch)
-        for name in (TORCH, TORCH_BF16, TORCH_COMPILE, TORCH_COMPILE_BF16):
+        for name in (TORCH, TORCH_BF16, TORCH_COMPILE, TORCH_COMPILE_BF16, TORCH_AOTI):
             counted[name] = torch_flops
         eager = statistics.median(walls[TORCH]) if TORCH in walls else None
         eager_bf16 = statistics.median(walls[TORCH_BF16]) if TORCH_BF16 in walls else None
@@ -387,6 +481,8 @@ def main() -> None:
             }
             if name in twins:
                 row["compile_s"] = first_calls[name, batch] - wall  # the first call less a steady-state call
+            if (name, batch) in compiles:
+                row["compile_s"] = compiles[name, batch]  # export and AOTInductor compile, timed alone
             key = next(k for k in keys if VARIANTS[k][0] == name)
             options, engine = VARIANTS[key][1], VARIANTS[key][2]
             row["precision"], row["precision_note"] = run_precision(
@@ -447,13 +543,20 @@ def main() -> None:
             "note": "model.sample's walk over the compiled graph functions; first_call_s of each batch includes "
             "compiling its shapes, compile_s = first_call_s - median_s",
         },
-        "aot_inductor": "not run: it needs one exported program per stage shape (or dynamic-shape specs for the "
-        "KV-cache inputs) and its compile is the same inductor compile as torch.compile's",
+        "aot_inductor": {
+            "run": "torch-aoti" in keys,
+            "note": "torch.export + torch._inductor.aoti_compile_and_package of each graph function, one package "
+            "per call shape (static shapes, freezing on), loaded with aoti_load_package and walked by model.sample; "
+            "compile_s is the export and compile of a batch's shapes. Each package embeds the weights: not run "
+            "on the paper-scale presets (ecar-b: ~10 packages of up to 0.5 GB per batch size)",
+        },
         "flops_note": "multiply-add FLOPs (2 per MAC) of MatMul/Gemm/Conv from ecar_export.flops; "
         "torch eager uses the step-graph build's count",
         "rows": rows,
     }
     write_json(out_path, result)
+    if aoti_directory is not None:
+        aoti_directory.cleanup()
     if not args.no_chart:
         import charts
 
