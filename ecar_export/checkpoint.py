@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ecar_export import torch_files
 from ecar_export.model import ECAR
 from runtime.config import ECARConfig
 from runtime.errors import CheckpointError
@@ -24,7 +25,6 @@ FORMAT_VERSION = "1"
 CHECKPOINT_FORMAT = Format(
     FORMAT, FORMAT_VERSION, "checkpoint", "an ECAR checkpoint", CheckpointError, "convert or save it again"
 )
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 
 
 def save(model: ECAR, path: str | os.PathLike[str]) -> Path:
@@ -102,9 +102,7 @@ def _existing(path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(
             f"checkpoint '{path}' does not exist or is not a file; pass --checkpoint PATH to a .safetensors file"
         )
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
+    if torch_files.sniff(path) == "torch":
         raise CheckpointError(
             f"'{path}' looks like a pickle / torch.save file; only safetensors checkpoints are accepted "
             "(pickles can run arbitrary code, so they are never loaded)"

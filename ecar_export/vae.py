@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ecar_export import checkpoint
+from ecar_export import checkpoint, torch_files
 from ecar_export.model import ECAR
 from ecar_export.model.tokenizer import autoencoder_kl_config
 from runtime.config import ECARConfig
@@ -84,14 +84,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"'{path}': unknown VAE file type '{path.suffix}'; give a .safetensors file, a torch checkpoint "
             f"({', '.join(PICKLE_SUFFIXES)}) or a diffusers VAE directory"
         )
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"'{path}' cannot be read as a torch checkpoint of tensors ({first:.300}); only tensors and plain "
-            "containers are loaded (torch.load with weights_only=True), never arbitrary pickled objects"
-        ) from None
+    loaded = torch_files.load_tensors_only(path)
     return _state_dict_of(loaded, path)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ecar_export import checkpoint
+from ecar_export import checkpoint, torch_files
 from ecar_export.model import ECAR
 from runtime.config import ECARConfig
 from runtime.errors import CheckpointError, ECARError
@@ -245,3 +245,19 @@ def test_torch_save_file_is_never_unpickled(name: str, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="pickle"):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+def test_a_safetensors_header_length_that_opens_like_a_pickle_still_loads(model: ECAR, tmp_path: Path) -> None:
+    # a safetensors file opens with its header's length; one in 32 lengths has the low byte 0x80 that also
+    # opens a pickle, and such a checkpoint must load like any other
+    path = tmp_path / "model.safetensors"
+    for padding in range(0, 512, 8):
+        write(path, state_of(model), metadata_for(model.config, {"note": "x" * padding}))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length whose low byte is 0x80")
+    assert torch_files.sniff(path) == "safetensors"
+    loaded = checkpoint.load(path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -186,7 +186,13 @@ def test_the_export_console_script_runs_from_the_installed_wheel(
     assert {row["name"] for row in json.loads(inspect.stdout)["graphs"]} == {"backbone", "flow_step", "decoder"}
 
 
-@pytest.mark.parametrize("needed", ["0.3.0", "1.0", "9.0.0rc1"])
+def _next_minor(version: str) -> str:
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return f"{major}.{minor + 1}.0"
+
+
+# the next minor release (always newer than this runtime, whatever its version), a major and a pre-release
+@pytest.mark.parametrize("needed", [_next_minor(__version__), "1.0", "9.0.0rc1"])
 def test_a_build_that_needs_a_newer_runtime_is_refused_naming_both_versions(
     build_cache: BuildCache, tmp_path: Path, needed: str
 ) -> None:

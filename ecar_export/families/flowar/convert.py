@@ -18,7 +18,6 @@ written atomically.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ecar_export import torch_files
 from ecar_export.families.flowar.config import FLOWAR_H, FLOWAR_L, FLOWAR_S, FlowARConfig
 from ecar_export.families.flowar.layers import RoPE2D
 from ecar_export.families.flowar.model import FlowAR
@@ -38,7 +38,6 @@ FORMAT = Format("flowar-checkpoint", "1", "checkpoint", "a FlowAR checkpoint", C
 ENTRIES = ("model_ema", "model")  # where a wrapped state dict may sit, in order of preference
 MASK_KEY = "mask"
 ROPE_SUFFIX = ".rope.freqs"
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle (protocol >= 2)
 
 
 def is_buffer_key(key: str) -> bool:
@@ -68,23 +67,7 @@ def read_official(path: str | os.PathLike[str], entry: str | None = None) -> dic
     """The state dict in an authors' ``.pth``: flat, or under ``entry`` (by default ``model_ema`` if present,
     else ``model``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist or is not a file")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if not head.startswith(_TORCH_MAGIC):
-        raise CheckpointError(f"'{path}' is not a torch checkpoint (neither a torch.save archive nor a pickle)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines()]
-        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-        raise CheckpointError(
-            f"'{path}' holds objects other than tensors and plain containers, which are never unpickled "
-            f"(torch.load weights_only=True refused it: {why.split('. ')[0][:160]})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' is not a readable torch checkpoint: {shown(exc, 200)}") from None
+    loaded = torch_files.load_tensors_only(path)
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"'{path}' holds a {type(loaded).__name__}, not a state dict")
     names = (entry,) if entry is not None else ENTRIES
