@@ -12,7 +12,9 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,6 +27,7 @@ from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.backends import selection
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.backends.openvino_backend import OpenVINOBackend
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError
 from runtime.fileio import sha256_file
 from runtime.graphs import Call, Kind
@@ -92,6 +95,63 @@ def test_one_pipeline_shared_by_threads_gives_the_sequential_results(build_cache
     results = run_concurrently(lambda index: pipe.generate(jobs[index][0], seed=jobs[index][1]).images, len(jobs))
     for index, images in enumerate(expected):
         assert np.array_equal(results[index], images), f"job {index}"
+
+
+class _Watched:
+    """A compiled model whose infer requests count the calls in flight; a release asserts there are none."""
+
+    def __init__(self, compiled: Any, graph: str, in_flight: dict[str, int], log: list[str]) -> None:
+        self._compiled, self._graph, self._in_flight, self._log = compiled, graph, in_flight, log
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)
+
+    def create_infer_request(self) -> Any:
+        request, watched = self._compiled.create_infer_request(), self
+
+        class Request:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(request, name)
+
+            def infer(self, feeds: Any) -> Any:
+                with watched._lock:
+                    watched._in_flight[watched._graph] += 1
+                try:
+                    return request.infer(feeds)
+                finally:
+                    with watched._lock:
+                        watched._in_flight[watched._graph] -= 1
+
+        return Request()
+
+    def release_memory(self) -> None:
+        with self._lock:
+            self._log.append(self._graph if self._in_flight[self._graph] == 0 else f"{self._graph} while running")
+        self._compiled.release_memory()
+
+
+def test_idle_graphs_release_their_memory_never_while_a_call_runs(build_cache: BuildCache, rng) -> None:  # type: ignore[no-untyped-def]
+    build = build_cache.get(TINY)
+    keep = Pipeline(manifest_io.load(build.dir), OpenVINOBackend(manifest_io.load(build.dir), release_idle=False))
+    pipe = openvino(build.dir)
+    assert pipe.backend.describe()["release_idle"] is True and keep.backend.describe()["release_idle"] is False
+    in_flight = {name: 0 for name in pipe.backend.compiled}
+    log: list[str] = []
+    for name, compiled in list(pipe.backend.compiled.items()):
+        pipe.backend.compiled[name] = _Watched(compiled, name, in_flight, log)
+    jobs = []
+    for _ in range(60):
+        batch = int(rng.integers(1, build.max_batch + 1))
+        jobs.append((rng.integers(0, 10, size=batch).tolist(), int(rng.integers(0, 2**62))))
+    expected = [keep.generate(labels, seed=seed).latents for labels, seed in jobs]
+    assert np.array_equal(pipe.generate(jobs[0][0], seed=jobs[0][1]).latents, expected[0])
+    assert set(log) == set(pipe.backend.compiled), log  # sequential: every graph released after each call
+    log.clear()
+    results = run_concurrently(lambda index: pipe.generate(jobs[index][0], seed=jobs[index][1]).latents, len(jobs))
+    for index, latents in enumerate(expected):  # releasing between calls changes no result
+        assert np.array_equal(results[index], latents), f"job {index}"
+    assert log and not [entry for entry in log if "while running" in entry], log
 
 
 def test_threads_cap_openvino_and_describe_reports_what_ran(build_cache: BuildCache) -> None:

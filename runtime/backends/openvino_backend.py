@@ -25,6 +25,16 @@ shapes (its shape-keyed primitive cache; disabling it, ``CPU_RUNTIME_CACHE_CAPAC
 them and doubles the demo's backbone time). So every new infer request of a graph whose inputs
 can be empty first runs one warm-up inference at the last stage, whose cache is not empty.
 
+Memory: a compiled model's infer request keeps the intermediate buffers of the largest shape it
+has run (on ecar-b at batch 8, 1.3 GB of them between requests, on top of the weights), and the
+CPU plugin's allocations go back to glibc's heap, not to the system. So when a graph has no call
+in flight any more, the backend releases its intermediate memory
+(``CompiledModel.release_memory``) and returns the freed heap to the system (glibc's
+``malloc_trim``; nothing elsewhere). ``benchmarks/openvino_memory.py`` measures what this saves
+and costs; ``release_idle=False`` keeps the buffers (OpenVINO's own behaviour). The weights are
+not copied: OpenVINO maps the ONNX external data file (file-backed pages, which the kernel can
+drop), and its CPU kernels hold one repacked copy.
+
 Compiled models can be cached on disk (OpenVINO's ``CACHE_DIR``: ``cache_dir`` or
 ``$ECAR_OPENVINO_CACHE``); off by default: measured on ecar-b, compiling every graph takes 0.6 s,
 loading the cached blobs 0.5 s, and the cache is as large as the weights (392 MB).
@@ -34,10 +44,12 @@ graph OpenVINO cannot run fails the build.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +95,16 @@ def inference_precision(build_precision: str, capabilities: list[str]) -> str:
     return "f32"
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc's ``malloc_trim(0)`` (hands freed heap pages back to the system), or a no-op elsewhere."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return functools.partial(trim, 0)
+
+
 def default_cache_dir() -> Path | None:
     explicit = os.environ.get(CACHE_ENV)
     return Path(explicit) if explicit else None
@@ -124,6 +146,7 @@ class OpenVINOBackend:
         manifest: Manifest,
         threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        release_idle: bool = True,
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -148,7 +171,10 @@ class OpenVINOBackend:
         self.output_index: dict[str, list[int]] = {}  # the contract's outputs, by OpenVINO output port
         self._pools: dict[str, queue.SimpleQueue[Any]] = {}
         self._warm_up: dict[str, dict[str, np.ndarray]] = {}
-        self._lock = threading.Lock()
+        self.release_idle = bool(release_idle)
+        self._in_flight: dict[str, int] = {}  # calls running per graph, guarded by self._graph_locks
+        self._graph_locks: dict[str, threading.Lock] = {}
+        self._trim_heap = _heap_trimmer()
         model_config = manifest.config
         for name, entry in manifest.graphs.items():
             compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads)
@@ -166,6 +192,8 @@ class OpenVINOBackend:
                 )
             self.output_index[name] = indices
             self._pools[name] = queue.SimpleQueue()
+            self._in_flight[name] = 0
+            self._graph_locks[name] = threading.Lock()
             if entry.spec.kind == Kind.BACKBONE and model_config.num_stages > 1:  # its cache is empty at stage 1
                 self._warm_up[name] = _warm_up_feeds(entry.spec, model_config)
 
@@ -182,6 +210,10 @@ class OpenVINOBackend:
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         graph, request = call.graph, None
+        if graph not in self._graph_locks:
+            raise EngineError(f"this build has no graph '{graph}'")
+        with self._graph_locks[graph]:  # a release never overlaps a call of its graph
+            self._in_flight[graph] += 1
         try:
             request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
@@ -193,6 +225,19 @@ class OpenVINOBackend:
         finally:
             if request is not None:
                 self._pools[graph].put(request)
+            self._finish(graph)
+
+    def _finish(self, graph: str) -> None:
+        """One call of ``graph`` ended: release its intermediate memory if it was the last in flight."""
+        with self._graph_locks[graph]:
+            self._in_flight[graph] -= 1
+            if not (self.release_idle and self._in_flight[graph] == 0):
+                return
+            try:
+                self.compiled[graph].release_memory()
+            except Exception:  # an OpenVINO without it, or one that cannot release now: keep the buffers
+                return
+        self._trim_heap()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -203,6 +248,7 @@ class OpenVINOBackend:
             "cpu_capabilities": list(self.capabilities),
             "threads": self.threads,
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+            "release_idle": self.release_idle,
         }
 
 
