@@ -117,8 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.requests < 2:
         parser.error("--requests must be at least 2 (the first request is a warm-up)")
+    begin_run()  # the start of the run, before any build of ours loads the machine
     directory, weights = engine_dir(args.preset, args.precision, args.batch)
-    begin_run()
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         for variant in VARIANTS:
