@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from runtime.errors import ConfigError, shown
 
@@ -70,12 +70,108 @@ def check_fields(
             raise bad(field_name, "must be a finite number")
 
 
+class StageGrid:
+    """What a scale-wise generator's config derives from its ``scales`` (the token grid side of each
+    stage, coarse to fine) and its transformer's ``width`` and ``heads``; every model family's
+    config mixes it in."""
+
+    scales: tuple[int, ...]
+    width: int
+    heads: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.scales)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def tokens_per_stage(self) -> tuple[int, ...]:
+        return tuple(side * side for side in self.scales)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens_per_stage)
+
+    @property
+    def stage_slices(self) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` of each stage's tokens in the sequence of all stages."""
+        ends = [sum(self.tokens_per_stage[: k + 1]) for k in range(self.num_stages)]
+        return tuple(zip([0, *ends[:-1]], ends))
+
+
+class ModelConfig(StageGrid):
+    """What every model family's config shares besides its fields: plain data that travels as JSON
+    (checkpoint metadata, manifests), errors that name the offending field, and the checks of the
+    stage scales. A family's config is a frozen dataclass deriving from it."""
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scales",)  # fields that JSON holds as lists
+    DESCRIBED: ClassVar[str] = "model config"  # how errors name the document
+
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
+
+    def _check_scales(self, last: int, last_means: str) -> None:
+        """``scales``: 1..MAX_STAGES positive integers, strictly increasing, the last ``last``; tokens bounded."""
+        bad, scales = self._bad, self.scales
+        if not isinstance(scales, tuple) or not scales:
+            raise bad("scales", "must be a non-empty list of token-grid sides")
+        if len(scales) > MAX_STAGES:
+            raise bad("scales", f"at most {MAX_STAGES} stages")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
+            raise bad("scales", "every scale must be a positive integer")
+        if any(later <= earlier for earlier, later in zip(scales, scales[1:])):
+            raise bad("scales", "must be strictly increasing")
+        if scales[-1] != last:
+            raise bad("scales", f"the last scale must equal {last_means} ({last})")
+        if self.total_tokens > MAX_TOKENS:
+            raise bad("scales", f"at most {MAX_TOKENS:,} tokens in all stages together")
+
+    # ---------------------------------------------------------------- JSON I/O
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        for name in self.TUPLE_FIELDS:
+            data[name] = list(data[name])
+        return dict(data)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.DESCRIBED} must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+        if unknown:
+            raise ConfigError(f"unknown {cls.DESCRIBED} field(s): {', '.join(map(str, unknown))}")
+        values = dict(data)
+        for name in cls.TUPLE_FIELDS:
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+            raise ConfigError(f"{cls.DESCRIBED} is not valid JSON: {shown(exc)}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True)
-class ECARConfig:
+class ECARConfig(ModelConfig):
     """Architecture, latent layout and sampling schedule of one ECAR model.
 
     Defaults describe the bundled ``ecar-digits`` demo model.
     """
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = TUPLE_FIELDS
 
     name: str = "ecar-digits"
     # images and the tokenizer (a small convolutional autoencoder)
@@ -124,23 +220,7 @@ class ECARConfig:
             object.__setattr__(self, "window_bounds", tuple(1.0 - s / count for s in range(count + 1)))
         self.validate()
 
-    # ------------------------------------------------------------------ derived
-    @property
-    def num_stages(self) -> int:
-        return len(self.scales)
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
-    def tokens_per_stage(self) -> tuple[int, ...]:
-        return tuple(r * r for r in self.scales)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.tokens_per_stage)
-
+    # ------------------------------------------------------------------ derived (and StageGrid's)
     @property
     def tokenizer_factor(self) -> int:
         return self.image_size // self.latent_size
@@ -184,9 +264,6 @@ class ECARConfig:
                 f"({4 * parameters / 2**30:,.0f} GiB of float32 weights); this toolchain builds models of up to "
                 f"{MAX_PARAMETERS / 1e9:.0f} B"
             )
-
-    def _bad(self, name: str, why: str) -> ConfigError:
-        return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
 
     def parameter_estimate(self) -> int:
         """Roughly how many weights the architecture has (its matrices), from the config alone."""
@@ -232,17 +309,9 @@ class ECARConfig:
     def _validate_stages(self) -> None:
         bad = self._bad
         scales, bounds, steps = self.scales, self.window_bounds, self.steps
-        if not isinstance(scales, tuple) or not scales:
-            raise bad("scales", "must be a non-empty list of token-grid sides")
-        if len(scales) > MAX_STAGES:
-            raise bad("scales", f"at most {MAX_STAGES} stages")
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in scales):
-            raise bad("scales", "every scale must be a positive integer")
-        for previous, current in zip(scales, scales[1:]):
-            if current <= previous or current % previous:
-                raise bad("scales", "each scale must be a larger integer multiple of the one before")
-        if scales[-1] != self.latent_size:
-            raise bad("scales", f"the last scale must equal latent_size ({self.latent_size})")
+        self._check_scales(self.latent_size, "latent_size")
+        if any(current % previous for previous, current in zip(scales, scales[1:])):
+            raise bad("scales", "each scale must be a larger integer multiple of the one before")
         if not isinstance(bounds, tuple) or len(bounds) != len(scales) + 1:
             raise bad("window_bounds", f"needs {len(scales) + 1} values (one more than stages)")
         if any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) for b in bounds):
@@ -257,43 +326,9 @@ class ECARConfig:
             raise bad("steps", "every stage needs a positive integer number of steps")
         if max(steps) > MAX_STEPS:
             raise bad("steps", f"at most {MAX_STEPS:,} Euler steps per stage")
-        if sum(r * r for r in scales) > MAX_TOKENS:
-            raise bad("scales", f"at most {MAX_TOKENS:,} tokens in all stages together")
 
-    # ---------------------------------------------------------------- JSON I/O
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for name in TUPLE_FIELDS:
-            data[name] = list(data[name])
-        return data
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ECARConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        values = dict(data)
-        for name in TUPLE_FIELDS:
-            if isinstance(values.get(name), list):
-                values[name] = tuple(values[name])
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ECARConfig:
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-            raise ConfigError(f"model config is not valid JSON: {shown(exc)}") from None
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> ECARConfig:
+    def replace(self, **changes: Any) -> Self:
         """A copy with ``changes``; new scales without new window_bounds get the uniform default."""
         if "scales" in changes and "window_bounds" not in changes:
             changes["window_bounds"] = ()
-        return dataclasses.replace(self, **changes)
+        return super().replace(**changes)

@@ -10,6 +10,7 @@ built, from a working directory outside the source tree.
 from __future__ import annotations
 
 import email
+import importlib.metadata
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import tomllib
 import venv
 import zipfile
 from pathlib import Path
@@ -25,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BuildCache
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
+from ecar_export.cli import EXPORT_LAYER
 from runtime import manifest as manifest_io
 from runtime.errors import ECARError
 from runtime.pipeline import Pipeline
@@ -34,17 +39,6 @@ from runtime.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-1-2-4"
-EXPORT_ONLY = (
-    "torch",
-    "onnx",
-    "onnxscript",
-    "onnx_ir",
-    "onnx_graphsurgeon",
-    "polygraphy",
-    "safetensors",
-    "sklearn",
-    "diffusers",
-)
 
 
 def run(command: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -115,11 +109,20 @@ def runtime_env(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return env_dir
 
 
+def test_the_export_layer_names_every_distribution_of_the_export_extra() -> None:
+    # EXPORT_LAYER (import names) is what `ecar-export` checks for and what the runtime-only install must lack
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["export"]
+    wanted = {canonicalize_name(Requirement(line).name) for line in extra}
+    provides = importlib.metadata.packages_distributions()
+    found = {canonicalize_name(dist) for name in EXPORT_LAYER for dist in provides.get(name, [])}
+    assert found == wanted, (sorted(wanted - found), sorted(found - wanted))
+
+
 def test_the_embedded_runtime_has_no_torch_and_generates_what_the_full_install_does(
     runtime_env: Path, build_cache: BuildCache, tmp_path: Path
 ) -> None:
     python = runtime_env / "bin" / "python"
-    for module in EXPORT_ONLY:
+    for module in EXPORT_LAYER:
         probe = run([python, "-c", f"import {module}"], cwd=tmp_path)
         assert probe.returncode != 0, f"{module} is importable in the runtime-only environment"
     build = build_cache.get(TINY)

@@ -7,13 +7,11 @@ The presets carry the numbers of the authors' FlowAR-S, -L and -H.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
-from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, MAX_TOKENS, check_fields
-from runtime.errors import ConfigError, shown
+from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, ModelConfig, check_fields
+from runtime.errors import ConfigError
 
 HEAD_HEAD_DIM = 64  # the flow head always splits its width into heads of 64 channels
 INT_LIMITS = {
@@ -35,8 +33,10 @@ MAX_STAGES = 64
 
 
 @dataclass(frozen=True)
-class FlowARConfig:
+class FlowARConfig(ModelConfig):
     """Architecture and sampling settings of one FlowAR model. Defaults describe FlowAR-S."""
+
+    DESCRIBED: ClassVar[str] = "FlowAR config"
 
     name: str = "flowar-s"
     # latent layout: a KL-16 tokenizer maps 256x256 images to 16x16 grids of 16-channel tokens
@@ -75,28 +75,6 @@ class FlowARConfig:
     def grid(self) -> int:
         """Side of the final token grid."""
         return self.image_size // self.vae_stride
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.scales)
-
-    @property
-    def tokens_per_stage(self) -> tuple[int, ...]:
-        return tuple(s * s for s in self.scales)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.tokens_per_stage)
-
-    @property
-    def stage_slices(self) -> tuple[tuple[int, int], ...]:
-        """``(start, end)`` of each stage in the position tables."""
-        ends = [sum(self.tokens_per_stage[: k + 1]) for k in range(self.num_stages)]
-        return tuple(zip([0, *ends[:-1]], ends))
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def head_heads(self) -> int:
@@ -144,24 +122,9 @@ class FlowARConfig:
             )
 
     def _validate_scales(self) -> None:
-        bad, scales = self._bad, self.scales
-        if not isinstance(scales, tuple) or not scales:
-            raise bad("scales", "must be a non-empty list of token-grid sides")
-        if len(scales) > MAX_STAGES:
-            raise bad("scales", f"at most {MAX_STAGES} stages")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
-            raise bad("scales", "every scale must be a positive integer")
-        if any(later <= earlier for earlier, later in zip(scales, scales[1:])):
-            raise bad("scales", "must be strictly increasing")
-        if scales[-1] != self.grid:
-            raise bad("scales", f"the last scale must equal image_size / vae_stride ({self.grid})")
-        if any(self.resample_size % s for s in scales):
-            raise bad("resample_size", "every scale must divide it (the stage input is an area mean over it)")
-        if self.total_tokens > MAX_TOKENS:
-            raise bad("scales", f"at most {MAX_TOKENS:,} tokens in all stages together")
-
-    def _bad(self, name: str, why: str) -> ConfigError:
-        return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
+        self._check_scales(self.grid, "image_size / vae_stride")
+        if any(self.resample_size % s for s in self.scales):
+            raise self._bad("resample_size", "every scale must divide it (the stage input is an area mean over it)")
 
     def parameter_estimate(self) -> int:
         """Roughly how many weights the architecture has, from the config alone."""
@@ -170,38 +133,6 @@ class FlowARConfig:
         head_block = (4 + 3 * 2 / 3 * 4.0 + 6 + (3 if self.cross else 0)) * h * h
         tables = (self.num_classes + 1 + 3 * self.total_tokens) * w
         return int((self.encoder_depth + self.decoder_depth) * block + self.head_depth * head_block + tables)
-
-    # ---------------------------------------------------------------- JSON I/O
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["scales"] = list(self.scales)
-        return data
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> FlowARConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a FlowAR config must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown FlowAR config field(s): {', '.join(map(str, unknown))}")
-        values = dict(data)
-        if isinstance(values.get("scales"), list):
-            values["scales"] = tuple(values["scales"])
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> FlowARConfig:
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ConfigError(f"FlowAR config is not valid JSON: {shown(exc)}") from None
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> FlowARConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # The authors' models (factories flowar_small / flowar_large / flowar_huge, README eval settings; eval.sh uses
