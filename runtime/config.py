@@ -110,6 +110,20 @@ class ModelConfig(StageGrid):
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scales",)  # fields that JSON holds as lists
     DESCRIBED: ClassVar[str] = "model config"  # how errors name the document
 
+    num_classes: int
+
+    @property
+    def null_class(self) -> int:
+        """The class-table row of the unconditional (guidance) branch: the one after the last label."""
+        return self.num_classes
+
+    def _lists_to_tuples(self) -> None:
+        """In ``__post_init__``: the tuple fields given as lists (as JSON and keyword callers do) become tuples."""
+        for name in self.TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
     def _bad(self, name: str, why: str) -> ConfigError:
         return ConfigError(f"invalid config field '{name}' = {shown(getattr(self, name))}: {why}")
 
@@ -211,10 +225,7 @@ class ECARConfig(ModelConfig):
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in TUPLE_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+        self._lists_to_tuples()
         if not self.window_bounds and isinstance(self.scales, tuple) and self.scales:
             count = len(self.scales)
             object.__setattr__(self, "window_bounds", tuple(1.0 - s / count for s in range(count + 1)))
@@ -224,10 +235,6 @@ class ECARConfig(ModelConfig):
     @property
     def tokenizer_factor(self) -> int:
         return self.image_size // self.latent_size
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:

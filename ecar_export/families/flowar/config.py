@@ -66,8 +66,7 @@ class FlowARConfig(ModelConfig):
     rope_grid: int = 16
 
     def __post_init__(self) -> None:
-        if isinstance(self.scales, list):
-            object.__setattr__(self, "scales", tuple(self.scales))
+        self._lists_to_tuples()
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -79,10 +78,6 @@ class FlowARConfig(ModelConfig):
     @property
     def head_heads(self) -> int:
         return self.head_width // HEAD_HEAD_DIM
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     @staticmethod
     def mlp_hidden(width: int, mlp_ratio: float = 4.0) -> int:
