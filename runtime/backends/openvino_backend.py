@@ -26,14 +26,17 @@ them and doubles the demo's backbone time). So every new infer request of a grap
 can be empty first runs one warm-up inference at the last stage, whose cache is not empty.
 
 Memory: a compiled model's infer request keeps the intermediate buffers of the largest shape it
-has run (on ecar-b at batch 8, 1.3 GB of them between requests, on top of the weights), and the
-CPU plugin's allocations go back to glibc's heap, not to the system. So when a graph has no call
-in flight any more, the backend releases its intermediate memory
-(``CompiledModel.release_memory``) and returns the freed heap to the system (glibc's
-``malloc_trim``; nothing elsewhere). ``benchmarks/openvino_memory.py`` measures what this saves
-and costs; ``release_idle=False`` keeps the buffers (OpenVINO's own behaviour). The weights are
-not copied: OpenVINO maps the ONNX external data file (file-backed pages, which the kernel can
-drop), and its CPU kernels hold one repacked copy.
+has run, and the CPU plugin's allocations go back to glibc's heap, not to the system; on ecar-b
+at batch 8 that is 2.7 GB of buffers between requests, and all three graphs' at once during one.
+So when a call of one graph starts, every *other* graph that has no call in flight and has run
+since its last release gives its intermediate memory back (``CompiledModel.release_memory``,
+then glibc's ``malloc_trim`` hands the freed heap to the system; nothing elsewhere). A request
+runs backbone, then the flow steps, then the next stage's backbone...: each graph is released
+once per stage, not after every call (releasing after every flow step re-faults the buffers
+each step: measured 17 % slower on ecar-b). ``release_idle=False`` keeps every buffer
+(OpenVINO's own behaviour); ``benchmarks/openvino_memory.py`` measures both against ONNX
+Runtime. The weights are not copied: OpenVINO maps the ONNX external data file (file-backed
+pages, which the kernel can drop), and its CPU kernels hold one repacked copy.
 
 Compiled models can be cached on disk (OpenVINO's ``CACHE_DIR``: ``cache_dir`` or
 ``$ECAR_OPENVINO_CACHE``); off by default: measured on ecar-b, compiling every graph takes 0.6 s,
@@ -173,6 +176,7 @@ class OpenVINOBackend:
         self._warm_up: dict[str, dict[str, np.ndarray]] = {}
         self.release_idle = bool(release_idle)
         self._in_flight: dict[str, int] = {}  # calls running per graph, guarded by self._graph_locks
+        self._holding: dict[str, bool] = {}  # has run since its last release (same lock)
         self._graph_locks: dict[str, threading.Lock] = {}
         self._trim_heap = _heap_trimmer()
         model_config = manifest.config
@@ -193,6 +197,7 @@ class OpenVINOBackend:
             self.output_index[name] = indices
             self._pools[name] = queue.SimpleQueue()
             self._in_flight[name] = 0
+            self._holding[name] = False
             self._graph_locks[name] = threading.Lock()
             if entry.spec.kind == Kind.BACKBONE and model_config.num_stages > 1:  # its cache is empty at stage 1
                 self._warm_up[name] = _warm_up_feeds(entry.spec, model_config)
@@ -212,8 +217,11 @@ class OpenVINOBackend:
         graph, request = call.graph, None
         if graph not in self._graph_locks:
             raise EngineError(f"this build has no graph '{graph}'")
+        if self.release_idle:
+            self._release_others(graph)
         with self._graph_locks[graph]:  # a release never overlaps a call of its graph
             self._in_flight[graph] += 1
+            self._holding[graph] = True
         try:
             request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
@@ -225,19 +233,26 @@ class OpenVINOBackend:
         finally:
             if request is not None:
                 self._pools[graph].put(request)
-            self._finish(graph)
+            with self._graph_locks[graph]:
+                self._in_flight[graph] -= 1
 
-    def _finish(self, graph: str) -> None:
-        """One call of ``graph`` ended: release its intermediate memory if it was the last in flight."""
-        with self._graph_locks[graph]:
-            self._in_flight[graph] -= 1
-            if not (self.release_idle and self._in_flight[graph] == 0):
-                return
-            try:
-                self.compiled[graph].release_memory()
-            except Exception:  # an OpenVINO without it, or one that cannot release now: keep the buffers
-                return
-        self._trim_heap()
+    def _release_others(self, graph: str) -> None:
+        """Release the intermediate memory of every other graph that holds some and has no call in flight."""
+        released = False
+        for other, lock in self._graph_locks.items():
+            if other == graph:
+                continue
+            with lock:
+                if not self._holding[other] or self._in_flight[other]:
+                    continue
+                self._holding[other] = False
+                try:
+                    self.compiled[other].release_memory()
+                    released = True
+                except Exception:  # an OpenVINO without it, or one that cannot release now: keep the buffers
+                    pass
+        if released:
+            self._trim_heap()
 
     def describe(self) -> dict[str, object]:
         return {
