@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
+	$(BIN)/python benchmarks/openvino_memory.py
+	$(BIN)/python benchmarks/decoder_speed.py
 	$(BIN)/python benchmarks/demo_quality.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/runtime_install.py

@@ -8,9 +8,10 @@ files, which the kernel can drop under pressure), plus the median seconds per ba
 first. Variants, round-robin over ``--repeats`` processes each:
 
 * ``onnxruntime`` — the reference;
-* ``openvino-keep`` — OpenVINO as it behaves by itself (``release_idle=False``): every compiled
-  model's infer request keeps the buffers of the largest shape it ran;
-* ``openvino`` — the backend's default: a graph's intermediate memory released when it goes idle.
+* ``openvino`` — the backend's default, OpenVINO as it behaves by itself: every compiled model's
+  infer request keeps the buffers of the largest shape it ran;
+* ``openvino-release`` — ``release_idle=True`` (``ECAR_OPENVINO_RELEASE=1``): an idle graph's
+  intermediate memory released when another graph starts.
 
 The build is ``benchmarks/.cache/engines/<preset>/<precision>`` (shared with pipeline_speed.py;
 benchmark weights without zero tensors, see ``_common.benchmark_model``), built when missing.
@@ -32,7 +33,7 @@ from typing import Any
 
 from _common import CACHE, RESULTS, begin_run, benchmark_model, machine, write_json
 
-VARIANTS = ("onnxruntime", "openvino-keep", "openvino")
+VARIANTS = ("onnxruntime", "openvino", "openvino-release")
 
 MEASURE = """
 import json, sys, time
@@ -51,7 +52,7 @@ if variant == "onnxruntime":
     backend = OnnxRuntimeBackend(manifest, device="cpu")
 else:
     from runtime.backends.openvino_backend import OpenVINOBackend
-    backend = OpenVINOBackend(manifest, release_idle=variant == "openvino")
+    backend = OpenVINOBackend(manifest, release_idle=variant == "openvino-release")
 pipe = Pipeline(manifest, backend)
 load_s = time.perf_counter() - start
 loaded = status()

@@ -22,7 +22,7 @@ from onnx import TensorProto, numpy_helper
 
 from calibration import CalibrationPlan, CalibrationSet, capture
 from calibration.readers import GraphReader, held_out_feeds
-from ecar_export.precision import fp16, int8
+from ecar_export.precision import fp16, int8, qdq
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, disabled_optimizers, session_options
 from runtime.fileio import sha256_file
@@ -107,7 +107,7 @@ def test_qdq_pairs_are_int8_with_zero_point_0_and_per_channel_weights(demo: Quan
             if node.op_type == "QuantizeLinear":  # every Q is half of a Q/DQ pair with the same parameters
                 (pair,) = consumers[node.output[0]]
                 assert pair.op_type == "DequantizeLinear" and list(pair.input[1:]) == list(node.input[1:]), where
-        summary = int8.check_qdq(model)
+        summary = qdq.check_qdq(model)
         assert len(summary) == len(qdq)
         assert sum(r.role == "weight" for r in summary) == sum(
             n.op_type == "DequantizeLinear" and n.input[0] in constants for n in qdq
@@ -124,7 +124,7 @@ def test_every_backbone_and_flow_step_runs_its_matrix_products_in_int8(demo: Qua
             assert not dequantized, "the decoder stays fp32 by default (no MatMul/Gemm; Conv is opt-in)"
             continue
         assert quantized, f"{name}: no MatMul/Gemm runs in INT8"
-        assert sorted(quantized) == sorted(int8.quantized_nodes(model))
+        assert sorted(quantized) == sorted(qdq.quantized_nodes(model))
         kept = set(fp16.fp32_nodes(fp32))
         constants = set(_constants(fp32))
         for node in fp32.graph.node:  # fp32 names: quantization rewires the inputs, not the nodes
@@ -140,7 +140,7 @@ def test_every_backbone_and_flow_step_runs_its_matrix_products_in_int8(demo: Qua
             (o.name, o.type.tensor_type.elem_type) for o in fp32.graph.output
         ]
     flow = demo.int8["flow_step"]
-    assert len(int8.quantized_nodes(flow)) >= 10, "the flow head's MLP and modulation run in INT8"
+    assert len(qdq.quantized_nodes(flow)) >= 10, "the flow head's MLP and modulation run in INT8"
 
 
 INTEGER_KERNELS = {"QGemm": 2, "MatMulIntegerToFloat": 4, "QLinearMatMul": 2}  # op -> input index of A's zero point
@@ -187,7 +187,7 @@ def test_on_ort_cpu_every_quantized_product_is_an_integer_kernel_on_uint8(demo: 
         left = [n.name for n in optimized.graph.node if n.op_type == "DequantizeLinear"]
         assert not left, f"{name}: ORT dequantizes at run time instead of fusing: {left}"
         kernels = _integer_kernels(optimized)
-        assert len(kernels) == len(int8.quantized_nodes(model)), f"{name}: {kernels}"
+        assert len(kernels) == len(qdq.quantized_nodes(model)), f"{name}: {kernels}"
         signed = [op for op, dtype in kernels if dtype != TensorProto.UINT8]
         assert not signed, f"{name}: {len(signed)} integer kernels read int8 activations ({signed})"
     # why CSE is off: with it, the flow head's modulation Gemms share one merged int8 pair again
@@ -253,14 +253,14 @@ def test_minmax_graphs_match_fp32_on_held_out_inputs(demo: Quantized) -> None:
     failing = {k: v for k, v in worst.items() if not v >= MIN_COSINE}
     assert not failing, f"cosine below {MIN_COSINE}: {failing}"
     # the agreement helper reports the same numbers
-    report = int8.compare_graphs(
+    report = qdq.compare_graphs(
         demo.fp32["backbone"], demo.int8["backbone"], held_out_feeds(demo.calibration, "backbone")
     )
     assert report["z"].cosine == pytest.approx(worst["backbone.z"], abs=1e-9) and report["z"].max_abs > 0
     # the one backbone serves every stage: each stage's held-out inputs agree on their own
     for group in demo.calibration.groups("backbone"):
         feeds = list(demo.calibration.feeds("backbone", "held_out", group=group))
-        per_stage = int8.compare_graphs(demo.fp32["backbone"], demo.int8["backbone"], feeds)
+        per_stage = qdq.compare_graphs(demo.fp32["backbone"], demo.int8["backbone"], feeds)
         assert per_stage["z"].cosine >= MIN_COSINE and per_stage["x"].cosine >= MIN_COSINE, group
 
 
@@ -269,8 +269,8 @@ def test_entropy_and_percentile_calibration(demo: Quantized) -> None:
     minmax_scales = _activation_scales(demo.int8[name])
     for method in ("entropy", "percentile"):
         model = int8.quantize(demo.fp32[name], GraphReader(demo.calibration, name), method, threads=1)
-        int8.check_qdq(model)
-        report = int8.compare_graphs(demo.fp32[name], model, held_out_feeds(demo.calibration, name))
+        qdq.check_qdq(model)
+        report = qdq.compare_graphs(demo.fp32[name], model, held_out_feeds(demo.calibration, name))
         assert report["x_next"].cosine >= MIN_COSINE, f"{method}: {report}"
         scales = _activation_scales(model)
         assert scales.keys() == minmax_scales.keys()
@@ -316,12 +316,12 @@ def test_int8_engine_directory_generates_what_fp32_does(demo: Quantized, tmp_pat
 def test_conv_option_quantizes_the_decoder_per_output_channel(demo: Quantized) -> None:
     fp32 = demo.fp32["decoder"]
     model = int8.quantize(fp32, GraphReader(demo.calibration, "decoder"), op_types=COMPUTE_OPS, threads=1)
-    records = int8.check_qdq(model)
+    records = qdq.check_qdq(model)
     convs = [n for n in fp32.graph.node if n.op_type == "Conv"]
-    assert sorted(int8.quantized_nodes(model, ("Conv",))) == sorted(n.name for n in convs)
+    assert sorted(qdq.quantized_nodes(model, ("Conv",))) == sorted(n.name for n in convs)
     weights = [r for r in records if r.role == "weight"]
     assert len(weights) == len(convs) and all(r.axis == 0 and r.per_channel for r in weights)
-    report = int8.compare_graphs(fp32, model, held_out_feeds(demo.calibration, "decoder"))
+    report = qdq.compare_graphs(fp32, model, held_out_feeds(demo.calibration, "decoder"))
     assert report["image"].cosine >= MIN_COSINE
 
 
@@ -334,7 +334,7 @@ def test_graph_with_nothing_to_quantize_comes_back_unchanged(demo: Quantized) ->
     fp32 = demo.fp32["decoder"]
     model = int8.quantize(fp32, _Untouchable())
     assert [n.op_type for n in model.graph.node] == [n.op_type for n in fp32.graph.node]
-    assert int8.qdq_summary(model) == []
+    assert qdq.qdq_summary(model) == []
 
 
 def test_quantize_takes_paths_rewinds_readers_and_is_deterministic(demo: Quantized, tmp_path: Path) -> None:
@@ -352,7 +352,7 @@ def test_quantize_takes_paths_rewinds_readers_and_is_deterministic(demo: Quantiz
 
 def test_check_qdq_rejects_asymmetric_or_per_tensor_weights(demo: Quantized) -> None:
     good = demo.int8["flow_step"]
-    records = int8.qdq_summary(good)
+    records = qdq.qdq_summary(good)
     activation = next(r for r in records if r.op_type == "QuantizeLinear")
     weight = next(r for r in records if r.role == "weight")
     nodes = {n.name: n for n in good.graph.node}
@@ -364,7 +364,7 @@ def test_check_qdq_rejects_asymmetric_or_per_tensor_weights(demo: Quantized) -> 
         if init.name == zero_name:
             init.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zero_name))
     with pytest.raises(ValueError, match="zero point 3"):
-        int8.check_qdq(shifted)
+        qdq.check_qdq(shifted)
 
     per_tensor = onnx.ModelProto()
     per_tensor.CopyFrom(good)
@@ -376,7 +376,7 @@ def test_check_qdq_rejects_asymmetric_or_per_tensor_weights(demo: Quantized) -> 
         if node.name == weight.node:
             del node.attribute[:]
     with pytest.raises(ValueError, match="not per-channel"):
-        int8.check_qdq(per_tensor)
+        qdq.check_qdq(per_tensor)
     assert {r.to_dict()["per_channel"] for r in records if r.role == "weight"} == {True}
 
 
@@ -412,8 +412,8 @@ def test_float_consumers_and_graph_outputs_never_see_quantized_values(rng: np.ra
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feeds = [{"a": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(4)]
     quantized = int8.quantize(model, _ListReader(feeds), threads=1)
-    assert int8.quantized_nodes(quantized) == ["matmul"]
-    int8.check_qdq(quantized)
+    assert qdq.quantized_nodes(quantized) == ["matmul"]
+    qdq.check_qdq(quantized)
     reference, actual = _session(model), _session(quantized)
     for feed in feeds:
         (h, m, s), (h8, m8, s8) = reference.run(None, feed), actual.run(None, feed)

@@ -13,7 +13,7 @@ from conftest import BuildCache, needs_demo
 from ecar_export import precision
 from ecar_export.check import check_build
 from ecar_export.evaluate import evaluate
-from ecar_export.precision import int8
+from ecar_export.precision import qdq
 from runtime import manifest as manifest_io
 from runtime.pipeline import Pipeline
 
@@ -29,7 +29,7 @@ def test_int8_build_is_calibrated_checked_and_keeps_its_calibration(build_cache:
     for name, entry in manifest.graphs.items():
         graph = onnx.load(str(manifest.path(entry.file)))
         if entry.spec.kind in ("backbone", "flow_step"):
-            records = int8.check_qdq(graph)  # raises unless symmetric int8 with per-channel weights
+            records = qdq.check_qdq(graph)  # raises unless symmetric int8 with per-channel weights
             assert records, f"{name} has no Q/DQ pairs"
         cosines = entry.builder["held_out_cosine"]
         assert min(cosines.values()) >= 0.99, (name, cosines)

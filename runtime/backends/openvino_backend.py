@@ -26,17 +26,18 @@ them and doubles the demo's backbone time). So every new infer request of a grap
 can be empty first runs one warm-up inference at the last stage, whose cache is not empty.
 
 Memory: a compiled model's infer request keeps the intermediate buffers of the largest shape it
-has run, and the CPU plugin's allocations go back to glibc's heap, not to the system; on ecar-b
-at batch 8 that is 2.7 GB of buffers between requests, and all three graphs' at once during one.
-So when a call of one graph starts, every *other* graph that has no call in flight and has run
-since its last release gives its intermediate memory back (``CompiledModel.release_memory``,
-then glibc's ``malloc_trim`` hands the freed heap to the system; nothing elsewhere). A request
-runs backbone, then the flow steps, then the next stage's backbone...: each graph is released
-once per stage, not after every call (releasing after every flow step re-faults the buffers
-each step: measured 17 % slower on ecar-b). ``release_idle=False`` keeps every buffer
-(OpenVINO's own behaviour); ``benchmarks/openvino_memory.py`` measures both against ONNX
-Runtime. The weights are not copied: OpenVINO maps the ONNX external data file (file-backed
-pages, which the kernel can drop), and its CPU kernels hold one repacked copy.
+has run, and all three graphs keep theirs at once; on ecar-b at batch 8 (fp32) a process holds
+4.9 GB after a request and peaks at 5.1 GB, where ONNX Runtime peaks at 1.7 GB. The weights are
+not the cause: OpenVINO maps the ONNX external-data file (file-backed pages the kernel can drop)
+and its CPU kernels hold one repacked copy. With ``release_idle`` (``$ECAR_OPENVINO_RELEASE=1``),
+when a call of one graph starts, every *other* graph that has no call in flight and has run
+since its last release gives its intermediate memory back (``CompiledModel.release_memory``),
+and glibc's ``malloc_trim`` returns the freed heap to the system: the peak falls to 3.9 GB and
+the memory held between requests to 2.7 GB, but a request takes 14 % longer (the buffers are
+allocated and faulted in again every stage; releasing after every call instead was 17 %
+slower, and releasing without the trim 8 % slower for a 4.4 GB peak). So it is off by default,
+for speed; where memory is short, turn it on, or use ONNX Runtime, which runs fp32 builds at
+about the released OpenVINO's speed. ``benchmarks/openvino_memory.py`` measures all three.
 
 Compiled models can be cached on disk (OpenVINO's ``CACHE_DIR``: ``cache_dir`` or
 ``$ECAR_OPENVINO_CACHE``); off by default: measured on ecar-b, compiling every graph takes 0.6 s,
@@ -64,6 +65,7 @@ from runtime.graphs import Call, Kind
 from runtime.manifest import Manifest
 
 CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
+RELEASE_ENV = "ECAR_OPENVINO_RELEASE"  # "1": release idle graphs' intermediate memory (see the module doc)
 
 INSTALL = "pip install 'ecar-export[openvino]'"
 
@@ -149,7 +151,7 @@ class OpenVINOBackend:
         manifest: Manifest,
         threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        release_idle: bool = True,
+        release_idle: bool | None = None,
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -174,7 +176,7 @@ class OpenVINOBackend:
         self.output_index: dict[str, list[int]] = {}  # the contract's outputs, by OpenVINO output port
         self._pools: dict[str, queue.SimpleQueue[Any]] = {}
         self._warm_up: dict[str, dict[str, np.ndarray]] = {}
-        self.release_idle = bool(release_idle)
+        self.release_idle = release_idle if release_idle is not None else os.environ.get(RELEASE_ENV) == "1"
         self._in_flight: dict[str, int] = {}  # calls running per graph, guarded by self._graph_locks
         self._holding: dict[str, bool] = {}  # has run since its last release (same lock)
         self._graph_locks: dict[str, threading.Lock] = {}
