@@ -87,8 +87,8 @@ def test_qdq_pairs_are_int8_with_zero_point_0_and_per_channel_weights(demo: Quan
         for node in model.graph.node:
             for tensor in node.input:
                 consumers.setdefault(tensor, []).append(node)
-        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-        for node in qdq:
+        pairs = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        for node in pairs:
             where = f"{name}: {node.op_type} {node.name}"
             assert len(node.input) == 3, f"{where}: zero point must be explicit"
             zero, scale = constants[node.input[2]], constants[node.input[1]]
@@ -108,9 +108,9 @@ def test_qdq_pairs_are_int8_with_zero_point_0_and_per_channel_weights(demo: Quan
                 (pair,) = consumers[node.output[0]]
                 assert pair.op_type == "DequantizeLinear" and list(pair.input[1:]) == list(node.input[1:]), where
         summary = qdq.check_qdq(model)
-        assert len(summary) == len(qdq)
+        assert len(summary) == len(pairs)
         assert sum(r.role == "weight" for r in summary) == sum(
-            n.op_type == "DequantizeLinear" and n.input[0] in constants for n in qdq
+            n.op_type == "DequantizeLinear" and n.input[0] in constants for n in pairs
         )
 
 
