@@ -3,9 +3,10 @@
 For a preset with a KL tokenizer (default ``ecar-b``: MAR's KL-16 layout, 256² images, benchmark
 weights without zero tensors), times one batch of ``--batch`` token grids through:
 
-* torch: the model's own ``decode_tokens`` (diffusers' ``AutoencoderKL.decode`` after the latent
-  un-scaling), eager at fp32 and under bf16 autocast, and under ``torch.compile`` (inductor,
-  freezing) at fp32 and bf16 autocast (the compile, the first call, reported apart);
+* torch: the model's own ``decode_tokens`` (the latent un-scaling, then the diffusers
+  ``AutoencoderKL``'s ``post_quant_conv`` and ``decoder``: what ``AutoencoderKL.decode`` runs),
+  eager at fp32 and under bf16 autocast, and under ``torch.compile`` (inductor, freezing) at fp32
+  and bf16 autocast (the compile, the first call, reported apart);
 * the decoder graph of the fp32 and fp16 builds (``benchmarks/.cache/engines/<preset>/``, shared
   with pipeline_speed.py, built when missing) on ONNX Runtime and OpenVINO, in the runtime's
   sub-batches (``runtime.graphs.decoder_batch``) with the runtime's session options;
@@ -19,7 +20,7 @@ with torch eager fp32's (cosine, max |diff| in [0, 1] pixels). FLOPs per image f
 (``ecar_export.flops``), and each variant's share of the machine's GEMM peak for the precision it
 runs (``peak.py``, measured before and after). Writes benchmarks/results/decoder_speed_<preset>.json.
 
-    python benchmarks/decoder_speed.py [--preset ecar-b] [--batch 8] [--repeats 5] [--calibration-requests 64]
+    python benchmarks/decoder_speed.py [--preset ecar-b] [--batch 8] [--repeats 5] [--calibration-requests 245]
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from runtime.backends.onnxruntime_backend import session_options
 from runtime.graphs import Kind
 
 CONV_OPS = ("MatMul", "Gemm", "Conv")  # the INT8 recipe's products plus the decoder's convolutions
+CALIBRATION_CALLS = 16  # decoder calls of 2 images each that calibrate the convolutions' Q/DQ
+HELD_OUT_CALLS = 4  # held-out calls of 2 images that check the quantized decoder against fp32
 
 
 def decoder_file(preset: str, model: Any, precision: str, batch: int, calibration_requests: int) -> Any:
@@ -71,11 +74,16 @@ def conv_int8_graph(preset: str, model: Any, batch: int, calibration_requests: i
     calibration = load_calibration(int8_manifest.root / "calibration")
     fp32_path, _ = decoder_file(preset, model, "fp32", batch, calibration_requests)
     fp32_graph = onnx.load(str(fp32_path))
-    quantized = int8.quantize(fp32_graph, GraphReader(calibration, "decoder"), op_types=CONV_OPS, threads=1)
-    agreement = qdq.compare_graphs(fp32_graph, quantized, held_out_feeds(calibration, "decoder"))
+    # a 256² decode is 250 GFLOP: calibrate on 32 images of the set, check on 8 held-out ones
+    reader = GraphReader(calibration, "decoder", batch_rows=2, max_batches=CALIBRATION_CALLS)
+    quantized = int8.quantize(fp32_graph, reader, op_types=CONV_OPS, threads=2)
+    held_out = held_out_feeds(calibration, "decoder", batch_rows=2)[:HELD_OUT_CALLS]
+    agreement = qdq.compare_graphs(fp32_graph, quantized, held_out, threads=2)
     report = {
         "quantized_convolutions": len(qdq.quantized_nodes(quantized, ("Conv",))),
         "convolutions": sum(1 for node in fp32_graph.graph.node if node.op_type == "Conv"),
+        "calibration_images": 2 * len(reader),
+        "held_out_images": 2 * len(held_out),
         "held_out_cosine": {name: a.cosine for name, a in agreement.items()},
     }
     target = CACHE / "decoder-int8-conv" / preset / "decoder.onnx"
@@ -111,19 +119,13 @@ def openvino_runner(graph: Path, precision: str, threads: int, x: np.ndarray, st
     return run, hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
 
-def images_of(decoded: np.ndarray, image_output: str) -> np.ndarray:
-    if image_output == "signed":
-        return np.clip((decoded + 1.0) / 2.0, 0.0, 1.0)
-    return decoded
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="ecar-b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calibration-requests", type=int, default=64, help="when the int8 build is made here")
+    parser.add_argument("--calibration-requests", type=int, default=245, help="when the int8 build is made here")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeats", type=int, default=10)
     args = parser.parse_args()
@@ -139,7 +141,9 @@ def main() -> None:
     fp32_path, fp32_manifest = decoder_file(args.preset, model, "fp32", args.batch, args.calibration_requests)
     fp16_path, _ = decoder_file(args.preset, model, "fp16", args.batch, args.calibration_requests)
     conv_int8, int8_report = conv_int8_graph(args.preset, model, args.batch, args.calibration_requests)
-    graph_flops = flops.graph_flops(onnx.load(str(fp32_path), load_external_data=False), {"B": 1})["total"]
+    decoder_graph = onnx.load(str(fp32_path), load_external_data=False)
+    spec = fp32_manifest.graphs[Kind.DECODER].spec
+    graph_flops = flops.call_flops(decoder_graph, spec, config, config.num_stages, 1)["total"]
 
     tokens = torch.from_numpy(x)
     torch._inductor.config.freezing = True  # weights folded in as constants, as pipeline_speed's compiled peers
@@ -187,10 +191,10 @@ def main() -> None:
             "int8" if build_precision == "int8" else {"f32": "fp32", "bf16": "bf16"}.get(hints[name], "fp16")
         )
 
-    reference = images_of(runners["torch eager fp32"](), config.image_output)
+    reference = runners["torch eager fp32"]()
     checks = {}
     for name, run in runners.items():
-        got = images_of(run(), config.image_output).astype(np.float64).ravel()
+        got = run().astype(np.float64).ravel()
         want = reference.astype(np.float64).ravel()
         cosine = float(got @ want / np.sqrt((got @ got) * (want @ want)))
         checks[name] = {"image_cosine": cosine, "max_abs_pixel": float(np.max(np.abs(got - want)))}
