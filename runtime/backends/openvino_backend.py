@@ -34,7 +34,7 @@ when a call of one graph starts, every *other* graph that has no call in flight 
 since its last release gives its intermediate memory back (``CompiledModel.release_memory``),
 and glibc's ``malloc_trim`` returns the freed heap to the system: the peak falls to 3.9 GB and
 the memory held between requests to 2.7 GB, but a request takes 14 % longer (the buffers are
-allocated and faulted in again every stage; releasing after every call instead was 17 %
+allocated and faulted in again every stage; releasing after every call instead was 16 %
 slower, and releasing without the trim 8 % slower for a 4.4 GB peak). So it is off by default,
 for speed; where memory is short, turn it on, or use ONNX Runtime, which runs fp32 builds at
 about the released OpenVINO's speed. ``benchmarks/openvino_memory.py`` measures all three.
@@ -207,8 +207,6 @@ class OpenVINOBackend:
     def _request(self, graph: str) -> Any:
         try:
             return self._pools[graph].get_nowait()
-        except KeyError:
-            raise EngineError(f"this build has no graph '{graph}'") from None
         except queue.Empty:
             request = self.compiled[graph].create_infer_request()
             if graph in self._warm_up:  # see the module doc: never an empty input first
@@ -219,11 +217,11 @@ class OpenVINOBackend:
         graph, request = call.graph, None
         if graph not in self._graph_locks:
             raise EngineError(f"this build has no graph '{graph}'")
-        if self.release_idle:
+        if self.release_idle:  # the bookkeeping only the release needs stays off the default path
             self._release_others(graph)
-        with self._graph_locks[graph]:  # a release never overlaps a call of its graph
-            self._in_flight[graph] += 1
-            self._holding[graph] = True
+            with self._graph_locks[graph]:  # a release never overlaps a call of its graph
+                self._in_flight[graph] += 1
+                self._holding[graph] = True
         try:
             request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
@@ -235,8 +233,9 @@ class OpenVINOBackend:
         finally:
             if request is not None:
                 self._pools[graph].put(request)
-            with self._graph_locks[graph]:
-                self._in_flight[graph] -= 1
+            if self.release_idle:
+                with self._graph_locks[graph]:
+                    self._in_flight[graph] -= 1
 
     def _release_others(self, graph: str) -> None:
         """Release the intermediate memory of every other graph that holds some and has no call in flight."""
