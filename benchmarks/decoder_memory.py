@@ -1,10 +1,10 @@
 """Peak memory of the decoder at batch 8: one call vs the runtime's sub-batches (runtime.graphs.decoder_batch).
 
-Exports a preset's decoder graph (random weights; default ecar-b's KL-16, 256² images) once into
-benchmarks/.cache/, then runs it in fresh processes on ONNX Runtime with the runtime's session options:
-the whole batch in one call, and the batch in the runtime's sub-batches. Each process reports its peak
-RSS before and after the decode (ru_maxrss) and the seconds it took. JSON to
-benchmarks/results/decoder_memory.json.
+Exports a preset's decoder graph (the benchmark weights of ``_common.benchmark_model``; default
+ecar-b's KL-16, 256² images) once into benchmarks/.cache/, then runs it in fresh processes on ONNX
+Runtime with the runtime's session options: the whole batch in one call, and the batch in the
+runtime's sub-batches. Each process reports its peak RSS before and after the decode (ru_maxrss)
+and the seconds it took. JSON to benchmarks/results/decoder_memory.json.
 
     python benchmarks/decoder_memory.py [--preset ecar-b] [--batch 8] [--threads 2]
 """
@@ -41,19 +41,17 @@ print(json.dumps({"sub_batch": step, "rss_before_mb": before, "peak_rss_mb": pea
 
 
 def export_decoder(preset: str) -> tuple[Path, object]:
-    import torch
+    from _common import benchmark_model
 
     from ecar_export import presets
     from ecar_export.export import export_graph
-    from ecar_export.model import ECAR
     from runtime.graphs import decoder_spec
 
     config = presets.architecture(preset)
     path = CACHE / f"decoder-{preset}" / "decoder.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        export_graph(ECAR(config).eval(), decoder_spec(config), path)
+        export_graph(benchmark_model(preset)[0], decoder_spec(config), path)
     return path, config
 
 

@@ -3,8 +3,9 @@
 Exports fp32 graphs of ``ecar-digits`` / ``ecar-digits-s1`` and ``ecar-b`` / ``ecar-b-s1``
 (each S = 1 preset: one stage at the full token grid, the same total number of flow steps,
 otherwise the same architecture) into ``benchmarks/.cache/engines/<preset>/fp32`` (reused when
-unchanged; random-init weights where a preset has no trained ones: FLOPs depend on shapes
-only) and counts every MatMul/Gemm/Conv with ``ecar_export.flops`` at batch 1.
+unchanged; the benchmark weights of ``_common.benchmark_model``, so the cache is the one
+pipeline_speed.py builds: FLOPs depend on shapes only) and counts every MatMul/Gemm/Conv with
+``ecar_export.flops`` at batch 1.
 
 Counts are FLOPs at 2 per multiply-add. Two per-image views:
 - *per image*: everything one generated image costs — every stage's backbone call and all its
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, RESULTS, load_average, machine, write_json
+from _common import CACHE, RESULTS, benchmark_model, load_average, machine, write_json
 
 from ecar_export import flops, presets
 from ecar_export.build import build_engines
@@ -53,7 +54,7 @@ def count(preset: str) -> dict[str, Any]:
     """FLOPs of one image of ``preset`` from its exported fp32 graphs."""
     out = CACHE / "engines" / preset / "fp32"
     start = time.perf_counter()
-    build_engines(presets.load(preset).eval(), out, max_batch=8)
+    build_engines(benchmark_model(preset)[0], out, max_batch=8)
     built = time.perf_counter() - start
     counted = flops.build_flops(out, batch=1)
     config = presets.architecture(preset)

@@ -5,7 +5,8 @@ run), each measurement in a fresh interpreter: the time of ``import runtime``; t
 ``Pipeline.from_dir`` to the first image; and the peak resident memory (``VmHWM``: the process's
 own high-water mark) of a process that generates one batch with the runtime (fp32 build; on ONNX
 Runtime, the target's row, and on OpenVINO), next to one that generates the same batch with the
-torch reference model. Median of ``--repeats`` fresh processes each. Prints a table; writes
+torch reference model (both with the benchmark weights of ``_common.benchmark_model``: no
+zero tensors, the same weights the build holds). Median of ``--repeats`` fresh processes each. Prints a table; writes
 benchmarks/results/startup_memory.json.
 
 Builds: the demo's is ``--engine-dir`` (default ``engines``, what ``make demo`` builds); other
@@ -26,7 +27,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, RESULTS, machine, write_json
+from _common import CACHE, RESULTS, benchmark_model, machine, write_json
 
 IMPORT_RUNTIME = """
 import time
@@ -65,13 +66,16 @@ TORCH_REQUEST = """
 import sys, time
 start = time.perf_counter()
 import torch
-from ecar_export import presets
-model = presets.load(sys.argv[1])
+sys.path.insert(0, BENCHMARKS)
+from _common import benchmark_model
+model, _ = benchmark_model(sys.argv[1])
 with torch.no_grad():
     model.sample([i % model.config.num_classes for i in range(int(sys.argv[2]))], seed=0)
 elapsed = time.perf_counter() - start
 print(elapsed, peak_rss_mb(), "torch" in sys.modules)
 """
+
+TORCH_REQUEST = TORCH_REQUEST.replace("BENCHMARKS", repr(str(Path(__file__).resolve().parent)))
 
 TARGETS = {"ecar-digits": 0.40, "ecar-b": 1.00}  # runtime peak RSS / torch reference peak RSS
 
@@ -89,7 +93,7 @@ def engine_dir(preset: str, demo_dir: Path) -> Path:
     if not (directory / "manifest.json").is_file():
         from ecar_export.build import build_engines
 
-        build_engines(presets.load(preset) if preset not in presets.TRAINED else None, directory)
+        build_engines(benchmark_model(preset)[0] if preset not in presets.TRAINED else None, directory)
     return directory
 
 
@@ -134,6 +138,7 @@ def main() -> None:
         "load_average_at_start": load_start,
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "machine": machine(),
+        "weights": {preset: benchmark_model(preset)[1] for preset in directories},
     }
     print(f"import runtime {1000 * result['import_runtime_s']:.1f} ms")
     for row in rows:
