@@ -11,16 +11,15 @@ weights without zero tensors), times one batch of ``--batch`` token grids throug
   with pipeline_speed.py, built when missing) on ONNX Runtime and OpenVINO, in the runtime's
   sub-batches (``runtime.graphs.decoder_batch``) with the runtime's session options;
 * the same fp32 graph with the INT8 recipe's Q/DQ on its convolutions (``op_types`` MatMul, Gemm
-  and Conv; the default recipe leaves the decoder's convolutions float), calibrated on the int8
-  build's calibration set (its decoder rows; built, with ``--calibration-requests`` requests, when
-  missing) on both engines.
+  and Conv; the default recipe leaves the decoder's convolutions float), calibrated on the final
+  latents of four fp32 requests of ``--batch`` samples (a fifth request's checks it) on both engines.
 
 Variants are timed round-robin (``pipeline_speed.time_variants``); each one's images are compared
 with torch eager fp32's (cosine, max |diff| in [0, 1] pixels). FLOPs per image from the graph
 (``ecar_export.flops``), and each variant's share of the machine's GEMM peak for the precision it
 runs (``peak.py``, measured before and after). Writes benchmarks/results/decoder_speed_<preset>.json.
 
-    python benchmarks/decoder_speed.py [--preset ecar-b] [--batch 8] [--repeats 5] [--calibration-requests 245]
+    python benchmarks/decoder_speed.py [--preset ecar-b] [--batch 8] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -47,44 +46,79 @@ from runtime.backends.onnxruntime_backend import session_options
 from runtime.graphs import Kind
 
 CONV_OPS = ("MatMul", "Gemm", "Conv")  # the INT8 recipe's products plus the decoder's convolutions
-CALIBRATION_CALLS = 16  # decoder calls of 2 images each that calibrate the convolutions' Q/DQ
-HELD_OUT_CALLS = 4  # held-out calls of 2 images that check the quantized decoder against fp32
+CALIBRATION_REQUESTS = 4  # fp32 requests whose final latents calibrate the convolutions' Q/DQ (one more checks)
 
 
-def decoder_file(preset: str, model: Any, precision: str, batch: int, calibration_requests: int) -> Any:
+def decoder_file(preset: str, model: Any, precision: str, batch: int) -> Any:
     """The decoder graph file of the cached ``precision`` build (built when missing) and its manifest."""
     directory = CACHE / "engines" / preset / precision
-    options: dict[str, Any] = {"precision": precision}
-    if precision == "int8":
-        options["calibration_requests"] = calibration_requests
     if not (directory / "manifest.json").is_file():
-        build_engines(model, directory, max_batch=batch, **options)
+        build_engines(model, directory, max_batch=batch, precision=precision)
     manifest = manifest_io.load(directory)
     return manifest.path(manifest.graphs[Kind.DECODER].file), manifest
 
 
-def conv_int8_graph(preset: str, model: Any, batch: int, calibration_requests: int) -> tuple[Path, dict[str, Any]]:
-    """The fp32 decoder with Q/DQ on its convolutions, calibrated on the int8 build's decoder rows; saved (with
-    its weights beside it) under benchmarks/.cache/decoder-int8-conv/<preset>/."""
-    from calibration.dataset import load_calibration
-    from calibration.readers import GraphReader, held_out_feeds
+class FeedList:
+    """An ``onnxruntime`` calibration reader over a fixed list of feeds (rewindable)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self.next = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.next >= len(self.feeds):
+            return None
+        self.next += 1
+        return self.feeds[self.next - 1]
+
+    def rewind(self) -> None:
+        self.next = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def pipeline_latents(preset: str, model: Any, batch: int) -> np.ndarray:
+    """Decoder inputs as requests produce them: the final latents of ``CALIBRATION_REQUESTS + 1`` requests
+    of ``batch`` samples (random labels, seeds 0, 1, ...) on the fp32 build (ONNX Runtime); cached."""
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from runtime.pipeline import Pipeline
+
+    cached = CACHE / "decoder-int8-conv" / preset / f"latents-b{batch}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    _, manifest = decoder_file(preset, model, "fp32", batch)
+    pipe = Pipeline(manifest, OnnxRuntimeBackend(manifest, device="cpu", threads=2))
+    rng = np.random.default_rng(1)
+    latents = [
+        pipe.generate(rng.integers(0, model.config.num_classes, size=batch).tolist(), seed=seed).latents
+        for seed in range(CALIBRATION_REQUESTS + 1)
+    ]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, np.concatenate(latents))
+    return np.load(cached)
+
+
+def conv_int8_graph(preset: str, model: Any, batch: int) -> tuple[Path, dict[str, Any]]:
+    """The fp32 decoder with Q/DQ on its convolutions, calibrated on the final latents of fp32 requests
+    (:func:`pipeline_latents`: the last request's held out to check it); saved (with its weights beside it)
+    under benchmarks/.cache/decoder-int8-conv/<preset>/."""
     from ecar_export import weights_io
 
-    _, int8_manifest = decoder_file(preset, model, "int8", batch, calibration_requests)
-    calibration = load_calibration(int8_manifest.root / "calibration")
-    fp32_path, _ = decoder_file(preset, model, "fp32", batch, calibration_requests)
+    latents = pipeline_latents(preset, model, batch)
+    fp32_path, _ = decoder_file(preset, model, "fp32", batch)
     fp32_graph = onnx.load(str(fp32_path))
-    # a 256² decode is 250 GFLOP: calibrate on 32 images of the set, check on 8 held-out ones
-    reader = GraphReader(calibration, "decoder", batch_rows=2, max_batches=CALIBRATION_CALLS)
-    quantized = int8.quantize(fp32_graph, reader, op_types=CONV_OPS, threads=2)
-    held_out = held_out_feeds(calibration, "decoder", batch_rows=2)[:HELD_OUT_CALLS]
+    # a 256² decode is 250 GFLOP: calibrate on 2-image calls of the first requests, check on the last one's
+    calls = [{"x": latents[i : i + 2]} for i in range(0, len(latents), 2)]
+    held_out, calibration = calls[-batch // 2 :], calls[: -batch // 2]
+    quantized = int8.quantize(fp32_graph, FeedList(calibration), op_types=CONV_OPS, threads=2)
     agreement = qdq.compare_graphs(fp32_graph, quantized, held_out, threads=2)
     report = {
         "quantized_convolutions": len(qdq.quantized_nodes(quantized, ("Conv",))),
         "convolutions": sum(1 for node in fp32_graph.graph.node if node.op_type == "Conv"),
-        "calibration_images": 2 * len(reader),
+        "calibration_images": 2 * len(calibration),
         "held_out_images": 2 * len(held_out),
         "held_out_cosine": {name: a.cosine for name, a in agreement.items()},
+        "calibration_inputs": "final latents of fp32 requests (ONNX Runtime), random labels, seeds 0..",
     }
     target = CACHE / "decoder-int8-conv" / preset / "decoder.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +159,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calibration-requests", type=int, default=245, help="when the int8 build is made here")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeats", type=int, default=10)
     args = parser.parse_args()
@@ -138,9 +171,9 @@ def main() -> None:
     step = graphs.decoder_batch(config)
     x = np.random.default_rng(0).standard_normal((args.batch, config.tokens_per_stage[-1], config.latent_channels))
     x = x.astype(np.float32)
-    fp32_path, fp32_manifest = decoder_file(args.preset, model, "fp32", args.batch, args.calibration_requests)
-    fp16_path, _ = decoder_file(args.preset, model, "fp16", args.batch, args.calibration_requests)
-    conv_int8, int8_report = conv_int8_graph(args.preset, model, args.batch, args.calibration_requests)
+    fp32_path, fp32_manifest = decoder_file(args.preset, model, "fp32", args.batch)
+    fp16_path, _ = decoder_file(args.preset, model, "fp16", args.batch)
+    conv_int8, int8_report = conv_int8_graph(args.preset, model, args.batch)
     decoder_graph = onnx.load(str(fp32_path), load_external_data=False)
     spec = fp32_manifest.graphs[Kind.DECODER].spec
     graph_flops = flops.call_flops(decoder_graph, spec, config, config.num_stages, 1)["total"]
