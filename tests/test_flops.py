@@ -92,7 +92,7 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     model = onnx.load(str(manifest.path(entry.file)), load_external_data=False)
 
     def step(batch: int, tokens: int) -> int:
-        counted = flops.graph_flops(model, {"M": batch * tokens, "2M": 2 * batch * tokens}, entry.spec)
+        counted = flops.graph_flops(model, {"B": batch, "2B": 2 * batch, "N": tokens}, entry.spec)
         assert not counted["unknown"]
         return int(counted["total"])
 

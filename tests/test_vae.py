@@ -25,6 +25,7 @@ from ecar_export import checkpoint
 from ecar_export.cli import app as export_app
 from ecar_export.model import ECAR
 from ecar_export.model.tokenizer import autoencoder_kl_config
+from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.config import ECARConfig
 from runtime.graphs import Kind
@@ -389,7 +390,7 @@ def test_pipeline_decodes_in_sub_batches_with_the_same_images(
     pipe = Pipeline.from_dir(kl16_converted["engines"], backend="onnxruntime")
     whole = pipe.generate(labels=[1, 2, 3], seed=SEED)
     monkeypatch.setattr(graphs, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
-    assert graphs.decoder_batch(kl16_converted["config"]) == 1
+    assert ecar_contract.decoder_batch(kl16_converted["config"]) == 1
     batches: list[int] = []
     run = pipe.backend.run
 
