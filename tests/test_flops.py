@@ -132,13 +132,13 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
         entry = manifest.graphs[row["name"]]
         assert row["size_bytes"] == sum((build.dir / f).stat().st_size for f in (entry.file, *entry.data_files))
         assert row["precision"] == "fp32" and row["flops"] > 0 and not row["unknown"]
-    for stage, tokens in enumerate(config.tokens_per_stage, start=1):  # each stage's profile: its own M
+    for stage, tokens in enumerate(config.tokens_per_stage, start=1):  # each stage's profile: its own grid
         flow_row = next(row for row in rows if row["name"] == "flow_step" and row["stage"] == stage)
         m_opt = manifest.opt_batch * tokens
         assert flow_row["flops"] == m_opt * per_token + fixed
         assert [i["opt_shape"] for i in flow_row["inputs"]][:2] == [
-            [m_opt, config.latent_channels],
-            [2 * m_opt, config.width],
+            [manifest.opt_batch, tokens, config.latent_channels],
+            [2 * manifest.opt_batch, tokens, config.width],
         ]
 
 

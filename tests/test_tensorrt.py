@@ -48,8 +48,9 @@ from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
 from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.shapes import resolve_dims
+from runtime.ecar_contract import graph_specs
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
-from runtime.graphs import Call, graph_specs, profile_shapes
+from runtime.graphs import Call, profile_shapes
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 from runtime.request import RequestInputs
