@@ -89,8 +89,8 @@ def infer_concrete(
 ) -> dict[str, Shape | None]:
     """Shape of every tensor of ``model`` when its inputs have the concrete shapes of ``dims``.
 
-    ``dims`` maps the contract's symbols (``B``, ``2B``, ``M``, ``2M``, see
-    :meth:`GraphSpec.dims`) or the graph's own ``dim_param`` names to sizes. With ``spec``
+    ``dims`` maps the contract's symbols (``B``, ``2B``, ``N``, ..., see
+    :meth:`runtime.plan.RequestPlan.dims`) or the graph's own ``dim_param`` names to sizes. With ``spec``
     the input shapes come from the contract; without, from the graph's inputs. The model
     passed in is not modified. ``None`` marks a tensor whose shape inference left unknown.
     """

@@ -41,7 +41,7 @@ class BadRequest(InvalidRequestError):
 class GenerateRequest:
     labels: tuple[int, ...]
     seed: int
-    cfg: float  # resolved: the model's cfg_scale when the request gave none
+    cfg: float  # resolved: the build's default (its plan's cfg) when the request gave none
     format: str = "png"
     received: float = field(default_factory=time.perf_counter, compare=False)
 
