@@ -115,7 +115,7 @@ def build_engines(
         >>> from runtime import Pipeline
         >>> path = build_engines(None, out_dir=tmp / "engines", max_batch=2)  # None: the bundled demo
         >>> path.name, sorted(p.suffix for p in path.parent.iterdir())
-        ('manifest.json', ['.json', '.onnx', '.onnx', '.onnx', '.weights', '.weights', '.weights'])
+        ('manifest.json', ['.json', '.npz', '.onnx', '.onnx', '.onnx', '.weights', '.weights', '.weights'])
         >>> Pipeline.from_dir(path.parent).generate([3, 3, 3]).images.shape  # beyond max_batch=2
         Traceback (most recent call last):
         ...

@@ -311,9 +311,7 @@ def _match(graph: str, tensor: TensorSpec, pattern: tuple[Dim, ...], dtype: str,
             raise ManifestError(f"{where}: axis {axis} is {dim!r}, the contract has {shown!r}; rebuild")
 
 
-def check_constants(
-    specs: Mapping[str, GraphSpec], plan: RequestPlan, fuse_flow_loop: bool, arrays: Mapping[str, Any]
-) -> None:
+def check_constants(specs: Mapping[str, GraphSpec], plan: RequestPlan, arrays: Mapping[str, Any]) -> None:
     """Every stage-constant input has its array, of its spec's shape and dtype, at every stage its graph runs at.
 
     ``arrays`` are the stage constants by file key (:func:`runtime.stage_constants.key`); a key no

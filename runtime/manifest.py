@@ -375,7 +375,7 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
         name: _graph_entry(root, where, name, spec, raw_graphs[name], verify_files) for name, spec in specs.items()
     }
     constants, constants_name = _stage_constants(root, where, data.get("stage_constants"), verify_files)
-    contract.check_constants(specs, plan, fused, constants.arrays())
+    contract.check_constants(specs, plan, constants.arrays())
     calibration = _calibration(data.get("calibration"), where)
     tensorrt = data.get("tensorrt")
     if tensorrt is not None and not isinstance(tensorrt, dict):

@@ -45,6 +45,10 @@ TINY = "tiny-1-2-4"
 
 
 def run(command: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``command`` in ``cwd``; by default in this process's environment without PYTHONPATH, so a fresh
+    environment imports what is installed in it, never the working tree a developer points PYTHONPATH at."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     return subprocess.run(
         [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
     )

@@ -342,6 +342,13 @@ def test_specs_that_break_the_contract_are_refused_naming_the_tensor(
         graphs.check_specs(specs, False, _sizes(ecar_contract.request_plan(config)))
 
 
+def test_the_slot_tables_name_the_same_tensors() -> None:
+    for kind in Kind:
+        inputs, outputs = graphs.SLOTS[kind]
+        assert [name for name, _, _ in inputs] == list(graphs.FEEDS[kind]), kind
+        assert [name for name, _, _ in outputs] == list(graphs.RESULTS[kind]), kind
+
+
 def test_a_build_missing_a_graph_or_slot_is_refused() -> None:
     config = make_tiny_config()
     sizes = _sizes(ecar_contract.request_plan(config))
