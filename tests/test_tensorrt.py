@@ -22,6 +22,7 @@ Three kinds of tests:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -50,7 +51,7 @@ from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_comp
 from runtime.backends.tensorrt.shapes import resolve_dims
 from runtime.ecar_contract import graph_specs
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
-from runtime.graphs import Call, profile_shapes
+from runtime.graphs import Call, Kind, profile_shapes
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 from runtime.request import RequestInputs
@@ -300,6 +301,42 @@ def on_device(backend: TensorRTBackend, labels: list[int], seed: int, cfg: float
 
 
 # ============================================================================ backend with fakes
+def test_fake_backend_takes_weight_one_above_the_plans_guidance_threshold(
+    build_cache: BuildCache, tmp_path: Path, fresh_logger: None
+) -> None:
+    """A plan whose steps above ``guidance_below`` run unguided: the device path binds the weight-1 slot where the
+    host path feeds 1, and both give the same latents (which differ from the always-guided plan's)."""
+    build = build_cache.get(TINY)
+    manifest = fake_tensorrt_build(build.dir, tmp_path / "trt")
+    stage2 = manifest.plan.stage(2).times
+    plan = dataclasses.replace(manifest.plan, guidance_below=(stage2[0] + stage2[1]) / 2)
+    guided = [(c.stage, c.step, c.guided) for c in plan.calls() if c.graph == Kind.FLOW_STEP]
+    assert {g for _, _, g in guided} == {True, False}, guided  # the threshold splits the request
+    thresholded = dataclasses.replace(manifest, plan=plan)
+    ort = reference(build.dir).backend
+    fed: list[tuple[Call, float]] = []
+
+    class Feeds:
+        name = ort.name
+
+        def run(self, call: Call, feeds: Any) -> list[np.ndarray]:
+            if call.graph == Kind.FLOW_STEP:
+                fed.append((call, float(feeds["cfg"][0])))
+            return ort.run(call, feeds)
+
+        def describe(self) -> dict[str, object]:
+            return ort.describe()
+
+    host = Pipeline(thresholded, Feeds()).generate([1, 4], seed=3, cfg=3.0)
+    assert [(c.stage, c.step, w) for c, w in fed] == [(s, k, 3.0 if g else 1.0) for s, k, g in guided]
+    backend, _ = fake_backend(thresholded)
+    device = on_device(backend, [1, 4], 3, cfg=3.0)
+    assert np.array_equal(device.latents, host.latents)
+    always = Pipeline(manifest, ort).generate([1, 4], seed=3, cfg=3.0)
+    assert not np.allclose(always.latents, host.latents, atol=1e-4), "the threshold changed the weights"
+    backend.close()
+
+
 @pytest.mark.parametrize("case", [(TINY, False), (TWO_STAGE, True)], ids=["tiny", "two-stage-fused"])
 def test_fake_backend_matches_onnxruntime_on_both_paths(
     case: tuple[str, bool], build_cache: BuildCache, tmp_path: Path, rng: np.random.Generator, fresh_logger: None
