@@ -9,7 +9,7 @@ weights without zero tensors), times one batch of ``--batch`` token grids throug
   and bf16 autocast (the compile, the first call, reported apart);
 * the decoder graph of the fp32 and fp16 builds (``benchmarks/.cache/engines/<preset>/``, shared
   with pipeline_speed.py, built when missing) on ONNX Runtime and OpenVINO, in the runtime's
-  sub-batches (``runtime.graphs.decoder_batch``) with the runtime's session options;
+  sub-batches (the build plan's ``decoder_batch``) with the runtime's session options;
 * the same fp32 graph with the INT8 recipe's Q/DQ on its convolutions (``op_types`` MatMul, Gemm
   and Conv; the default recipe leaves the decoder's convolutions float), calibrated on the final
   latents of four fp32 requests of ``--batch`` samples (a fifth request's checks it) on both engines.
@@ -40,7 +40,6 @@ from pipeline_speed import autocast_bf16, measure_peak, time_variants
 from ecar_export import flops
 from ecar_export.build import build_engines
 from ecar_export.precision import int8, qdq
-from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import session_options
 from runtime.graphs import Kind
@@ -168,7 +167,6 @@ def main() -> None:
     config = model.config
     if config.tokenizer != "kl":
         parser.error(f"--preset {args.preset} has the small conv tokenizer; pick one with a KL autoencoder")
-    step = graphs.decoder_batch(config)
     x = np.random.default_rng(0).standard_normal((args.batch, config.tokens_per_stage[-1], config.latent_channels))
     x = x.astype(np.float32)
     fp32_path, fp32_manifest = decoder_file(args.preset, model, "fp32", args.batch)
@@ -176,7 +174,8 @@ def main() -> None:
     conv_int8, int8_report = conv_int8_graph(args.preset, model, args.batch)
     decoder_graph = onnx.load(str(fp32_path), load_external_data=False)
     spec = fp32_manifest.graphs[Kind.DECODER].spec
-    graph_flops = flops.call_flops(decoder_graph, spec, config, config.num_stages, 1)["total"]
+    step = fp32_manifest.plan.decoder_batch
+    graph_flops = flops.call_flops(decoder_graph, spec, fp32_manifest.plan, config.num_stages, 1)["total"]
 
     tokens = torch.from_numpy(x)
     torch._inductor.config.freezing = True  # weights folded in as constants, as pipeline_speed's compiled peers

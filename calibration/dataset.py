@@ -23,7 +23,6 @@ the ``flow_step`` rows with ``step == 0``, one group per stage.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -39,10 +38,10 @@ import numpy as np
 from calibration import layout
 from calibration.errors import CalibrationError
 from calibration.plan import SPLITS, CalibrationPlan
-from runtime import graphs
+from runtime import ecar_contract
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, InvalidRequestError
-from runtime.fileio import write_bytes_atomic
+from runtime.fileio import npz_bytes, write_bytes_atomic
 from runtime.formats import Format
 from runtime.graphs import FLOW_KINDS, GraphSpec, Kind
 
@@ -60,7 +59,7 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.npz$")
 
 def stored_specs(config: ECARConfig) -> dict[str, GraphSpec]:
     """The graphs a calibration set stores rows of: those of an unfused build."""
-    return {spec.name: spec for spec in graphs.graph_specs(config, fuse_flow_loop=False)}
+    return {spec.name: spec for spec in ecar_contract.graph_specs(config, fuse_flow_loop=False)}
 
 
 def meta_fields(spec: GraphSpec) -> tuple[str, ...]:
@@ -80,7 +79,7 @@ def group_stage(config: ECARConfig, group: str) -> int:
 
 
 def group_dims(config: ECARConfig, group: str) -> dict[str, int]:
-    return graphs.stage_dims(config, group_stage(config, group), 1)
+    return ecar_contract.request_plan(config).dims(group_stage(config, group), 1)
 
 
 def array_layout(config: ECARConfig, spec: GraphSpec, group: str, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -96,12 +95,10 @@ def array_layout(config: ECARConfig, spec: GraphSpec, group: str, rows: int) -> 
 
 def stage_constants(config: ECARConfig, spec: GraphSpec, group: str) -> dict[str, np.ndarray]:
     """The stage inputs (not stored) a group's feeds take: see :func:`calibration.layout.is_stage_input`."""
-    if spec.kind == Kind.BACKBONE:
-        return graphs.stage_inputs(config, group_stage(config, group))
     if spec.kind == Kind.FLOW_LOOP:
-        times = graphs.stage_times(config, group_stage(config, group))
+        times = ecar_contract.request_plan(config).stage(group_stage(config, group)).step_times()
         return {"t": np.array([t for t, _ in times], np.float32), "dt": np.array([d for _, d in times], np.float32)}
-    return {}
+    return dict(ecar_contract.constants(config).get(spec.name, group_stage(config, group)))
 
 
 @dataclass(frozen=True)
@@ -136,8 +133,8 @@ class CalibrationSet:
         self.checkpoint_sha256 = checkpoint_sha256
         self.graphs = graphs_data
         self.raw = raw
-        self._specs = {spec.name: spec for spec in graphs.graph_specs(config)}
-        self._specs[Kind.FLOW_LOOP] = graphs.flow_loop_spec(config)
+        self._specs = {spec.name: spec for spec in ecar_contract.graph_specs(config)}
+        self._specs[Kind.FLOW_LOOP] = ecar_contract.flow_loop_spec(config)
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -274,15 +271,9 @@ class CalibrationSet:
 
 # ------------------------------------------------------------------------------- writing
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    """An uncompressed ``.npz`` (what ``numpy.savez`` writes) with fixed timestamps, so equal
-    arrays give equal bytes and a repeated capture gives the same content-addressed files."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for key, value in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with archive.open(info, "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.ascontiguousarray(value), allow_pickle=False)
-    return buffer.getvalue()
+    """An uncompressed ``.npz`` whose bytes depend only on the arrays (:func:`runtime.fileio.npz_bytes`), so a
+    repeated capture gives the same content-addressed files."""
+    return npz_bytes(arrays)
 
 
 def write_calibration(

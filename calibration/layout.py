@@ -2,9 +2,12 @@
 
 Every graph of the contract (:mod:`runtime.graphs`) is row-independent along its batch
 axis: a backbone's sample *i* reads ``labels[i]``, ``prev[i]``, ``noise[i]`` and the
-guidance rows *i* and *B + i* of ``past_kv``; a flow graph's token *m* reads ``x[m]`` and the
-guidance rows *m* and *M + m* of ``z``. So a calibration set stores rows, not calls, and
-rebuilds feeds of any batch size from any subset of rows:
+guidance rows *i* and *B + i* of ``past_kv``. ECAR's flow head is also independent along its
+tokens, so a flow graph's feeds (``x`` [B, N, C], ``z`` [2B, N, D]) are kept as token rows —
+the grid cut into ``M = B·N`` rows, :func:`row_view` — and fed back as one grid of
+``B = 1``, ``N = M`` tokens: token *m* reads ``x[m]`` and the guidance rows *m* and *M + m*
+of ``z``. So a calibration set stores rows, not calls, and rebuilds feeds of any batch size
+from any subset of rows:
 
 * an input whose row axis is ``B`` / ``M`` is stored with that axis first: ``[rows, ...]``;
 * an input whose row axis is ``2B`` / ``2M`` (conditional rows, then unconditional rows)
@@ -13,9 +16,10 @@ rebuilds feeds of any batch size from any subset of rows:
   [rows, 2, T, L, 2, h, dh]);
 * a scalar input of shape ``[1]`` (``t``, ``dt``, ``cfg``) is stored once per row,
   ``[rows]``; a batch only ever joins rows that share every scalar value;
-* a *stage input* — the same for every call of a stage (the backbone's ``up``, ``fresh``,
-  ``renoise``, ``positions``, ``level``, ``kv_tokens``; a fused loop's ``t`` / ``dt``) — is not
-  stored: feeds take it from the schedule (``constants``).
+* a *stage input* — the same for every call of a stage (a graph's stage constants,
+  :func:`runtime.graphs.constant_inputs`: the backbone's ``up``, ``fresh``, ``renoise``,
+  ``positions``, ``level``, ``kv_tokens``; a fused loop's ``t`` / ``dt``) — is not stored:
+  feeds take it from the build's data (``constants``).
 
 Rows of one graph whose shapes differ by stage (the backbone's ``prev``, ``noise`` and
 ``past_kv``) are kept in one *group* per stage; a batch never mixes groups.
@@ -27,7 +31,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from runtime.graphs import STAGE_INPUTS, GraphSpec, Kind, TensorSpec
+from runtime.graphs import FEEDS, FLOW_KINDS, GraphSpec, Kind, TensorSpec
 
 ROW_DIMS = ("B", "M")
 PAIRED_DIMS = ("2B", "2M")
@@ -43,16 +47,33 @@ def row_axis(tensor: TensorSpec) -> tuple[int, bool] | None:
     return None
 
 
+_GRID_ROWS = {"B": "M", "2B": "2M"}  # a flow graph's [B, N, ...] / [2B, N, ...] as token rows
+
+
+def row_view(spec: GraphSpec) -> GraphSpec:
+    """``spec`` with a flow graph's token grids as token rows: [B, N, ...] -> [M, ...], [2B, N, ...] -> [2M, ...]."""
+    if spec.kind not in FLOW_KINDS:
+        return spec
+
+    def rows(tensor: TensorSpec) -> TensorSpec:
+        if len(tensor.shape) >= 2 and tensor.shape[0] in _GRID_ROWS and tensor.shape[1] == "N":
+            return TensorSpec(tensor.name, (_GRID_ROWS[str(tensor.shape[0])], *tensor.shape[2:]), tensor.dtype)
+        return tensor
+
+    return GraphSpec(spec.name, spec.kind, tuple(map(rows, spec.inputs)), tuple(map(rows, spec.outputs)))
+
+
 def is_stage_input(spec: GraphSpec, tensor: TensorSpec) -> bool:
-    """Inputs fixed by the stage: the backbone's stage data, a fused loop's per-step times."""
-    if spec.kind == Kind.BACKBONE:
-        return tensor.name in STAGE_INPUTS
+    """Inputs fixed by the stage: a graph's stage constants, a fused loop's per-step times."""
+    if tensor.name not in FEEDS[spec.kind]:
+        return True
     return spec.kind == Kind.FLOW_LOOP and tensor.name in ("t", "dt")
 
 
 def stored_inputs(spec: GraphSpec) -> list[TensorSpec]:
-    """The inputs a calibration set stores per row: row inputs and per-call scalars."""
-    return [t for t in spec.inputs if not is_stage_input(spec, t)]
+    """The inputs a calibration set stores per row (in the row view): row inputs and per-call scalars."""
+    view = row_view(spec)
+    return [t for t in view.inputs if not is_stage_input(view, t)]
 
 
 def scalar_inputs(spec: GraphSpec) -> list[str]:
@@ -79,6 +100,8 @@ def row_bytes(spec: GraphSpec, dims: Mapping[str, int]) -> int:
 
 def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One call's feeds as rows (see the module doc); every stored input gets the same row count."""
+    if spec.kind in FLOW_KINDS:  # token grids as token rows
+        feeds = {name: _grid_to_rows(spec, name, value) for name, value in feeds.items()}
     rows: dict[str, np.ndarray] = {}
     count: int | None = None
     for tensor in stored_inputs(spec):
@@ -112,8 +135,9 @@ def from_rows(
     Scalar inputs must hold one value across the rows.
     """
     feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        if is_stage_input(spec, tensor):
+    view = row_view(spec)
+    for tensor in view.inputs:
+        if is_stage_input(view, tensor):
             if constants is None or tensor.name not in constants:
                 raise ValueError(f"graph '{spec.name}': no value for stage input '{tensor.name}'")
             feeds[tensor.name] = np.array(constants[tensor.name])
@@ -129,7 +153,22 @@ def from_rows(
         if paired:
             value = np.concatenate([value[:, 0], value[:, 1]], axis=0)
         feeds[tensor.name] = np.ascontiguousarray(np.moveaxis(value, 0, axis))
+    if spec.kind in FLOW_KINDS:  # token rows as one grid: B = 1, N = M (2B = 2 guidance rows of M tokens)
+        for tensor in spec.inputs:
+            if row_view(spec).tensor(tensor.name).shape != tensor.shape:
+                guidance = 2 if tensor.shape[0] == "2B" else 1
+                value = feeds[tensor.name]
+                feeds[tensor.name] = value.reshape(guidance, value.shape[0] // guidance, *value.shape[1:])
     return feeds
+
+
+def _grid_to_rows(spec: GraphSpec, name: str, value: np.ndarray) -> np.ndarray:
+    """A flow graph's token-grid input as token rows (the row view's shape); other inputs unchanged."""
+    tensor = spec.tensor(name) if name in spec.input_names() else None
+    if tensor is None or row_view(spec).tensor(name).shape == tensor.shape:
+        return value
+    array = np.asarray(value)
+    return array.reshape(array.shape[0] * array.shape[1], *array.shape[2:])
 
 
 def row_count(rows: Mapping[str, np.ndarray]) -> int:

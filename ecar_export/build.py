@@ -39,18 +39,20 @@ import torch
 from ecar_export import checkpoint, export, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.model import ECAR
 from ecar_export.precision import Precision, RecipeInputs
+from runtime import ecar_contract, stage_constants
 from runtime import manifest as manifest_io
 from runtime.backends import selection
+from runtime.ecar_contract import flow_step_spec, graph_specs
 from runtime.errors import InvalidRequestError, OutputError
-from runtime.fileio import output_dir, sha256_file
-from runtime.graphs import GraphSpec, Kind, flow_step_spec, graph_specs
+from runtime.fileio import output_dir, sha256_file, write_bytes_atomic
+from runtime.graphs import GraphSpec, Kind
 
 Progress = Callable[[str, int, int], None]  # graph name, graphs done, graphs in all
 MAX_BATCH_LIMIT = 4096
 KILL_AT = "ECAR_BUILD_KILL_AT"
 CALIBRATION_REQUESTS = 64
 # Names a build gives its files; the sweep after a commit removes those no manifest names.
-CONTENT_ADDRESSED = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.(onnx|weights|plan)$")
+CONTENT_ADDRESSED = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.(onnx|weights|plan|npz)$")
 LEFTOVERS = (
     re.compile(r"^\.staging-.+$"),  # a killed build's staging directory
     re.compile(r"^\..+\.plan\.building$"),  # a plan being written
@@ -113,7 +115,7 @@ def build_engines(
         >>> from runtime import Pipeline
         >>> path = build_engines(None, out_dir=tmp / "engines", max_batch=2)  # None: the bundled demo
         >>> path.name, sorted(p.suffix for p in path.parent.iterdir())
-        ('manifest.json', ['.json', '.onnx', '.onnx', '.onnx', '.weights', '.weights', '.weights'])
+        ('manifest.json', ['.json', '.npz', '.onnx', '.onnx', '.onnx', '.weights', '.weights', '.weights'])
         >>> Pipeline.from_dir(path.parent).generate([3, 3, 3]).images.shape  # beyond max_batch=2
         Traceback (most recent call last):
         ...
@@ -153,7 +155,9 @@ def build_engines(
                 model, staging, out, recipe, calibration, calibration_method, specs, keys, reusable, progress
             )
             tools = {**toolchain, **_backend_versions(chosen)}
-            document = _document(model, weights_digest, recipe.name, chosen, fuse_flow_loop, max_batch, tools, records)
+            document = _document(
+                out, model, weights_digest, recipe.name, chosen, fuse_flow_loop, max_batch, tools, records
+            )
             if recipe.calibrated:
                 if calibration.captured is not None:
                     from calibration import lifecycle
@@ -176,7 +180,18 @@ def build_engines(
         return path
 
 
+def write_stage_constants(directory: Path, model: ECAR) -> dict[str, str]:
+    """Write the build's stages file (:mod:`runtime.stage_constants`) into ``directory``, named by content;
+    returns the manifest's ``stage_constants`` entry."""
+    blob = stage_constants.encode(ecar_contract.stage_constants(model.config))
+    name, digest = manifest_io.constants_file(blob)
+    if not (directory / name).is_file() or sha256_file(directory / name) != digest:
+        write_bytes_atomic(directory / name, blob)
+    return {"file": name, "sha256": digest}
+
+
 def _document(
+    directory: Path,
     model: ECAR,
     weights: str,
     precision: str,
@@ -186,9 +201,12 @@ def _document(
     toolchain: dict[str, str | None],
     records: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The manifest document of a build of ``model`` (this toolchain's opset and export version)."""
+    """The manifest document of a build of ``model`` (this toolchain's opset and export version), its
+    request plan and its stages file (written into ``directory``)."""
     return manifest_io.document(
         model.config,
+        plan=ecar_contract.request_plan(model.config),
+        stage_constants=write_stage_constants(directory, model),
         precision=precision,
         backend=backend,
         fuse_flow_loop=fused,
@@ -321,7 +339,8 @@ class _Calibration:
                 )
             tools = dict(self.key.toolchain)
             manifest_io.write(
-                fp32_dir, _document(self.model, self.weights, "fp32", "onnxruntime", False, 8, tools, records)
+                fp32_dir,
+                _document(fp32_dir, self.model, self.weights, "fp32", "onnxruntime", False, 8, tools, records),
             )
             self.captured = lifecycle.capture_from(
                 fp32_dir, self.key, self.staging / "calibration", lambda done, _: moment(f"calibration:{done}")
@@ -411,7 +430,7 @@ def _add_tensorrt_plans(
     plans, block = tensorrt.build_plans(
         out,
         {spec.name: (spec, str(records[spec.name]["file"])) for spec in specs},
-        model.config,
+        ecar_contract.request_plan(model.config),
         (1, opt_batch, max_batch),
         tensorrt.PlanOptions(),
         progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,

@@ -22,7 +22,7 @@ import numpy as np
 
 from ecar_export import export, precision
 from ecar_export.model import ECAR
-from runtime import graphs
+from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.fileio import sha256_file
 from runtime.graphs import GraphSpec
@@ -107,7 +107,7 @@ def _held_out_inputs(
     else:
         return {}
     inputs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    for call in graphs.request_plan(manifest.config, manifest.fuse_flow_loop):
+    for call in manifest.plan.calls(manifest.fuse_flow_loop):
         if call.graph in calibration.graph_names() and (call.graph, call.stage) not in inputs:
             feeds = next(iter(calibration.stage_feeds(call.graph, call.stage)), None)
             if feeds is not None:
@@ -182,7 +182,7 @@ def check_build(
     judged = precision.get(manifest.precision)
     atol, min_cosine = judged.check_atol, judged.check_min_cosine
     results: list[GraphCheck] = []
-    for call in graphs.request_plan(manifest.config, manifest.fuse_flow_loop):
+    for call in manifest.plan.calls(manifest.fuse_flow_loop):
         name, stage = call.graph, call.stage
         if any(r.graph == name and r.stage == stage for r in results):
             continue
@@ -193,7 +193,9 @@ def check_build(
             for f, digest in ((entry.file, entry.sha256), *entry.data_files.items())
         )
         held = (name, stage) in held_out
-        feeds = held_out[name, stage] if held else graphs.sample_inputs(entry.spec, model.config, stage, batch, rng)
+        feeds = (
+            held_out[name, stage] if held else ecar_contract.sample_inputs(entry.spec, model.config, stage, batch, rng)
+        )
         try:
             engine = (
                 _openvino_runner(path, entry.precision, entry.spec)

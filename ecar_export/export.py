@@ -35,10 +35,11 @@ OPSET = 18
 # pattern, a different decomposition): graph build keys and calibration reuse depend on it.
 # 2: the backbone MLP's GELU in the form ONNX Runtime fuses (layers.TanhGELU).
 # 3: graph contract 2 (one backbone for every stage, external weight data).
-EXPORT_VERSION = 3
+# 4: graph contract 3 (flow graphs over token grids [B, N, C]).
+EXPORT_VERSION = 4
 # Sizes of the dims when tracing: all different (so no two dynamic dims are unified) and >= 2
 # (torch.export specialises sizes 0 and 1). The graphs run at any size, 0 included for T and E.
-TRACE_DIMS = {"B": 2, "P": 3, "N": 5, "T": 7, "E": 4, "M": 6, "K": 3}
+TRACE_DIMS = {"B": 2, "P": 3, "N": 5, "T": 7, "E": 4, "K": 3}
 
 
 class GraphModule(nn.Module):
@@ -105,17 +106,15 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[tuple[dict[int, object], ...]]:
         "P": dim("prev_tokens", 1 << 20),
         "T": dim("past_tokens", 1 << 20),
         "E": dim("emitted_tokens", 1 << 20),
-        "M": dim("rows", 1 << 24),
         "K": dim("steps", 1 << 12),
     }
-    symbols["2M"] = 2 * symbols["M"]
     return (tuple({axis: symbols[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs),)
 
 
 def trace_inputs(model: ECAR, spec: GraphSpec) -> dict[str, np.ndarray]:
     """Inputs to trace ``spec`` with: every dim at its :data:`TRACE_DIMS` size, values in range."""
     config = model.config
-    dims = {**TRACE_DIMS, "2B": 2 * TRACE_DIMS["B"], "2M": 2 * TRACE_DIMS["M"]}
+    dims = {**TRACE_DIMS, "2B": 2 * TRACE_DIMS["B"]}
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:

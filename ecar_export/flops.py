@@ -9,9 +9,9 @@ matrix products.
 
     graph_flops(model, dims, spec)        -> {"by_op": {...}, "total": N, "unknown": [...]}
     build_flops(engine_dir, batch)        -> per-graph, per-stage and per-image totals of a build
-    call_flops(model, spec, config, ...)  -> one call of a graph at one stage
+    call_flops(model, spec, plan, ...)    -> one call of a graph at one stage
 
-``build_flops`` walks :func:`runtime.graphs.request_plan`, the order a request calls the
+``build_flops`` walks the build's request plan (:meth:`runtime.plan.RequestPlan.calls`), the order a request calls the
 graphs in; ``ecar-export inspect`` (:mod:`ecar_export.inspect_report`) reports them.
 """
 
@@ -28,6 +28,7 @@ from onnx import shape_inference
 from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.graphs import GraphSpec, Kind
+from runtime.plan import RequestPlan
 
 # The exporter's names for the dynamic axes, and the contract's names for the same axes.
 DIM_ALIASES = {
@@ -37,8 +38,6 @@ DIM_ALIASES = {
     "prev_tokens": "P",
     "past_tokens": "T",
     "emitted_tokens": "E",
-    "rows": "M",
-    "2*rows": "2M",
     "steps": "K",
 }
 # Index of (A, B) for matrix products and (X, W) for convolutions, per op type.
@@ -90,8 +89,8 @@ def infer_concrete(
 ) -> dict[str, Shape | None]:
     """Shape of every tensor of ``model`` when its inputs have the concrete shapes of ``dims``.
 
-    ``dims`` maps the contract's symbols (``B``, ``2B``, ``M``, ``2M``, see
-    :meth:`GraphSpec.dims`) or the graph's own ``dim_param`` names to sizes. With ``spec``
+    ``dims`` maps the contract's symbols (``B``, ``2B``, ``N``, ..., see
+    :meth:`runtime.plan.RequestPlan.dims`) or the graph's own ``dim_param`` names to sizes. With ``spec``
     the input shapes come from the contract; without, from the graph's inputs. The model
     passed in is not modified. ``None`` marks a tensor whose shape inference left unknown.
     """
@@ -297,23 +296,23 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
     """FLOPs of one request of ``batch`` samples on a build, per graph call, per stage and per image.
 
     Walks the request plan: the backbone once per stage at that stage's shapes, the flow
-    graph once per Euler step (or once per stage, fused) on M = batch × N_s token rows, the
+    graph once per Euler step (or once per stage, fused) on the batch's [batch, N_s] token grid, the
     decoder once. A fused loop's FLOPs are its body's times its steps (ONNX shape inference
     does not count inside a Loop).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     manifest = manifest_io.load(engine_dir)
-    config = manifest.config
+    plan = manifest.plan
     models = graph_models(manifest)
     specs = {name: entry.spec for name, entry in manifest.graphs.items()}
     per_call: dict[tuple[str, int], dict[str, Any]] = {}
     graph_rows: dict[str, dict[str, Any]] = {}
     stages: dict[int, dict[str, Any]] = {}
-    for call in graphs.request_plan(config, manifest.fuse_flow_loop):
+    for call in plan.calls(manifest.fuse_flow_loop):
         key = (call.graph, call.stage)
         if key not in per_call:
-            per_call[key] = call_flops(models[call.graph], specs[call.graph], config, call.stage, batch)
+            per_call[key] = call_flops(models[call.graph], specs[call.graph], plan, call.stage, batch)
         counted = per_call[key]
         label = call.graph if call.graph == Kind.DECODER else f"{call.graph}@stage{call.stage}"
         row = graph_rows.setdefault(
@@ -323,14 +322,14 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
         row["total"] += counted["total"]
         if call.graph == Kind.DECODER:
             continue
-        dims = graphs.stage_dims(config, call.stage, batch)
+        dims = plan.dims(call.stage, batch)
         stage = stages.setdefault(
             call.stage,
             {
                 "stage": call.stage,
                 "tokens": dims["N"],
-                "steps": config.steps[call.stage - 1],
-                "M": dims["M"],
+                "steps": plan.stage(call.stage).steps,
+                "M": batch * dims["N"],
                 "backbone": 0,
                 "flow_graph": graphs.flow_graph(manifest.fuse_flow_loop),
                 "flow_calls": 0,
@@ -361,9 +360,9 @@ def build_flops(engine_dir: str | os.PathLike[str], batch: int) -> dict[str, Any
     }
 
 
-def call_flops(model: onnx.ModelProto, spec: GraphSpec, config: Any, stage: int, batch: int) -> dict[str, Any]:
+def call_flops(model: onnx.ModelProto, spec: GraphSpec, plan: RequestPlan, stage: int, batch: int) -> dict[str, Any]:
     """FLOPs of one call of a graph at a stage and batch (a fused loop: its body, once per step)."""
-    dims = graphs.stage_dims(config, stage, batch)
+    dims = plan.dims(stage, batch)
     if spec.kind != Kind.FLOW_LOOP:
         return graph_flops(model, dims, spec)
     body = next(a.g for node in model.graph.node if node.op_type == "Loop" for a in node.attribute if a.name == "body")
@@ -375,8 +374,8 @@ def call_flops(model: onnx.ModelProto, spec: GraphSpec, config: Any, stage: int,
     step.graph.input.extend(
         onnx.helper.make_tensor_value_info(name, dtype, shape)
         for name, dtype, shape in (
-            ("loop_x", onnx.TensorProto.FLOAT, [dims["M"], config.latent_channels]),
-            ("z", onnx.TensorProto.FLOAT, [dims["2M"], config.width]),
+            ("loop_x", onnx.TensorProto.FLOAT, list(spec.tensor("x").concrete(dims))),
+            ("z", onnx.TensorProto.FLOAT, list(spec.tensor("z").concrete(dims))),
             ("loop_t", onnx.TensorProto.FLOAT, [1]),
             ("loop_dt", onnx.TensorProto.FLOAT, [1]),
             ("cfg", onnx.TensorProto.FLOAT, [1]),

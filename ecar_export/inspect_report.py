@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ecar_export.flops import call_flops, graph_models
-from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.graphs import profile_shapes
 
@@ -28,10 +27,9 @@ def inspect_rows(engine_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     paper-scale models).
     """
     manifest = manifest_io.load(engine_dir)
-    config = manifest.config
     models = graph_models(manifest)
     rows = []
-    plan = graphs.request_plan(config, manifest.fuse_flow_loop)
+    plan = manifest.plan.calls(manifest.fuse_flow_loop)
     calls: dict[tuple[str, int], int] = {}
     for call in plan:
         calls[call.graph, call.stage] = calls.get((call.graph, call.stage), 0) + 1
@@ -42,9 +40,11 @@ def inspect_rows(engine_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         seen.add((call.graph, call.stage))
         entry = manifest.graphs[call.graph]
         spec = entry.spec
-        shapes = profile_shapes(spec, config, call.stage, manifest.min_batch, manifest.opt_batch, manifest.max_batch)
+        shapes = profile_shapes(
+            spec, manifest.plan, call.stage, manifest.min_batch, manifest.opt_batch, manifest.max_batch
+        )
         opt = {name: value[1] for name, value in shapes.items()}
-        counted = call_flops(models[call.graph], spec, config, call.stage, manifest.opt_batch)
+        counted = call_flops(models[call.graph], spec, manifest.plan, call.stage, manifest.opt_batch)
         rows.append(
             {
                 "name": call.graph,

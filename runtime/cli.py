@@ -33,7 +33,7 @@ def run(
     labels: Annotated[str | None, typer.Option(help="Comma-separated class labels, e.g. 3,1,4.")] = None,
     per_class: Annotated[int | None, typer.Option("--per-class", help="N samples of every class (default 1).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: sample i uses key (seed, i).")] = 0,
-    cfg: Annotated[float | None, typer.Option(help="Guidance weight (default: the model's cfg_scale).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Guidance weight (default: the build's, its plan's cfg).")] = None,
     out: Annotated[Path, typer.Option(help="Output directory for the PNGs.")] = Path("out"),
     backend: Annotated[str, typer.Option(help=selection.RUN_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=selection.DEVICE_HELP)] = "auto",

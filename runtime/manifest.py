@@ -5,10 +5,13 @@ This module is the manifest's one owner: builds make their documents with :func:
 :func:`write`; everyone else reads a validated :class:`Manifest` from :func:`load`.
 
 The runtime validates a manifest completely before loading any graph: format and version
-(the graph contract it was built for), schema, the model config, every graph of the
-contract with exactly the contract's inputs and outputs, file names that stay inside the
-directory, the sha256 of every file a graph needs (the graph, its external weights, its
-TensorRT plan), and last the manifest's own ``manifest_sha256`` — a digest of its content
+(the graph contract it was built for), schema, the model config, the request plan
+(:class:`runtime.plan.RequestPlan`, under ``plan``), every graph's spec against the contract
+(:func:`runtime.graphs.check_specs`), file names that stay inside the directory, the sha256
+of every file a graph needs (the graph, its external weights, its TensorRT plan) and of the
+stage constants (``stage_constants``: ``{"file": "stages-<sha12>.npz", "sha256": ...}``,
+checked against the specs and the plan by :func:`runtime.graphs.check_constants`), and last
+the manifest's own ``manifest_sha256`` — a digest of its content
 that :func:`write` adds, so that a manifest edited or damaged after the build wrote it (a
 changed guidance scale, batch profile or precision that still parses) is refused instead of
 silently changing what the engines do.
@@ -28,12 +31,15 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from runtime import graphs as contract
 from runtime.backends import selection
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ManifestError
 from runtime.fileio import write_bytes_atomic
 from runtime.formats import Format
-from runtime.graphs import CONTRACT_VERSION, GraphSpec, graph_specs
+from runtime.graphs import CONTRACT_VERSION, GraphSpec, Kind
+from runtime.plan import RequestPlan
+from runtime.stage_constants import StageConstants
 from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
 
 FORMAT = "ecar-engines"
@@ -94,6 +100,10 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     toolchain: dict[str, Any]
     checkpoint_sha256: str
+    plan: RequestPlan
+    constants: StageConstants = field(repr=False)
+    constants_file: str
+    sizes: dict[str, int]  # what the specs fix: c, d, layers, heads, head_dim, image_channels, height, width, ...
     opset: int | None = None
     export_version: int | None = None
     created: str | None = None
@@ -104,13 +114,22 @@ class Manifest:
     def path(self, file: str) -> Path:
         return self.root / file
 
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        """Every graph's spec, by name."""
+        return {name: entry.spec for name, entry in self.graphs.items()}
+
+    def image_shape(self, batch: int) -> tuple[int, ...]:
+        """The decoder's output shape at ``batch`` (from its spec)."""
+        return self.graphs[Kind.DECODER].spec.tensor("image").concrete({"B": batch})
+
     def document(self) -> dict[str, Any]:
         """A deep copy of the JSON document, to derive a new manifest from (:func:`with_plans`)."""
         return copy.deepcopy(self.raw)
 
     def files(self) -> list[str]:
-        """Every file of the build, graph by graph."""
-        return [name for entry in self.graphs.values() for name in entry.files()]
+        """Every file of the build, graph by graph, then the stage constants."""
+        return [*(name for entry in self.graphs.values() for name in entry.files()), self.constants_file]
 
     def bytes_on_disk(self) -> int:
         return sum(self.path(name).stat().st_size for name in self.files())
@@ -170,9 +189,17 @@ def opt_batch(max_batch: int) -> int:
     return max(1, min(max_batch, 8))
 
 
+def constants_file(blob: bytes) -> tuple[str, str]:
+    """(file name, sha256) of a stages file with content ``blob``: named by content, like the graphs."""
+    digest = hashlib.sha256(blob).hexdigest()
+    return f"stages-{digest[:12]}.npz", digest
+
+
 def document(
     config: ECARConfig,
     *,
+    plan: RequestPlan,
+    stage_constants: Mapping[str, str],
     precision: str,
     backend: str,
     fuse_flow_loop: bool,
@@ -183,13 +210,18 @@ def document(
     toolchain: Mapping[str, Any],
     graphs: Mapping[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """A whole manifest document (without TensorRT plans or a calibration set; see :func:`with_plans`)."""
+    """A whole manifest document (without TensorRT plans or a calibration set; see :func:`with_plans`).
+
+    ``stage_constants``: ``{"file": ..., "sha256": ...}`` of the stages file (:func:`constants_file`).
+    """
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "runtime": {"min_version": MIN_RUNTIME_FOR_CONTRACT, "built_by": __version__},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": config.to_dict(),
+        "plan": plan.to_dict(),
+        "stage_constants": dict(stage_constants),
         "precision": precision,
         "backend": backend,
         "fuse_flow_loop": fuse_flow_loop,
@@ -240,6 +272,9 @@ def named_files(data: Mapping[str, Any]) -> set[str]:
                 names.add(record[key])
         if isinstance(record.get("data_files"), dict):
             names.update(name for name in record["data_files"] if isinstance(name, str))
+    constants = data.get("stage_constants")
+    if isinstance(constants, dict) and isinstance(constants.get("file"), str):
+        names.add(constants["file"])
     calibration = data.get("calibration")
     if isinstance(calibration, dict) and isinstance(calibration.get("dir"), str):
         names.add(calibration["dir"])
@@ -311,9 +346,7 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
     where = str(path)
     MANIFEST_FORMAT.check_name(data, where)
     _check_runtime_version(data.get("runtime"), where)
-    MANIFEST_FORMAT.check_version(
-        data, where, older="built for an older graph contract, which this runtime no longer loads"
-    )
+    MANIFEST_FORMAT.check_version(data, where, older=OLDER_CONTRACT)
     try:
         config = ECARConfig.from_dict(_require(data, "model", dict, where))
     except ConfigError as exc:
@@ -331,14 +364,18 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
         raise ManifestError(f"{where}: batch profile {batches} must satisfy 1 <= min <= opt <= max")
     toolchain = _require(data, "toolchain", dict, where)
     checkpoint = _require(data, "checkpoint_sha256", str, where)
+    plan = RequestPlan.from_dict(_require(data, "plan", dict, where))
     raw_graphs = _require(data, "graphs", dict, where)
-    specs = {spec.name: spec for spec in graph_specs(config, fused)}
-    if set(raw_graphs) != set(specs):
-        missing, extra = sorted(set(specs) - set(raw_graphs)), sorted(set(raw_graphs) - set(specs))
-        raise ManifestError(f"{where}: graphs do not match the model (missing {missing}, unexpected {extra}); rebuild")
+    specs = {name: GraphSpec.from_dict(name, raw) for name, raw in raw_graphs.items()}
+    sizes = contract.check_specs(specs, fused, {"c": plan.channels, "n_last": plan.stages[-1].tokens})
+    specs = {str(kind): specs[kind] for kind in contract.kinds(fused)}  # in the order a request calls them
+    if fused:
+        plan.calls(True)  # a guidance threshold that splits a fused stage is refused here
     entries = {
         name: _graph_entry(root, where, name, spec, raw_graphs[name], verify_files) for name, spec in specs.items()
     }
+    constants, constants_name = _stage_constants(root, where, data.get("stage_constants"), verify_files)
+    contract.check_constants(specs, plan, constants.arrays())
     calibration = _calibration(data.get("calibration"), where)
     tensorrt = data.get("tensorrt")
     if tensorrt is not None and not isinstance(tensorrt, dict):
@@ -361,6 +398,10 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
         graphs=entries,
         toolchain=toolchain,
         checkpoint_sha256=checkpoint,
+        plan=plan,
+        constants=constants,
+        constants_file=constants_name,
+        sizes=sizes,
         opset=opset if isinstance(opset, int) else None,
         export_version=export_version if isinstance(export_version, int) else None,
         created=created if isinstance(created, str) else None,
@@ -404,14 +445,24 @@ def _calibration(raw: Any, where: str) -> CalibrationRecord | None:
     )
 
 
+def _stage_constants(root: Path, where: str, raw: Any, verify: bool) -> tuple[StageConstants, str]:
+    """The stages file the manifest names, its sha256 checked (``verify``) and its arrays read."""
+    here = f"{where} stage_constants"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: missing field 'stage_constants' (the stages file); rebuild the engines")
+    file = _safe_file(root, raw.get("file"), here)
+    digest = _require(raw, "sha256", str, here)
+    if verify:
+        MANIFEST_FORMAT.verify_file(root / file, digest, here)
+    elif not (root / file).is_file():
+        raise ManifestError(f"{here}: file '{root / file}' is missing; {REBUILD}")
+    return StageConstants.read(root / file), file
+
+
 def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, verify: bool) -> GraphEntry:
     here = f"{where} graph '{name}'"
     if not isinstance(raw, dict):
         raise ManifestError(f"{here}: must be a JSON object")
-    contract = spec.to_dict()
-    for key in ("kind", "inputs", "outputs"):
-        if raw.get(key) != contract[key]:
-            raise ManifestError(f"{here}: '{key}' does not match the graph contract of this runtime; rebuild")
     file = _safe_file(root, raw.get("file"), here)
     digest = _require(raw, "sha256", str, here)
     precision = _require(raw, "precision", str, here)

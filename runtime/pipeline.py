@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime import graphs, schedule
 from runtime import manifest as manifest_io
+from runtime import noise
 from runtime.backends import Backend, DeviceResidentBackend, StageCallback, selection
 from runtime.errors import ECARError, EngineError, InvalidRequestError, ManifestError, shown
 from runtime.graphs import Call, Kind
@@ -94,6 +94,7 @@ class Pipeline:
     def __init__(self, manifest: Manifest, backend: Backend, device_resident: bool = True) -> None:
         self.manifest = manifest
         self.config = manifest.config
+        self.plan = manifest.plan
         self.backend = backend
         self.device_resident = device_resident
 
@@ -169,7 +170,7 @@ class Pipeline:
             labels: one class label per sample (integers in ``[0, num_classes)``).
             seed: an integer (sample i draws its noise from key (seed, i)) or one integer per
                 sample (sample i from key (seed[i], 0)), each in [0, 2**63 - 1].
-            cfg: the guidance weight; None takes the model's ``cfg_scale``.
+            cfg: the guidance weight; None takes the build's default (its plan's ``cfg``).
             on_stage: called with (stages done, stages in all) after each stage.
 
         Returns:
@@ -198,7 +199,7 @@ class Pipeline:
                 f"batch of {len(label_array)} exceeds this build's profile (max batch {self.max_batch}); "
                 "split the request or rebuild with a larger --max-batch"
             )
-        keys = schedule.noise_keys(seed, len(label_array))
+        keys = noise.noise_keys(seed, len(label_array))
         return self._run(label_array, keys, cfg, on_stage)
 
     def generate_keyed(
@@ -221,7 +222,7 @@ class Pipeline:
             raise InvalidRequestError(
                 f"batch of {len(label_array)} exceeds this build's profile (max batch {self.max_batch})"
             )
-        return self._run(label_array, schedule.check_keys(keys), cfg, on_stage)
+        return self._run(label_array, noise.check_keys(keys), cfg, on_stage)
 
     def generate_many(
         self,
@@ -238,7 +239,7 @@ class Pipeline:
                 f"{len(label_array):,} samples in one call; at most {MAX_SAMPLES:,} (its images are held in memory "
                 "together): split the work into several calls"
             )
-        keys = schedule.noise_keys(seed, len(label_array))
+        keys = noise.noise_keys(seed, len(label_array))
         results = []
         for start in range(0, len(label_array), self.max_batch):
             stop = start + self.max_batch
@@ -290,7 +291,7 @@ class Pipeline:
     ) -> GenerateResult:
         begin = time.perf_counter()
         timings = Timings()
-        inputs = RequestInputs.draw(self.config, labels, keys, cfg)
+        inputs = RequestInputs.draw(self.plan, labels, keys, cfg)
         if self.device_resident and isinstance(self.backend, DeviceResidentBackend):
             out = self.backend.run_request(inputs, on_stage)  # every intermediate stays on the device
             timings.stages = list(out.stage_seconds)
@@ -321,20 +322,21 @@ class Pipeline:
                 _check_finite(outputs[0], f"stage {call.stage}")
                 timings.stages.append(end - stage_begin)
                 if on_stage:
-                    on_stage(call.stage, self.config.num_stages)
+                    on_stage(call.stage, self.plan.num_stages)
             return outputs
 
-        plan = graphs.request_plan(self.config, self.manifest.fuse_flow_loop)
-        state: RequestState[np.ndarray] = walk(RequestState(self.config, inputs), plan, run)
+        manifest = self.manifest
+        state: RequestState[np.ndarray] = RequestState(self.plan, manifest.specs, manifest.constants, inputs)
+        walk(state, self.plan.calls(manifest.fuse_flow_loop), run)
         images = to_uint8(state.image)
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, state.latents, timings)
 
     def _decode(self, call: Call, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The decoder call in sub-batches of :func:`runtime.graphs.decoder_batch` images: its activations are the
+        """The decoder call in sub-batches of the plan's ``decoder_batch`` images: its activations are the
         request's largest, and a batch of 8 at 256² in one call would hold them all at once."""
         x = feeds["x"]
-        step = graphs.decoder_batch(self.config)
+        step = self.plan.decoder_batch
         if len(x) <= step:
             return self.backend.run(call, feeds)
         parts = [self.backend.run(call, {**feeds, "x": x[i : i + step]}) for i in range(0, len(x), step)]

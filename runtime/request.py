@@ -1,25 +1,27 @@
 """One request's walk through the graphs: its inputs, what it holds between calls, the feeds of a call.
 
-:func:`runtime.graphs.request_plan` says which graphs a request calls, in which order;
-:data:`runtime.graphs.FEEDS` and :data:`runtime.graphs.RESULTS` say which of the request's
-slots feeds each input of a call and takes each output. :class:`RequestState` holds those
-slots in arrays that slice and reshape like numpy's — numpy arrays for the
+The build's :class:`runtime.plan.RequestPlan` says which graphs a request calls, in which
+order; :func:`runtime.graphs.feeds` and :data:`runtime.graphs.RESULTS` say which of the
+request's slots feeds each input of a call and takes each output, every input no slot feeds
+being a stage constant (:class:`runtime.stage_constants.StageConstants`). :class:`RequestState`
+holds those slots in arrays that slice like numpy's — numpy arrays for the
 :class:`~runtime.pipeline.Pipeline`, torch tensors for the export side's reference sampler —
 and :func:`walk` runs a request with any ``run(call, feeds) -> outputs``. The TensorRT
-backend resolves the same slots to device buffers.
+backend resolves the same slots to device buffers. Nothing here knows a model family.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from runtime import graphs, schedule
-from runtime.config import ECARConfig
-from runtime.graphs import FEEDS, RESULTS, Call
+from runtime import graphs, noise
+from runtime.graphs import RESULTS, Call, GraphSpec, Kind
+from runtime.plan import RequestPlan
+from runtime.stage_constants import StageConstants
 
 A = TypeVar("A")  # numpy arrays, or torch tensors on the export side
 Run = Callable[[Call, dict[str, Any]], Sequence[Any]]
@@ -30,16 +32,16 @@ class RequestInputs:
     """What is chosen or drawn per request: labels, every stage's noise, every stage's guidance weight."""
 
     labels: np.ndarray  # int64 [B]
-    noise: tuple[np.ndarray, ...]  # float32 [B, N_s, C], one per stage (ε_1, η_2 .. η_S)
-    cfg: tuple[float, ...]  # guidance weight w_s, one per stage
+    noise: tuple[np.ndarray, ...]  # float32 [B, N_s, C], one per stage
+    cfg: tuple[float, ...]  # guidance weight w_s, one per stage (a call that is not guided takes 1)
 
     @classmethod
     def draw(
-        cls, config: ECARConfig, labels: np.ndarray, keys: Sequence[tuple[int, int]], cfg: float | None
+        cls, plan: RequestPlan, labels: np.ndarray, keys: Sequence[tuple[int, int]], cfg: float | None
     ) -> RequestInputs:
-        """Noise from the per-sample ``keys`` (:func:`runtime.schedule.draw_noise`), weights from ``cfg``."""
-        weights = schedule.cfg_weights(config, cfg)
-        return cls(np.asarray(labels, np.int64), tuple(schedule.draw_noise(config, keys)), weights)
+        """Noise from the per-sample ``keys`` (:func:`runtime.noise.draw`), weights from ``cfg`` (the plan's rule)."""
+        drawn = noise.draw(plan.tokens, plan.channels, keys)
+        return cls(np.asarray(labels, np.int64), tuple(drawn), plan.weights(cfg))
 
     @property
     def batch(self) -> int:
@@ -50,24 +52,44 @@ def _same(array: np.ndarray) -> Any:
     return array
 
 
+def first_prev(plan: RequestPlan, batch: int) -> np.ndarray:
+    """``prev`` of stage 1: the plan's P zero tokens per sample."""
+    return np.zeros((batch, plan.stages[0].prev_tokens, plan.channels), np.float32)
+
+
+def new_cache(plan: RequestPlan, backbone: GraphSpec, batch: int) -> np.ndarray:
+    """An empty KV cache for one request (rows are written stage by stage)."""
+    return np.empty((plan.cache_rows, *graphs.kv_row_shape(backbone, batch)), np.float32)
+
+
 class RequestState(Generic[A]):
     """The slots of one request (see :data:`runtime.graphs.FEEDS`) in arrays made by ``convert``.
 
-    ``convert`` turns a host numpy array into the executor's array type (identity for numpy,
+    ``specs`` are the build's graphs by name, ``constants`` its stage constants. ``convert``
+    turns a host numpy array into the executor's array type (identity for numpy,
     ``torch.from_numpy`` for torch); what the graphs return is stored as it comes.
     """
 
-    def __init__(self, config: ECARConfig, inputs: RequestInputs, convert: Callable[[np.ndarray], A] = _same) -> None:
-        self.config = config
+    def __init__(
+        self,
+        plan: RequestPlan,
+        specs: Mapping[str, GraphSpec],
+        constants: StageConstants,
+        inputs: RequestInputs,
+        convert: Callable[[np.ndarray], A] = _same,
+    ) -> None:
+        self.plan = plan
+        self.constants = constants
         self.convert = convert
+        self._feeds = {name: graphs.feeds(spec) for name, spec in specs.items()}
         rows = inputs.batch
         self.rows = rows
         self.labels: A = convert(inputs.labels)
         self.noise: list[A] = [convert(array) for array in inputs.noise]
         self.cfg: list[A] = [convert(np.array([weight], np.float32)) for weight in inputs.cfg]
-        self.offsets = graphs.cache_offsets(config)
-        self.cache: Any = convert(graphs.new_cache(config, rows))
-        self.prev: Any = convert(graphs.first_prev(config, rows))
+        self.unguided: A = convert(np.ones(1, np.float32))
+        self.cache: Any = convert(new_cache(plan, specs[Kind.BACKBONE], rows))
+        self.prev: Any = convert(first_prev(plan, rows))
         self.x: Any = None
         self.z: Any = None
         self.image: Any = None
@@ -75,36 +97,31 @@ class RequestState(Generic[A]):
     def read(self, slot: str, name: str, call: Call) -> A:
         """The array in ``slot`` that feeds input ``name`` of ``call``."""
         index = call.stage - 1
-        if slot == "stage":
-            return self.convert(np.array(graphs.stage_inputs(self.config, call.stage)[name]))
+        if slot == graphs.STAGE:
+            return self.convert(np.array(self.constants.get(call.graph, call.stage)[name]))
         if slot == "noise":
             return self.noise[index]
         if slot == "past":
-            return self.cache[: self.offsets[index]]  # type: ignore[no-any-return]
+            return self.cache[: self.plan.stages[index].cache_start]  # type: ignore[no-any-return]
         if slot == "cfg":
-            return self.cfg[index]
+            return self.cfg[index] if call.guided else self.unguided
         if slot in ("t", "dt"):
             return self.convert(np.array(getattr(call, slot), np.float32))
         return getattr(self, slot)  # type: ignore[no-any-return]
 
     def write(self, slot: str, value: Any, call: Call) -> None:
         """Store output ``value`` of ``call`` in ``slot``."""
-        index = call.stage - 1
         if slot == "past":
-            start = self.offsets[index]
+            start = self.plan.stages[call.stage - 1].cache_start
             self.cache[start : start + value.shape[0]] = value
-        elif slot == "x":
-            self.x = value.reshape(-1, self.config.latent_channels)
-        elif slot == "z":
-            self.z = value.reshape(-1, self.config.width)
         else:
             setattr(self, slot, value)
         if slot == "x" and call.ends_stage:
-            self.prev = self.x.reshape(self.rows, self.config.tokens_per_stage[index], self.config.latent_channels)
+            self.prev = self.x
 
     def feeds(self, call: Call) -> dict[str, A]:
         """Every input of ``call``, by name."""
-        return {name: self.read(slot, name, call) for name, slot in FEEDS[call.graph].items()}
+        return {name: self.read(slot, name, call) for name, slot in self._feeds[call.graph].items()}
 
     def keep(self, call: Call, outputs: Sequence[Any]) -> None:
         """Store the outputs of ``call`` (in the graph's output order)."""

@@ -1,22 +1,21 @@
 """ECAR's multistage flow schedule (DESIGN §3) and the per-sample noise (DESIGN §4).
 
 This module is the single home of the schedule's formulas. The torch reference
-model, the exported graphs and the torch-free runtime all call these functions.
+model, the exported graphs and ECAR's build data (:mod:`runtime.ecar_contract`) call these
+functions.
 Resampling between stage grids is expressed as small constant matrices acting on
 the token axis (``tokens [.., N, C]``, row-major over the r×r grid), so every
 formula here is written with ``@``, ``*``, ``+`` and ``-`` only and works unchanged
 on numpy arrays and on torch tensors (the caller passes matrices of its own kind).
 
-Drawing order of the noise (the contract every backend follows): sample ``i`` of a
-request owns the generator ``numpy.random.Generator(PCG64(SeedSequence([seed, i])))``
-(or ``[seed_i, 0]`` when one seed per sample is given). From it, stage by stage for
-s = 1..S, one array ``standard_normal((r_s * r_s, C), dtype=float32)`` is drawn:
-``ε_1`` for the first stage and ``η_s`` for every later one. Nothing else is random.
+The per-sample noise is :mod:`runtime.noise`'s: stage by stage for s = 1..S, one array
+``standard_normal((r_s * r_s, C), dtype=float32)`` per sample, ``ε_1`` for the first stage and
+``η_s`` for every later one. The runtime's request path uses none of this module: the build
+writes what it needs as data (:mod:`runtime.ecar_contract`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from runtime.config import CFG_LIMIT, ECARConfig
-from runtime.errors import InvalidRequestError, shown
+from runtime import noise
+from runtime.config import ECARConfig
+from runtime.noise import MAX_SEED, check_keys, noise_keys  # noqa: F401  (the export side's imports)
+from runtime.plan import check_cfg  # noqa: F401
 
 A = Any  # a numpy array or a torch tensor: the formulas below use only @, *, + and -
-
-MAX_SEED = 2**63 - 1
 
 
 # ----------------------------------------------------------------- time windows
@@ -169,80 +168,15 @@ def stages(config: ECARConfig) -> tuple[Stage, ...]:
     return tuple(result)
 
 
-def check_cfg(cfg: object, name: str = "cfg") -> float:
-    """A guidance weight as a float: a real number in [-CFG_LIMIT, CFG_LIMIT], else :class:`InvalidRequestError`.
-
-    The graphs compute in float32: a weight that is finite in float64 but not in float32 (1e308),
-    or just large enough to overflow the guidance mix, would give NaN latents and black images.
-    """
-    bad = InvalidRequestError(f"{name} must be a finite number in [-{CFG_LIMIT:g}, {CFG_LIMIT:g}], got {shown(cfg)}")
-    if isinstance(cfg, (bool, np.bool_)) or not isinstance(cfg, (int, float, np.integer, np.floating)):
-        raise bad
-    try:
-        value = float(cfg)
-    except OverflowError:  # an int beyond float range
-        raise bad from None
-    if not math.isfinite(value) or abs(value) > CFG_LIMIT:
-        raise bad
-    return value
-
-
-def cfg_weights(config: ECARConfig, cfg: float | None = None) -> tuple[float, ...]:
-    """Guidance weight w_s per stage: constant, or linear ramp w_s = 1 + (cfg - 1)·s/S (w_S = cfg)."""
-    scale = check_cfg(config.cfg_scale if cfg is None else cfg)
+def cfg_ramp(config: ECARConfig) -> tuple[float, ...]:
+    """The guidance ramp of each stage (w_s = 1 + (cfg - 1)·ramp_s): 'constant' 1 each, 'linear' (s+1)/S."""
     count = config.num_stages
     if config.cfg_schedule == "linear":
-        return tuple(1.0 + (float(scale) - 1.0) * (s + 1) / count for s in range(count))
-    return tuple(float(scale) for _ in range(count))
+        return tuple((s + 1) / count for s in range(count))
+    return tuple(1.0 for _ in range(count))
 
 
 # --------------------------------------------------------------- noise source
-def noise_keys(seed: int | Sequence[int], batch: int) -> list[tuple[int, int]]:
-    """Per-sample noise keys: (seed, i) for an int seed, (seed_i, 0) for a list of seeds."""
-    if isinstance(seed, (bool, np.bool_)):
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
-    if isinstance(seed, (int, np.integer)):
-        _check_seed(int(seed))
-        return [(int(seed), i) for i in range(batch)]
-    if isinstance(seed, np.ndarray):
-        seed = seed.tolist()
-    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise InvalidRequestError(f"seed must be an integer or a list of integers, got {seed!r}")
-    seeds = list(seed)
-    if len(seeds) != batch:
-        raise InvalidRequestError(f"got {len(seeds)} seeds for {batch} labels; give one seed per label")
-    for value in seeds:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise InvalidRequestError(f"every seed must be an integer, got {value!r}")
-        _check_seed(int(value))
-    return [(int(value), 0) for value in seeds]
-
-
-def check_keys(keys: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Explicit per-sample noise keys, validated: (seed, index) pairs of non-negative integers."""
-    checked = []
-    for key in keys:
-        pair = tuple(key)
-        if len(pair) != 2 or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in pair):
-            raise InvalidRequestError(f"noise key {key!r} is not a (seed, index) pair of integers")
-        _check_seed(int(pair[0]))
-        if pair[1] < 0:
-            raise InvalidRequestError(f"noise key {key!r}: the index must be a non-negative integer")
-        checked.append((int(pair[0]), int(pair[1])))
-    return checked
-
-
-def _check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidRequestError(f"seed {seed} is out of range: use an integer in [0, 2**63 - 1]")
-
-
 def draw_noise(config: ECARConfig, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Noise of a batch, one float32 [B, N_s, C] array per stage (ε_1, then η_2..η_S)."""
-    channels = config.latent_channels
-    per_stage: list[list[np.ndarray]] = [[] for _ in config.scales]
-    for key in keys:
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
-        for s, grid in enumerate(config.scales):
-            per_stage[s].append(rng.standard_normal((grid * grid, channels), dtype=np.float32))
-    return [np.stack(arrays) for arrays in per_stage]
+    """Noise of a batch, one float32 [B, N_s, C] array per stage (ε_1, then η_2..η_S): :func:`runtime.noise.draw`."""
+    return noise.draw(config.tokens_per_stage, config.latent_channels, keys)

@@ -6,7 +6,8 @@ One number for both layers (one distribution, ``ecar-export``): ``runtime.__vers
 naming both versions.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 # Graph contract 2 (one backbone for every stage, external weight data) first loads in 0.2.0; manifests whose
-# model config names its tokenizer (tokenizer, tokenizer_channels, ..., latent_shift, image_output) in 0.3.0.
-MIN_RUNTIME_FOR_CONTRACT = "0.3.0"
+# model config names its tokenizer (its kind, layout, latent scale and shift, image output) in 0.3.0;
+# graph contract 3 (the request plan and the stage constants as build data, flow graphs over token grids) in 0.4.0.
+MIN_RUNTIME_FOR_CONTRACT = "0.4.0"

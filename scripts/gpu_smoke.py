@@ -153,7 +153,9 @@ def run_smoke(
             start = time.perf_counter()
             host = pipeline.generate(labels, seed=request_seed)
             host_seconds = time.perf_counter() - start
-            inputs = RequestInputs.draw(config, np.asarray(labels), schedule.noise_keys(request_seed, size), None)
+            inputs = RequestInputs.draw(
+                manifest.plan, np.asarray(labels), schedule.noise_keys(request_seed, size), None
+            )
             start = time.perf_counter()
             device = backend.run_request(inputs)
             device_seconds = time.perf_counter() - start

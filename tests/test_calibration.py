@@ -31,11 +31,12 @@ from calibration import (
 )
 from calibration.dataset import MANIFEST_NAME, group_stage
 from calibration.readers import GraphReader, held_out_feeds
-from runtime import graphs, schedule
+from runtime import ecar_contract, schedule
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.ecar_contract import graph_specs
 from runtime.errors import ECARError, InvalidRequestError
-from runtime.graphs import Call, Kind, graph_specs, request_plan, stage_times
+from runtime.graphs import Call, Kind
 from runtime.pipeline import Pipeline
 
 TINY = "tiny-1-2-4"
@@ -103,17 +104,20 @@ def test_plan_rejects_bad_fields(changes: dict[str, object]) -> None:
 def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.random.Generator, fused: bool) -> None:
     config = build_cache.model(TINY).config
     for spec in graph_specs(config, fuse_flow_loop=fused):
-        for stage in graphs.graph_stages(config, spec):
-            feeds = graphs.sample_inputs(spec, config, stage, 3, rng)
-            dims = graphs.stage_dims(config, stage, 3)
+        for stage in ecar_contract.request_plan(config).graph_stages(spec.kind):
+            feeds = ecar_contract.sample_inputs(spec, config, stage, 3, rng)
+            dims = ecar_contract.request_plan(config).dims(stage, 3)
             constants = {t.name: feeds[t.name] for t in spec.inputs if layout.is_stage_input(spec, t)}
             rows = layout.to_rows(spec, feeds)
             assert set(rows) == {t.name for t in layout.stored_inputs(spec)}, "stage inputs are not stored"
-            assert layout.row_count(rows) == dims["M" if spec.kind.startswith("flow") else "B"]
+            assert layout.row_count(rows) == dims["B"] * (dims["N"] if spec.kind.startswith("flow") else 1)
             back = layout.from_rows(spec, rows, constants)
             assert back.keys() == feeds.keys()
             for name in feeds:
-                np.testing.assert_array_equal(back[name], feeds[name], err_msg=f"{spec.name}@{stage}.{name}")
+                # a flow graph's grid comes back as its token rows in one grid (B = 1, N = B·N), in order
+                want = feeds[name].reshape(back[name].shape) if spec.kind.startswith("flow") else feeds[name]
+                assert back[name].size == feeds[name].size
+                np.testing.assert_array_equal(back[name], want, err_msg=f"{spec.name}@{stage}.{name}")
             # a row selection is a valid call of the same graph
             picked = layout.from_rows(spec, layout.select(rows, np.array([2, 0])), constants)
             for tensor in layout.stored_inputs(spec):
@@ -122,7 +126,10 @@ def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.ran
                     assert picked[tensor.name].shape == (1,)
                 else:
                     axis, paired = found
-                    assert picked[tensor.name].shape[axis] == (4 if paired else 2)
+                    if spec.kind.startswith("flow"):  # token rows come back as one grid: B = 1, N = rows
+                        assert picked[tensor.name].shape[:2] == ((2, 2) if paired else (1, 2))
+                    else:
+                        assert picked[tensor.name].shape[axis] == (4 if paired else 2)
             if constants:  # stage inputs are not stored: feeds without them are refused
                 with pytest.raises(ValueError, match="stage input"):
                     layout.from_rows(spec, rows, {})
@@ -134,20 +141,20 @@ def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: Buil
     rng = np.random.default_rng(0)
     parts = []
     for index, rows_in_group in enumerate((5, 12, 9)):
-        feeds = graphs.sample_inputs(spec, config, 1, 1, rng)
-        feeds["x"] = rng.standard_normal((rows_in_group, config.latent_channels)).astype(np.float32)
-        feeds["z"] = rng.standard_normal((2 * rows_in_group, config.width)).astype(np.float32)
+        feeds = ecar_contract.sample_inputs(spec, config, 1, 1, rng)
+        feeds["x"] = rng.standard_normal((1, rows_in_group, config.latent_channels)).astype(np.float32)
+        feeds["z"] = rng.standard_normal((2, rows_in_group, config.width)).astype(np.float32)
         feeds["t"] = np.array([0.9 - 0.1 * index], np.float32)
         parts.append(layout.to_rows(spec, feeds))
     rows = layout.concatenate(parts)
     loose = list(layout.batches(spec, rows, 4))
-    assert [len(b["x"]) for b in loose] == [4, 1, 4, 4, 4, 4, 4, 1]
+    assert [b["x"].shape[1] for b in loose] == [4, 1, 4, 4, 4, 4, 4, 1]
     fixed = list(layout.batches(spec, rows, 8, fixed=True))
-    assert {b["x"].shape for b in fixed} == {(5, config.latent_channels)}
-    assert {b["z"].shape for b in fixed} == {(10, config.width)}
+    assert {b["x"].shape for b in fixed} == {(1, 5, config.latent_channels)}
+    assert {b["z"].shape for b in fixed} == {(2, 5, config.width)}
     assert [float(b["t"][0]) for b in fixed] == pytest.approx([0.9] + [0.8] * 3 + [0.7] * 2)
     # every real row is fed at least once, and only real rows are fed
-    fed = np.concatenate([b["x"] for b in fixed])
+    fed = np.concatenate([b["x"][0] for b in fixed])
     assert {tuple(r) for r in fed} == {tuple(r) for r in rows["x"]}
 
 
@@ -156,9 +163,9 @@ def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, Calibr
     pipeline, result = captured
     config = pipeline.config
     assert result.groups("backbone") == [f"stage{s}" for s in range(1, config.num_stages + 1)]
-    for spec in graph_specs(config, fuse_flow_loop=True) + [graphs.flow_step_spec(config)]:
+    for spec in graph_specs(config, fuse_flow_loop=True) + [ecar_contract.flow_step_spec(config)]:
         for group in result.groups(spec.name):
-            dims = graphs.stage_dims(config, group_stage(config, group), 1)
+            dims = ecar_contract.request_plan(config).dims(group_stage(config, group), 1)
             for split in SPLITS:
                 rows = result.rows(spec.name, split, group)
                 assert layout.row_count(rows) > 0, f"{spec.name} {group} {split}"
@@ -183,14 +190,15 @@ def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, Calibr
 def test_flow_step_rows_cover_every_stage_and_step_at_their_times(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, result = captured
     config = pipeline.config
-    weights = schedule.cfg_weights(config)
+    request = ecar_contract.request_plan(config)
+    weights = request.weights()
     expected = {(s, k) for s in range(1, config.num_stages + 1) for k in range(config.steps[s - 1])}
     for split in SPLITS:
         rows, meta = result.rows("flow_step", split), result.meta("flow_step", split)
         assert {(int(s), int(k)) for s, k in zip(meta["stage"], meta["step"])} == expected
         for stage, step in expected:
             mask = (meta["stage"] == stage) & (meta["step"] == step)
-            t, dt = stage_times(config, stage)[step]
+            t, dt = request.stage(stage).step_times()[step]
             assert np.all(rows["t"][mask] == np.float32(t)) and np.all(rows["dt"][mask] == np.float32(dt))
             assert np.all(rows["cfg"][mask] == np.float32(weights[stage - 1]))
             # no more rows than the plan allows per (stage, step)
@@ -200,7 +208,7 @@ def test_flow_step_rows_cover_every_stage_and_step_at_their_times(captured: tupl
         loop = result.meta("flow_loop", group=f"stage{stage}")
         assert np.all(loop["stage"] == stage) and np.all(loop["step"] == 0)
         feeds = next(iter(result.feeds("flow_loop", group=f"stage{stage}")))
-        np.testing.assert_array_equal(feeds["t"], [t for t, _ in stage_times(config, stage)])
+        np.testing.assert_array_equal(feeds["t"], [t for t, _ in request.stage(stage).step_times()])
 
 
 def test_held_out_requests_are_disjoint_from_calibration(captured: tuple[Pipeline, CalibrationSet]) -> None:
@@ -230,7 +238,7 @@ def test_stored_rows_are_the_pipeline_inputs(captured: tuple[Pipeline, Calibrati
             np.testing.assert_array_equal(rows["noise"], noise)
             expected_labels = [plan.labels(int(r))[int(j)] for r, j in zip(meta["request"], meta["sample"])]
             np.testing.assert_array_equal(rows["labels"], expected_labels)
-            assert rows["past_kv"].shape[2] == graphs.cache_offsets(config)[stage - 1]
+            assert rows["past_kv"].shape[2] == ecar_contract.request_plan(config).stage(stage).cache_start
     # a stage's first flow_step rows are its backbone's outputs, at the (sample, token) their meta names
     for stage in range(1, config.num_stages + 1):
         group = f"stage{stage}"
@@ -296,6 +304,11 @@ def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
         )
 
 
+def as_rows(graph: str, array: np.ndarray) -> np.ndarray:
+    """A fed array as the rows it was made of: a flow graph's token grid [1, M, ...] as M token rows."""
+    return array.reshape(-1, *array.shape[2:]) if graph.startswith("flow") else array
+
+
 def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, CalibrationSet]) -> None:
     _, result = captured
     for name in ("flow_step", "backbone", "decoder"):
@@ -307,7 +320,7 @@ def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, Calibratio
         for part in parts:  # one shape for every batch of a group
             assert len({tuple(f[k].shape for k in sorted(f)) for f in part}) == 1
         first_input = result.spec(name).inputs[0].name
-        fed = np.concatenate([f[first_input] for f in feeds])
+        fed = np.concatenate([as_rows(name, f[first_input]) for f in feeds])
         calibration_rows = np.concatenate([result.rows(name, group=g)[first_input] for g in result.groups(name)])
         held = np.concatenate([result.rows(name, "held_out", g)[first_input] for g in result.groups(name)])
         if name != "backbone":  # labels repeat; float rows identify their source
@@ -320,7 +333,7 @@ def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, Calibratio
         assert reader.get_next() is not None and reader.get_next() is None
         assert len(list(GraphReader(result, name, max_batches=2))) <= 2 * len(result.groups(name))
         validation = held_out_feeds(result, name)
-        assert sum(len(f[first_input]) for f in validation) == result.count(name, "held_out")
+        assert sum(len(as_rows(name, f[first_input])) for f in validation) == result.count(name, "held_out")
 
 
 def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
@@ -328,7 +341,7 @@ def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
 ) -> None:
     pipeline, _ = captured
     config = pipeline.config
-    plan = request_plan(config)
+    plan = pipeline.manifest.plan.calls()
     recorder = RecordingBackend(pipeline.backend)
     recording = Pipeline(pipeline.manifest, recorder)
     requests = [([1, 2], 5), ([3], 6), ([4, 0, 9], 7), ([8], 8)]
@@ -354,7 +367,7 @@ def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
         assert call.stage is not None
         if call.graph == "flow_step":
             assert call.step is not None
-            assert float(call.feeds["t"][0]) == stage_times(config, call.stage)[call.step][0]
+            assert float(call.feeds["t"][0]) == pipeline.manifest.plan.stage(call.stage).step_times()[call.step][0]
         elif call.graph == "backbone":
             assert int(call.feeds["level"][0]) == call.stage - 1 and call.step is None
         else:
@@ -365,8 +378,8 @@ def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
 def test_recorded_feeds_are_private_copies(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, _ = captured
     recorder = RecordingBackend(pipeline.backend)
-    feeds = {"x": np.ones((2, pipeline.config.latent_channels), np.float32)}
-    feeds["z"] = np.ones((4, pipeline.config.width), np.float32)
+    feeds = {"x": np.ones((1, 2, pipeline.config.latent_channels), np.float32)}
+    feeds["z"] = np.ones((2, 2, pipeline.config.width), np.float32)
     feeds.update({name: np.array([0.5], np.float32) for name in ("t", "dt", "cfg")})
     recorder.run(Call(Kind.FLOW_STEP, 1, 0, (0.5,), (0.5,)), feeds)
     feeds["x"][:] = 7.0

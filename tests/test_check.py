@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from ecar_export import check, checkpoint
 from ecar_export.check import check_build
 from ecar_export.cli import app
-from runtime import graphs
+from runtime import ecar_contract
 from runtime import manifest as manifest_io
-from runtime.graphs import backbone_spec
+from runtime.ecar_contract import backbone_spec
 
 TINY = "tiny-1-2-4"
 MIN_COSINE = 0.99999
@@ -30,7 +30,7 @@ def test_torch_runner_reports_inference_time(tiny_config, perturbed_model, rng: 
     runner = check._torch_runner(model, spec)
     runner.activate()
     try:
-        runner.infer(graphs.sample_inputs(spec, model.config, 2, 2, rng))
+        runner.infer(ecar_contract.sample_inputs(spec, model.config, 2, 2, rng))
         assert runner.last_inference_time() is not None
     finally:
         runner.deactivate()
@@ -43,7 +43,7 @@ def fresh_seed(rng: np.random.Generator) -> int:
 def stages_run(build_dir: Path) -> list[tuple[str, int]]:
     """(graph, stage) of every distinct call of a request, in order."""
     manifest = manifest_io.load(build_dir)
-    calls = [(c.graph, c.stage) for c in graphs.request_plan(manifest.config, manifest.fuse_flow_loop)]
+    calls = [(c.graph, c.stage) for c in manifest.plan.calls(manifest.fuse_flow_loop)]
     return list(dict.fromkeys(calls))
 
 

@@ -92,7 +92,7 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     model = onnx.load(str(manifest.path(entry.file)), load_external_data=False)
 
     def step(batch: int, tokens: int) -> int:
-        counted = flops.graph_flops(model, {"M": batch * tokens, "2M": 2 * batch * tokens}, entry.spec)
+        counted = flops.graph_flops(model, {"B": batch, "2B": 2 * batch, "N": tokens}, entry.spec)
         assert not counted["unknown"]
         return int(counted["total"])
 
@@ -132,13 +132,13 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
         entry = manifest.graphs[row["name"]]
         assert row["size_bytes"] == sum((build.dir / f).stat().st_size for f in (entry.file, *entry.data_files))
         assert row["precision"] == "fp32" and row["flops"] > 0 and not row["unknown"]
-    for stage, tokens in enumerate(config.tokens_per_stage, start=1):  # each stage's profile: its own M
+    for stage, tokens in enumerate(config.tokens_per_stage, start=1):  # each stage's profile: its own grid
         flow_row = next(row for row in rows if row["name"] == "flow_step" and row["stage"] == stage)
         m_opt = manifest.opt_batch * tokens
         assert flow_row["flops"] == m_opt * per_token + fixed
         assert [i["opt_shape"] for i in flow_row["inputs"]][:2] == [
-            [m_opt, config.latent_channels],
-            [2 * m_opt, config.width],
+            [manifest.opt_batch, tokens, config.latent_channels],
+            [2 * manifest.opt_batch, tokens, config.width],
         ]
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ecar_export.model import ECAR
-from runtime import graphs, schedule
+from runtime import ecar_contract, schedule
 from runtime.config import ECARConfig
 from runtime.errors import ECARError, InvalidRequestError
+from runtime.request import first_prev, new_cache
 
 ConfigFactory = Callable[..., ECARConfig]
 ModelFactory = Callable[..., ECAR]
@@ -103,7 +104,8 @@ def test_kv_cache_sampler_check_can_fail(perturbed_model: ModelFactory, tiny_con
     eps = torch.randn(2, 1, config.latent_channels, generator=generator)
     eta = torch.randn(2, 4, config.latent_channels, generator=generator)
     prev = torch.randn(2, 1, config.latent_channels, generator=generator)
-    empty = torch.from_numpy(graphs.new_cache(config, 2))[:0]
+    plan, spec = ecar_contract.request_plan(config), ecar_contract.backbone_spec(config)
+    empty = torch.from_numpy(new_cache(plan, spec, 2))[:0]
     with torch.no_grad():
         _, _, past = _backbone(model, 1, labels, torch.zeros(2, 1, config.latent_channels), eps, empty)
         z, _, _ = _backbone(model, 2, labels, prev, eta, past)
@@ -208,9 +210,10 @@ def test_backbone_graph_contract(sampler_config: ECARConfig, perturbed_model: Mo
     batch = 3
     labels = torch.tensor([0, 4, 9])
     noise = schedule.draw_noise(config, schedule.noise_keys(3, batch))
-    cache = torch.from_numpy(graphs.new_cache(config, batch))
-    offsets = graphs.cache_offsets(config)
-    prev = torch.from_numpy(graphs.first_prev(config, batch))
+    plan = ecar_contract.request_plan(config)
+    cache = torch.from_numpy(new_cache(plan, ecar_contract.backbone_spec(config), batch))
+    offsets = [stage.cache_start for stage in plan.stages] + [plan.cache_rows]
+    prev = torch.from_numpy(first_prev(plan, batch))
     seen = 0
     with torch.no_grad():
         for st in schedule.stages(config):
@@ -222,7 +225,8 @@ def test_backbone_graph_contract(sampler_config: ECARConfig, perturbed_model: Mo
             assert z.shape == (2 * batch, st.tokens, config.width)
             assert x.shape == (batch, st.tokens, config.latent_channels)
             emitted = 0 if stage == config.num_stages else st.tokens
-            assert kv.shape == graphs.kv_shape_concrete(config, emitted, batch), "the last stage emits no cache"
+            kv_shape = (emitted, config.depth, 2, 2 * batch, config.heads, config.head_dim)
+            assert kv.shape == kv_shape, "the last stage emits no cache"
             if st.prev_grid is None:
                 assert torch.equal(x, eta)  # P_1 = ε_1
             else:

@@ -29,19 +29,26 @@ import pytest
 from conftest import BuildCache
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 from PIL import Image
 
+from ecar_export import export
 from ecar_export.cli import EXPORT_LAYER
+from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.errors import ECARError
 from runtime.pipeline import Pipeline
-from runtime.version import __version__
+from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-1-2-4"
 
 
 def run(command: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``command`` in ``cwd``; by default in this process's environment without PYTHONPATH, so a fresh
+    environment imports what is installed in it, never the working tree a developer points PYTHONPATH at."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     return subprocess.run(
         [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
     )
@@ -187,6 +194,16 @@ def test_the_export_console_script_runs_from_the_installed_wheel(
                   cwd=tmp_path, env=env)  # fmt: skip
     assert inspect.returncode == 0, inspect.stderr[-3000:]
     assert {row["name"] for row in json.loads(inspect.stdout)["graphs"]} == {"backbone", "flow_step", "decoder"}
+
+
+def test_builds_need_the_runtime_of_their_graph_contract(build_cache: BuildCache) -> None:
+    """Graph contract 3 (the plan and stage constants as build data) first loads in 0.4.0: a build says so, and
+    this runtime is at least that."""
+    document = json.loads((build_cache.get(TINY).dir / "manifest.json").read_text())
+    assert document["runtime"] == {"min_version": MIN_RUNTIME_FOR_CONTRACT, "built_by": __version__}
+    assert graphs.CONTRACT_VERSION == 3 and MIN_RUNTIME_FOR_CONTRACT == "0.4.0"
+    assert Version(__version__) >= Version(MIN_RUNTIME_FOR_CONTRACT)
+    assert document["export_version"] == export.EXPORT_VERSION == 4
 
 
 def _next_minor(version: str) -> str:

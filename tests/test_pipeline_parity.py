@@ -35,10 +35,10 @@ from conftest import (
 )
 
 from ecar_export.build import load_model
-from runtime import graphs
+from runtime import ecar_contract, graphs
 from runtime import manifest as manifest_io
+from runtime.ecar_contract import graph_specs
 from runtime.errors import ECARError, InvalidRequestError, ManifestError
-from runtime.graphs import graph_specs
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 
@@ -383,7 +383,12 @@ def test_manifest_records_provenance_and_file_digests(build_cache: BuildCache):
             assert data_file.startswith(f"{name}-") and data_file.endswith(".weights")
             assert hashlib.sha256((build.dir / data_file).read_bytes()).hexdigest() == data_digest, name
     files = {f for entry in data["graphs"].values() for f in (entry["file"], *entry["data_files"])}
-    assert sorted(os.listdir(build.dir)) == sorted(files | {manifest_io.MANIFEST_NAME})
+    constants = data["stage_constants"]
+    assert re.fullmatch(r"stages-[0-9a-f]{12}\.npz", constants["file"]), constants
+    assert hashlib.sha256((build.dir / constants["file"]).read_bytes()).hexdigest() == constants["sha256"]
+    assert constants["file"] == f"stages-{constants['sha256'][:12]}.npz", "named by its content"
+    assert sorted(os.listdir(build.dir)) == sorted(files | {manifest_io.MANIFEST_NAME, constants["file"]})
+    assert data["plan"] == ecar_contract.request_plan(build.model.config).to_dict()
 
 
 CONTRACT_CASES = [pytest.param((SCALE3, False), id=SCALE3), pytest.param((TWO_STAGE, True), id="fused")]
@@ -437,7 +442,8 @@ def test_rebuild_replaces_graph_files_and_keeps_other_files(build_cache: BuildCa
     assert len(files) == len(graph_specs(other.config))
     assert not old_files & onnx_files, "files of the previous build were left behind"
     assert readme.read_text() == "engines built by the test suite\n"
-    assert sorted(os.listdir(out)) == sorted(files | weights | {"README.md", manifest_io.MANIFEST_NAME})
+    constants = data["stage_constants"]["file"]
+    assert sorted(os.listdir(out)) == sorted(files | weights | {"README.md", manifest_io.MANIFEST_NAME, constants})
 
     pipe = Pipeline.from_dir(out, backend="onnxruntime", device="cpu")
     assert pipe.max_batch == 3
@@ -480,6 +486,27 @@ def _old_contract(root: Path) -> None:
     (root / manifest_io.MANIFEST_NAME).write_text(json.dumps(data))
 
 
+def _contract_2(root: Path) -> None:
+    """A directory as contract 2 wrote it: format version 2, no plan or stages file, flow graphs on token rows."""
+    data = read_manifest(root)
+    for key in ("plan", "stage_constants"):
+        data.pop(key)
+    data["format_version"] = 2
+    data["runtime"] = {"min_version": "0.3.0", "built_by": "0.3.0"}
+    (root / manifest_io.MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _modify_stage_constants(root: Path) -> None:
+    path = root / read_manifest(root)["stage_constants"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _remove_stage_constants(root: Path) -> None:
+    (root / read_manifest(root)["stage_constants"]["file"]).unlink()
+
+
 def _escaping_file(root: Path) -> None:
     data = read_manifest(root)
     entry = data["graphs"]["backbone"]
@@ -496,7 +523,16 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "modified-graph": (_modify_graph_bytes, r"graph 'backbone'.*sha256"),
     "modified-weights": (_modify_weights, r"graph 'backbone'.*\.weights' does not match its sha256"),
     "missing-weights": (_remove_weights, r"graph 'flow_step'.*\.weights' is missing"),
-    "old-contract": (_old_contract, r"format version 1, this runtime reads 2 \(built for an older graph contract"),
+    "old-contract": (_old_contract, r"format version 1, this runtime reads 3 \(built for an older graph contract"),
+    "contract-2": (_contract_2, r"format version 2, this runtime reads 3 \(built for an older graph contract.*rebuild"),
+    "modified-stage-constants": (
+        _modify_stage_constants,
+        r"stage_constants: '.*stages-[0-9a-f]{12}\.npz' does not match",
+    ),
+    "missing-stage-constants": (
+        _remove_stage_constants,
+        r"stage_constants: file '.*stages-[0-9a-f]{12}\.npz' is missing",
+    ),
     "escaping-file": (_escaping_file, r"graph 'backbone'.*'\.\./x\.onnx' escapes"),
 }
 

@@ -27,6 +27,7 @@ def test_importing_runtime_does_not_import_torch() -> None:
         """
         import sys
         import runtime, runtime.schedule, runtime.config, runtime.errors
+        import runtime.plan, runtime.noise, runtime.stage_constants, runtime.ecar_contract, runtime.request
         assert runtime.schedule.draw_noise is not None
         loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
         print("TORCH_MODULES", loaded)

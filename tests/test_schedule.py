@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from runtime import schedule
+from runtime import ecar_contract, schedule
 from runtime.config import ECARConfig
 from runtime.errors import ECARError, InvalidRequestError
 
@@ -313,11 +313,17 @@ def test_noise_keys_rejects_bad_seeds(seed: object, batch: int) -> None:
 
 
 # ---------------------------------------------------------------- guidance
+def cfg_weights(config: ECARConfig, cfg: float | None = None) -> tuple[float, ...]:
+    """The stage weights an ECAR build's plan gives ``cfg`` (its ramp from the config's cfg_schedule)."""
+    return ecar_contract.request_plan(config).weights(cfg)
+
+
 def test_cfg_weights_constant(tiny_config: ConfigFactory) -> None:
     config = tiny_config(cfg_scale=2.5, cfg_schedule="constant")
-    assert schedule.cfg_weights(config) == (2.5, 2.5, 2.5)
-    assert schedule.cfg_weights(config, 4.0) == (4.0, 4.0, 4.0)
-    assert schedule.cfg_weights(config, 0) == (0.0, 0.0, 0.0)
+    assert schedule.cfg_ramp(config) == (1.0, 1.0, 1.0)
+    assert cfg_weights(config) == (2.5, 2.5, 2.5)
+    assert cfg_weights(config, 4.0) == (4.0, 4.0, 4.0)
+    assert cfg_weights(config, 0) == (0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("scales", [(1, 2, 4), (1, 2, 4, 8), (8,)])
@@ -325,7 +331,7 @@ def test_cfg_weights_constant(tiny_config: ConfigFactory) -> None:
 def test_cfg_weights_linear_ramps_to_cfg(tiny_config: ConfigFactory, scales: tuple[int, ...], cfg: float) -> None:
     side = scales[-1]
     config = tiny_config(image_size=side, latent_size=side, scales=scales, cfg_schedule="linear", cfg_scale=1.7)
-    weights = schedule.cfg_weights(config, cfg)
+    weights = cfg_weights(config, cfg)
     count = len(scales)
     assert len(weights) == count
     assert weights[-1] == pytest.approx(cfg, abs=TIGHT)
@@ -334,13 +340,13 @@ def test_cfg_weights_linear_ramps_to_cfg(tiny_config: ConfigFactory, scales: tup
     if count > 1:
         np.testing.assert_allclose(np.diff(weights), (cfg - 1.0) / count, rtol=0, atol=TIGHT)
     # the config default is used when cfg is None
-    assert schedule.cfg_weights(config)[-1] == pytest.approx(1.7, abs=TIGHT)
+    assert cfg_weights(config)[-1] == pytest.approx(1.7, abs=TIGHT)
 
 
 @pytest.mark.parametrize("cfg", [float("nan"), float("inf"), -float("inf"), np.float64("nan"), True, "2.0", [2.0]])
 def test_cfg_weights_rejects_non_finite(tiny_config: ConfigFactory, cfg: object) -> None:
     with pytest.raises(InvalidRequestError):
-        schedule.cfg_weights(tiny_config(), cfg)  # type: ignore[arg-type]
+        cfg_weights(tiny_config(), cfg)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------- small helpers of the flow

@@ -22,6 +22,7 @@ Three kinds of tests:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -43,13 +44,14 @@ from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, Fa
 
 from ecar_export.backends import tensorrt as tensorrt_build
 from ecar_export.backends.tensorrt import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
-from runtime import graphs, schedule
+from runtime import ecar_contract, graphs, schedule
 from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
 from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.shapes import resolve_dims
+from runtime.ecar_contract import graph_specs
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
-from runtime.graphs import Call, graph_specs, profile_shapes
+from runtime.graphs import Call, Kind, profile_shapes
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 from runtime.request import RequestInputs
@@ -235,18 +237,18 @@ def test_resolve_dims_reads_batch_and_tokens(tiny_config: Any) -> None:
     specs = {spec.name: spec for spec in graph_specs(config)}
     backbone, flow = specs["backbone"], specs["flow_step"]
     for stage in (1, 2, 3):
-        dims = graphs.stage_dims(config, stage, 3)
+        dims = ecar_contract.request_plan(config).dims(stage, 3)
         shapes = {t.name: t.concrete(dims) for t in backbone.inputs}
         expected = {k: dims[k] for k in ("B", "2B", "P", "N", "T", "E")}
         assert resolve_dims(backbone, shapes) == expected  # T = 0 at stage 1, E = 0 at stage 3
     with pytest.raises(InvalidRequestError, match="dim N=0"):
         resolve_dims(backbone, {**shapes, "noise": (3, 0, 4), "fresh": (0, 0), "up": (0, 4), "positions": (0,)})
-    shapes = {"x": (12, 4), "z": (24, 32), "t": (1,), "dt": (1,), "cfg": (1,)}
-    assert resolve_dims(flow, shapes) == {"M": 12, "2M": 24}
+    shapes = {"x": (3, 4, 4), "z": (6, 4, 32), "t": (1,), "dt": (1,), "cfg": (1,)}
+    assert resolve_dims(flow, shapes) == {"B": 3, "2B": 6, "N": 4}
     with pytest.raises(InvalidRequestError, match="inconsistent"):
-        resolve_dims(flow, {**shapes, "z": (26, 32)})
+        resolve_dims(flow, {**shapes, "z": (8, 4, 32)})
     with pytest.raises(InvalidRequestError, match="contract"):
-        resolve_dims(flow, {**shapes, "x": (12, 5)})
+        resolve_dims(flow, {**shapes, "x": (3, 4, 5)})
     with pytest.raises(InvalidRequestError, match="needs input 'cfg'"):
         resolve_dims(flow, {k: v for k, v in shapes.items() if k != "cfg"})
 
@@ -258,7 +260,7 @@ def fake_tensorrt_build(source: Path, target: Path, tensorrt: dict[str, Any] | N
     batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
     records = {}
     for name, entry in manifest.graphs.items():
-        profiles = tensorrt_build.stage_profiles(entry.spec, manifest.config, batches)
+        profiles = tensorrt_build.stage_profiles(entry.spec, manifest.plan, batches)
         plan_data = {"onnx": str(target / entry.file), "profiles": [p["shapes"] for p in profiles]}
         data = json.dumps(plan_data).encode()
         plan = f"{name}-fake.plan"
@@ -294,12 +296,47 @@ def request(rng: np.random.Generator, classes: int, batch: int) -> tuple[list[in
 
 
 def on_device(backend: TensorRTBackend, labels: list[int], seed: int, cfg: float | None = None) -> Any:
-    config = backend.config
     keys = schedule.noise_keys(seed, len(labels))
-    return backend.run_request(RequestInputs.draw(config, np.asarray(labels), keys, cfg))
+    return backend.run_request(RequestInputs.draw(backend.plan, np.asarray(labels), keys, cfg))
 
 
 # ============================================================================ backend with fakes
+def test_fake_backend_takes_weight_one_above_the_plans_guidance_threshold(
+    build_cache: BuildCache, tmp_path: Path, fresh_logger: None
+) -> None:
+    """A plan whose steps above ``guidance_below`` run unguided: the device path binds the weight-1 slot where the
+    host path feeds 1, and both give the same latents (which differ from the always-guided plan's)."""
+    build = build_cache.get(TINY)
+    manifest = fake_tensorrt_build(build.dir, tmp_path / "trt")
+    stage2 = manifest.plan.stage(2).times
+    plan = dataclasses.replace(manifest.plan, guidance_below=(stage2[0] + stage2[1]) / 2)
+    guided = [(c.stage, c.step, c.guided) for c in plan.calls() if c.graph == Kind.FLOW_STEP]
+    assert {g for _, _, g in guided} == {True, False}, guided  # the threshold splits the request
+    thresholded = dataclasses.replace(manifest, plan=plan)
+    ort = reference(build.dir).backend
+    fed: list[tuple[Call, float]] = []
+
+    class Feeds:
+        name = ort.name
+
+        def run(self, call: Call, feeds: Any) -> list[np.ndarray]:
+            if call.graph == Kind.FLOW_STEP:
+                fed.append((call, float(feeds["cfg"][0])))
+            return ort.run(call, feeds)
+
+        def describe(self) -> dict[str, object]:
+            return ort.describe()
+
+    host = Pipeline(thresholded, Feeds()).generate([1, 4], seed=3, cfg=3.0)
+    assert [(c.stage, c.step, w) for c, w in fed] == [(s, k, 3.0 if g else 1.0) for s, k, g in guided]
+    backend, _ = fake_backend(thresholded)
+    device = on_device(backend, [1, 4], 3, cfg=3.0)
+    assert np.array_equal(device.latents, host.latents)
+    always = Pipeline(manifest, ort).generate([1, 4], seed=3, cfg=3.0)
+    assert not np.allclose(always.latents, host.latents, atol=1e-4), "the threshold changed the weights"
+    backend.close()
+
+
 @pytest.mark.parametrize("case", [(TINY, False), (TWO_STAGE, True)], ids=["tiny", "two-stage-fused"])
 def test_fake_backend_matches_onnxruntime_on_both_paths(
     case: tuple[str, bool], build_cache: BuildCache, tmp_path: Path, rng: np.random.Generator, fresh_logger: None
@@ -336,16 +373,16 @@ def test_fake_backend_matches_onnxruntime_on_both_paths(
     engines = {Path(e.path).name.split("-")[0]: e for e in backend.trt.engines}
     assert set(engines) == set(manifest.graphs)
     for name, engine in engines.items():
-        stages = graphs.graph_stages(config, manifest.graphs[name].spec)
+        stages = manifest.plan.graph_stages(manifest.graphs[name].spec.kind)
         assert engine.num_optimization_profiles == len(stages), name
         assert sorted(c.profile for c in engine.contexts) == list(range(len(stages))), name
     flow = engines[graphs.flow_graph(manifest.fuse_flow_loop)]
-    for index, tokens in enumerate(config.tokens_per_stage):  # each stage's profile is tuned at its own M
+    for index, tokens in enumerate(config.tokens_per_stage):  # each stage's profile is tuned at its own grid
         low, opt, high = flow.profiles[index]["x"]
-        assert (low[0], opt[0], high[0]) == (
-            tokens * manifest.min_batch,
-            tokens * manifest.opt_batch,
-            tokens * manifest.max_batch,
+        assert (low[:2], opt[:2], high[:2]) == (
+            (manifest.min_batch, tokens),
+            (manifest.opt_batch, tokens),
+            (manifest.max_batch, tokens),
         )
     assert engines["backbone"].profiles[0]["past_kv"][1][0] == 0, "stage 1 reads an empty cache"
     assert engines["backbone"].profiles[-1]["kv_tokens"][1] == (0,), "the last stage emits no cache"
@@ -482,10 +519,10 @@ def test_fake_build_plans_profiles_cache_and_manifest(
     for name, entry in manifest.graphs.items():
         assert entry.plan_file and entry.plan_file.startswith(f"{name}-") and entry.plan_file.endswith(".plan")
         assert json.loads((target / entry.plan_file).read_bytes())["onnx"] == str((target / entry.file).resolve())
-        stages = graphs.graph_stages(manifest.config, entry.spec)
+        stages = manifest.plan.graph_stages(entry.spec.kind)
         assert stages == ([manifest.config.num_stages] if name == "decoder" else [1, 2, 3])
         for stage in stages:  # one profile per stage: that stage's exact shapes, the batch range around them
-            exact = profile_shapes(entry.spec, manifest.config, stage, *profile)
+            exact = profile_shapes(entry.spec, manifest.plan, stage, *profile)
             dynamic = {k: v for k, v in exact.items() if k not in ("renoise", "level", "t", "dt", "cfg")}
             assert seen.pop(0) == dynamic, (name, stage)
         assert entry.tensorrt_builder is not None and entry.tensorrt_builder["batch_profile"] == list(profile)
@@ -514,7 +551,7 @@ def test_fake_build_weakly_typed_option(
 ) -> None:
     build = build_cache.get(TINY)
     loaded = manifest_io.load(build.dir)
-    entry, config = loaded.graphs["decoder"], loaded.config
+    entry, config = loaded.graphs["decoder"], loaded.plan
     weak_int8 = PlanOptions(strongly_typed=False, weakly_typed_precision="int8")
     record = build_plan(build.dir / entry.file, tmp_path / "d.plan", entry.spec, config, (1, 2, 5), weak_int8)
     assert fake_builder.network_flags == 0 and {"FP16", "INT8"} <= fake_builder.flags
@@ -542,7 +579,7 @@ def test_fake_build_failures_show_nodes_and_log(
 ) -> None:
     build = build_cache.get(TINY)
     loaded = manifest_io.load(build.dir)
-    entry, config = loaded.graphs["backbone"], loaded.config
+    entry, config = loaded.graphs["backbone"], loaded.plan
     fake_builder.fail_parse = True
     with pytest.raises(EngineError) as error:
         build_plan(build.dir / entry.file, tmp_path / "b.plan", entry.spec, config, (1, 2, 5))

@@ -8,6 +8,7 @@ channels. Weights are random and non-zero, fresh per run (ECAR_TEST_SEED reprodu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from pathlib import Path
@@ -25,6 +26,7 @@ from ecar_export import checkpoint
 from ecar_export.cli import app as export_app
 from ecar_export.model import ECAR
 from ecar_export.model.tokenizer import autoencoder_kl_config
+from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.config import ECARConfig
 from runtime.graphs import Kind
@@ -384,12 +386,14 @@ def test_fp16_recipe_keeps_groupnorm_statistics_in_float32(kl16_converted: dict[
 def test_pipeline_decodes_in_sub_batches_with_the_same_images(
     kl16_converted: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runtime import graphs
-
-    pipe = Pipeline.from_dir(kl16_converted["engines"], backend="onnxruntime")
-    whole = pipe.generate(labels=[1, 2, 3], seed=SEED)
-    monkeypatch.setattr(graphs, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
-    assert graphs.decoder_batch(kl16_converted["config"]) == 1
+    built = Pipeline.from_dir(kl16_converted["engines"], backend="onnxruntime")
+    # the build wrote the formula's value into its plan
+    assert built.manifest.plan.decoder_batch == ecar_contract.decoder_batch(kl16_converted["config"])
+    whole = built.generate(labels=[1, 2, 3], seed=SEED)
+    monkeypatch.setattr(ecar_contract, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
+    assert ecar_contract.decoder_batch(kl16_converted["config"]) == 1
+    plan = dataclasses.replace(built.manifest.plan, decoder_batch=1)  # a build made under that limit
+    pipe = Pipeline(dataclasses.replace(built.manifest, plan=plan), built.backend)
     batches: list[int] = []
     run = pipe.backend.run
 

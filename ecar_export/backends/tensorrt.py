@@ -8,7 +8,7 @@ an option; INT8 there still needs Q/DQ graphs (calibrators are not used: TensorR
 them).
 
 One engine per graph kind (its weights once on the GPU), with one optimisation profile per
-stage the graph runs at (:func:`runtime.graphs.graph_stages`): the stage's exact token, cache
+stage the graph runs at (:meth:`runtime.plan.RequestPlan.graph_stages`): the stage's exact token, cache
 and step counts, the batch spanning the manifest's range with the opt shape at its opt batch
 (:func:`runtime.graphs.profile_shapes`) — the runtime gives each profile its own execution
 context. Builds reuse a timing cache, one file per GPU and
@@ -34,15 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import gpu, loader
 from runtime.backends.tensorrt.compat import HARDWARE_COMPATIBILITY_LEVELS
 from runtime.backends.tensorrt.loader import LogBook, load_tensorrt, log_tail_text, tensorrt_logger, tensorrt_major
-from runtime.config import ECARConfig
 from runtime.errors import ECARWarning, EngineError, InvalidRequestError
 from runtime.fileio import atomic_path, write_bytes_atomic
 from runtime.graphs import GraphSpec, profile_shapes
+from runtime.plan import RequestPlan
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs where installed
     import tensorrt as trt
@@ -234,7 +233,7 @@ def _network_inputs(network: trt.INetworkDefinition) -> dict[str, tuple[int, ...
 
 
 def stage_profiles(
-    spec: GraphSpec, config: ECARConfig, profile: Profile, dynamic: set[str] | None = None
+    spec: GraphSpec, plan: RequestPlan, profile: Profile, dynamic: set[str] | None = None
 ) -> list[dict[str, Any]]:
     """The optimisation profiles of a graph's engine: one per stage it runs at, in index order.
 
@@ -242,8 +241,8 @@ def stage_profiles(
     (default: every input; static inputs need no profile entry).
     """
     result = []
-    for stage in graphs.graph_stages(config, spec):
-        shapes = profile_shapes(spec, config, stage, *profile)
+    for stage in plan.graph_stages(spec.kind):
+        shapes = profile_shapes(spec, plan, stage, *profile)
         chosen = {
             name: [list(s) for s in value] for name, value in shapes.items() if dynamic is None or name in dynamic
         }
@@ -254,7 +253,7 @@ def stage_profiles(
 def _serialize(
     onnx_path: Path,
     spec: GraphSpec,
-    model_config: ECARConfig,
+    plan: RequestPlan,
     profile: Profile,
     options: PlanOptions,
     timing_cache_path: Path | None,
@@ -302,7 +301,7 @@ def _serialize(
             trt.HardwareCompatibilityLevel, options.hardware_compatibility.upper()
         )
     dynamic = {name for name, dims in inputs.items() if any(d < 0 for d in dims)}
-    profiles = stage_profiles(spec, model_config, profile, dynamic)
+    profiles = stage_profiles(spec, plan, profile, dynamic)
     for entry in profiles:
         optimisation = builder.create_optimization_profile()
         for name, (low, opt, high) in entry["shapes"].items():
@@ -327,7 +326,7 @@ def build_plan(
     onnx_path: str | os.PathLike[str],
     plan_path: str | os.PathLike[str],
     spec: GraphSpec,
-    config: ECARConfig,
+    plan: RequestPlan,
     profile: Profile,
     options: PlanOptions = PlanOptions(),
     timing_cache_path: str | os.PathLike[str] | None = None,
@@ -349,7 +348,7 @@ def build_plan(
     cuda.use_device(options.device_index)
     begin = time.perf_counter()
     cache = Path(timing_cache_path) if timing_cache_path is not None else None
-    data, replaced, profiles = _serialize(Path(onnx_path), spec, config, profile, options, cache)
+    data, replaced, profiles = _serialize(Path(onnx_path), spec, plan, profile, options, cache)
     seconds = time.perf_counter() - begin
     target = Path(plan_path)
     with atomic_path(target) as temp:
@@ -375,7 +374,7 @@ def build_plan(
 def build_plans(
     engine_dir: str | os.PathLike[str],
     graph_files: Mapping[str, tuple[GraphSpec, str]],
-    config: ECARConfig,
+    plan: RequestPlan,
     profile: Profile,
     options: PlanOptions = PlanOptions(),
     *,
@@ -402,7 +401,7 @@ def build_plans(
         if progress:
             progress(name, done, len(items))
         staging = root / f".{name}.plan.building"
-        record = build_plan(root / onnx_file, staging, spec, config, profile, options, cache)
+        record = build_plan(root / onnx_file, staging, spec, plan, profile, options, cache)
         final = f"{name}-{record.plan_sha256[:12]}.plan"
         os.replace(staging, root / final)
         records[name] = dataclasses.replace(record, plan_file=final)
@@ -438,7 +437,7 @@ def build_plans_for_dir(engine_dir: str | os.PathLike[str], options: PlanOptions
     old_plans = {entry.plan_file for entry in manifest.graphs.values() if entry.plan_file}
     batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
     graph_files = {name: (entry.spec, entry.file) for name, entry in manifest.graphs.items()}
-    records, block = build_plans(root, graph_files, manifest.config, batches, options)
+    records, block = build_plans(root, graph_files, manifest.plan, batches, options)
     data = apply_plans(manifest.document(), records, block)
     path = manifest_io.write(root, data)
     for stale in old_plans - {record.plan_file for record in records.values()}:

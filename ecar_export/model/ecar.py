@@ -1,9 +1,10 @@
 """The ECAR model: tokenizer + autoregressive backbone + per-token flow head (DESIGN §3).
 
 ``backbone_graph``, ``flow_step`` and ``decode_tokens`` are exactly the graphs of the
-contract (:mod:`runtime.graphs`); the sampler below walks :func:`runtime.graphs.request_plan`
-with them, feeding the stage inputs the runtime feeds, so the exported graphs and the torch
-reference cannot drift apart. All schedule arithmetic comes from :mod:`runtime.schedule`.
+contract (:mod:`runtime.graphs`); the sampler below walks ECAR's request plan
+(:func:`runtime.ecar_contract.request_plan`) with them, feeding the stage constants a build
+writes, so the exported graphs and the torch reference cannot drift apart. All schedule
+arithmetic comes from :mod:`runtime.schedule`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from ecar_export.model.backbone import Backbone
 from ecar_export.model.flow_head import FlowHead
 from ecar_export.model.tokenizer import make_tokenizer
-from runtime import graphs, schedule
+from runtime import ecar_contract, schedule
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
 from runtime.graphs import Call, Kind
@@ -90,7 +91,7 @@ class ECAR(nn.Module):
         """The ``backbone`` graph, every stage: -> z [2B, N, D], start state x = P_s [B, N, C], emitted kv.
 
         ``prev`` [B, P, C] is the previous stage's end state; the stage itself is data
-        (:func:`runtime.graphs.stage_inputs`), so one traced graph serves every stage.
+        (:func:`runtime.ecar_contract.stage_inputs`), so one traced graph serves every stage.
         """
         cond = self.condition(labels)
         start = schedule.renoise_with(prev, noise, up, fresh, renoise[0], renoise[1])
@@ -100,17 +101,20 @@ class ECAR(nn.Module):
         return z, start, kv
 
     def stage_feeds(self, stage: int) -> dict[str, torch.Tensor]:
-        """The backbone's stage inputs of a 1-based stage as tensors (the runtime's very arrays)."""
-        return {
-            name: torch.from_numpy(np.array(value)) for name, value in graphs.stage_inputs(self.config, stage).items()
-        }
+        """The backbone's stage constants of a 1-based stage as tensors (the very arrays a build writes)."""
+        constants = ecar_contract.constants(self.config).get(Kind.BACKBONE, stage)
+        return {name: torch.from_numpy(np.array(value)) for name, value in constants.items()}
 
     def flow_step(
         self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor
     ) -> torch.Tensor:
-        """The ``flow_step`` graph: x [M, C], z [2M, D] (cond rows, then uncond) -> x after one Euler step."""
-        u = self.head(torch.cat([x, x]), z, t).reshape(2, -1, x.shape[-1])
-        return schedule.euler_step(x, schedule.guide(u[0], u[1], cfg), dt)
+        """The ``flow_step`` graph: x [B, N, C], z [2B, N, D] (cond rows, then uncond) -> x after one Euler step.
+
+        The head is per token: the grid is cut into token rows, [B·N, C] and [2B·N, D], and put back.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        u = self.head(torch.cat([rows, rows]), z.reshape(-1, z.shape[-1]), t).reshape(2, -1, x.shape[-1])
+        return schedule.euler_step(rows, schedule.guide(u[0], u[1], cfg), dt).reshape(x.shape)
 
     # ---------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor, head_repeats: int = 4) -> torch.Tensor:
@@ -170,14 +174,16 @@ class ECAR(nn.Module):
     ) -> SampleResult:
         """Generate images; noise per sample from :func:`runtime.schedule.draw_noise`.
 
-        Walks :func:`runtime.graphs.request_plan` as the runtime does. ``use_cache=False``
+        Walks the request plan as the runtime does. ``use_cache=False``
         recomputes the whole prefix under the block-causal mask at every stage instead of using
         the KV cache (a slow path that proves the fast one).
         """
         label_tensor = self._check_labels(labels)
         config = self.config
-        inputs = RequestInputs.draw(config, label_tensor.numpy(), schedule.noise_keys(seed, len(label_tensor)), cfg)
-        state: RequestState[torch.Tensor] = RequestState(config, inputs, _tensor)
+        plan = ecar_contract.request_plan(config)
+        inputs = RequestInputs.draw(plan, label_tensor.numpy(), schedule.noise_keys(seed, len(label_tensor)), cfg)
+        specs = {spec.name: spec for spec in ecar_contract.graph_specs(config)}
+        state: RequestState[torch.Tensor] = RequestState(plan, specs, ecar_contract.constants(config), inputs, _tensor)
         ends: list[torch.Tensor] = []
 
         def run(call: Call, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -192,7 +198,7 @@ class ECAR(nn.Module):
                 return (self.flow_step(**feeds),)
             return (self.decode_tokens(feeds["x"]),)
 
-        walk(state, graphs.request_plan(config), run)
+        walk(state, plan.calls(), run)
         return SampleResult(images=state.image, latents=state.latents)
 
     def _stage_forward_uncached(

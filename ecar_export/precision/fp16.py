@@ -43,7 +43,7 @@ STATE_OUTPUTS = ("x", "x_next", "x_end", "image")
 # ops that end the backward walk from a state output (the heavy compute stays fp16)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
-RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (runtime.graphs.stage_inputs)
+RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (runtime.ecar_contract.stage_inputs)
 
 
 # the recipe's fp32 islands, each switchable for measurements (benchmarks/fp16_recipe.py)

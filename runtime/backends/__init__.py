@@ -1,8 +1,8 @@
 """Inference backends behind one interface: run one call of the request plan on numpy feeds.
 
 A backend runs the graphs of a loaded build. :class:`Backend` is what every backend does:
-run one :class:`~runtime.graphs.Call` of :func:`~runtime.graphs.request_plan` (the call says
-its graph, stage and step) on host arrays. A backend that can also keep a whole request on
+run one :class:`~runtime.graphs.Call` of the build's request plan (:class:`~runtime.plan.RequestPlan`;
+the call says its graph, stage and step) on host arrays. A backend that can also keep a whole request on
 its device implements :class:`DeviceResidentBackend` (TensorRT does); the
 :class:`~runtime.pipeline.Pipeline` then hands it the request's inputs at once.
 """

@@ -181,7 +181,6 @@ class OpenVINOBackend:
         self._holding: dict[str, bool] = {}  # has run since its last release (same lock)
         self._graph_locks: dict[str, threading.Lock] = {}
         self._trim_heap = _heap_trimmer()
-        model_config = manifest.config
         for name, entry in manifest.graphs.items():
             compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads)
             self.compiled[name] = compiled
@@ -201,8 +200,8 @@ class OpenVINOBackend:
             self._in_flight[name] = 0
             self._holding[name] = False
             self._graph_locks[name] = threading.Lock()
-            if entry.spec.kind == Kind.BACKBONE and model_config.num_stages > 1:  # its cache is empty at stage 1
-                self._warm_up[name] = _warm_up_feeds(entry.spec, model_config)
+            if entry.spec.kind == Kind.BACKBONE and manifest.plan.num_stages > 1:  # its cache is empty at stage 1
+                self._warm_up[name] = _warm_up_feeds(entry.spec, manifest)
 
     def _request(self, graph: str) -> Any:
         try:
@@ -268,11 +267,11 @@ class OpenVINOBackend:
         }
 
 
-def _warm_up_feeds(spec: graphs.GraphSpec, config: Any) -> dict[str, np.ndarray]:
+def _warm_up_feeds(spec: graphs.GraphSpec, manifest: Manifest) -> dict[str, np.ndarray]:
     """Inputs of one call of ``spec`` at the last stage, batch 1 (zeros; the stage's own constants)."""
-    stage = config.num_stages
-    dims = graphs.stage_dims(config, stage, 1)
-    constants = graphs.stage_inputs(config, stage)
+    stage = manifest.plan.num_stages
+    dims = manifest.plan.dims(stage, 1)
+    constants = manifest.constants.get(spec.name, stage)
     return {
         t.name: np.array(constants[t.name]) if t.name in constants else np.zeros(t.concrete(dims), np.dtype(t.dtype))
         for t in spec.inputs

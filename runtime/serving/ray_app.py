@@ -303,7 +303,7 @@ def application(
         # no engines and no CPU reserved; on the head node, whose loss ends the cluster anyway
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
         logging_config={"log_level": "WARNING", "enable_access_log": False},
-    ).bind(generator, config.num_classes, batch, config.cfg_scale, request_timeout_s)
+    ).bind(generator, config.num_classes, batch, manifest.plan.cfg, request_timeout_s)
 
 
 def check_port_free(host: str, port: int) -> None:

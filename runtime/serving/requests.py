@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import InvalidRequestError, shown
-from runtime.schedule import MAX_SEED, check_cfg
+from runtime.noise import MAX_SEED
+from runtime.plan import check_cfg
 
 FORMATS = {"png": "image/png", "npy": "application/x-npy"}
 FIELDS = ("labels", "seed", "cfg", "format")
@@ -40,7 +41,7 @@ class BadRequest(InvalidRequestError):
 class GenerateRequest:
     labels: tuple[int, ...]
     seed: int
-    cfg: float  # resolved: the model's cfg_scale when the request gave none
+    cfg: float  # resolved: the build's default (its plan's cfg) when the request gave none
     format: str = "png"
     received: float = field(default_factory=time.perf_counter, compare=False)
 
@@ -195,6 +196,7 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
     from importlib import metadata
 
     manifest, config = pipeline.manifest, pipeline.config
+    channels, height, width = manifest.image_shape(1)[1:]
     versions: dict[str, str | None] = {}
     for package in ("ecar-export", "onnxruntime", "openvino", "numpy", "ray"):
         try:
@@ -204,8 +206,8 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
     return {
         "model": config.name,
         "num_classes": config.num_classes,
-        "image": {"size": config.image_size, "channels": config.image_channels},
-        "cfg_scale": config.cfg_scale,
+        "image": {"size": height, "height": height, "width": width, "channels": channels},
+        "cfg_scale": manifest.plan.cfg,
         "precision": manifest.precision,
         "fuse_flow_loop": manifest.fuse_flow_loop,
         "engine_max_batch": manifest.max_batch,

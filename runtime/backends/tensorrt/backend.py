@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime import graphs
 from runtime.backends import DeviceRunResult, StageCallback, selection
 from runtime.backends.tensorrt import cuda_graphs, gpu, loader
 from runtime.backends.tensorrt.compat import REBUILD, RunningEnvironment, check_plan_compatibility
@@ -124,7 +123,7 @@ class TensorRTBackend:
         if missing:
             raise ManifestError(f"the manifest names no TensorRT plan for {', '.join(missing)}; {REBUILD}")
         self.manifest = manifest
-        self.config = manifest.config
+        self.plan = manifest.plan
         self.cuda_graphs = cuda_graphs
         self._lock = threading.RLock()
         self._logger, self._book = loader.tensorrt_logger(self.trt)
@@ -152,14 +151,14 @@ class TensorRTBackend:
                         f"TensorRT {self.environment.tensorrt_version} cannot deserialize the plan of graph '{name}' "
                         f"('{path}'); {REBUILD}" + log_tail_text(self._book, mark)
                     )
-                stages = graphs.graph_stages(self.config, entry.spec)
+                stages = self.plan.graph_stages(entry.spec.kind)
                 self.runners[name] = EngineRunner(name, entry.spec, engine, self.trt, self._book, stages)
             self._stream = self.cuda.stream_create()
             # one activation buffer for every context (they run one at a time on one stream)
             self._scratch = SharedScratch(self.cuda, max(runner.memory_needed() for runner in self.runners.values()))
             for runner in self.runners.values():
                 runner.open_contexts(self._scratch, self._stream)
-            self._stage_inputs = StageInputs(self.cuda, self.config, self._stream)
+            self._stage_inputs = StageInputs(self.cuda, manifest, self._stream)
         except BaseException:
             self.close()
             raise
@@ -221,16 +220,16 @@ class TensorRTBackend:
         ``on_stage`` (stages done, stages in all) is called after each stage has finished on the
         GPU (that costs one stream sync per stage).
         """
-        config = self.config
+        plan = self.plan
         batch = int(inputs.labels.shape[0]) if inputs.labels.ndim == 1 else 0
         if not 1 <= batch <= self.manifest.max_batch:
             raise InvalidRequestError(
                 f"batch of {batch} samples is outside this build's profile (1..{self.manifest.max_batch})"
             )
-        if len(inputs.noise) != config.num_stages or len(inputs.cfg) != config.num_stages:
-            raise InvalidRequestError(f"need noise and a cfg weight for each of the {config.num_stages} stages")
-        for index, (array, tokens) in enumerate(zip(inputs.noise, config.tokens_per_stage)):
-            expected = (batch, tokens, config.latent_channels)
+        if len(inputs.noise) != plan.num_stages or len(inputs.cfg) != plan.num_stages:
+            raise InvalidRequestError(f"need noise and a cfg weight for each of the {plan.num_stages} stages")
+        for index, (array, tokens) in enumerate(zip(inputs.noise, plan.tokens)):
+            expected = (batch, tokens, plan.channels)
             if tuple(np.shape(array)) != expected:
                 raise InvalidRequestError(
                     f"noise of stage {index + 1} must have shape {expected}, got {np.shape(array)}"
@@ -245,20 +244,20 @@ class TensorRTBackend:
     def _workspace(self, batch: int) -> Workspace:
         workspace = self._workspaces.get(batch)
         if workspace is None:
-            workspace = Workspace(self.cuda, self.config, batch, self.manifest.fuse_flow_loop, self._stream)
+            workspace = Workspace(self.cuda, self.manifest, batch, self._stream)
             self._workspaces[batch] = workspace
         return workspace
 
     def _generate(
         self, ws: Workspace, inputs: RequestInputs, on_stage: StageCallback | None, begin: float
     ) -> DeviceRunResult:
-        """Walk the request plan (:func:`runtime.graphs.request_plan`) with every tensor on the device.
+        """Walk the request plan (:meth:`runtime.plan.RequestPlan.calls`) with every tensor on the device.
 
         Each call's buffers come from the contract's slot tables (:class:`DeviceSlots`); a
         stage's flow steps are enqueued together when its last step comes, so that they can
         be replayed from a CUDA graph.
         """
-        config, cuda, stream, timer = self.config, self.cuda, self._stream, ws.timer
+        plan, cuda, stream, timer = self.plan, self.cuda, self._stream, ws.timer
         assert self._stage_inputs is not None
         timer.reset()
         calls: list[tuple[str, int, int, int]] = []  # graph, start event, end event, engine calls
@@ -271,10 +270,10 @@ class TensorRTBackend:
             np.copyto(ws.host_noise[stage], array, casting="same_kind")
             cuda.copy_to_device(ws.noise[stage], ws.host_noise[stage], stream)
         cuda.copy_to_device(ws.scalars, ws.host_scalars, stream)
-        slots = DeviceSlots(ws, self._stage_inputs, graphs.cache_offsets(config))
+        slots = DeviceSlots(ws, self._stage_inputs, plan)
         stage_start = decode_start = decode_end = 0
         steps: list[dict[str, int]] = []  # the binds of the current stage's flow steps
-        for call in graphs.request_plan(config, self.manifest.fuse_flow_loop):
+        for call in plan.calls(self.manifest.fuse_flow_loop):
             runner = self.runners[call.graph]
             bind = slots.bind(call)
             if call.graph == Kind.FLOW_STEP:
@@ -296,7 +295,7 @@ class TensorRTBackend:
                 stage_marks.append((stage_start, timer.mark(stream)))
                 if on_stage:
                     cuda.stream_synchronize(stream)
-                    on_stage(call.stage, config.num_stages)
+                    on_stage(call.stage, plan.num_stages)
         cuda.copy_to_host(ws.host_image, ws.image, stream)
         cuda.copy_to_host(ws.host_latents, slots.prev, stream)
         cuda.stream_synchronize(stream)

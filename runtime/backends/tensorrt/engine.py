@@ -1,7 +1,7 @@
 """One deserialized TensorRT plan checked against its graph's contract, its contexts, and enqueueing it.
 
 A plan holds one optimisation profile per stage its graph runs at (in the order of
-:func:`runtime.graphs.graph_stages`); each gets its own execution context, bound to that
+:meth:`runtime.plan.RequestPlan.graph_stages`); each gets its own execution context, bound to that
 profile once, so a request never switches profiles. Contexts have no memory of their own:
 they share the backend's activation buffer.
 """

@@ -11,11 +11,11 @@ from runtime.errors import InvalidRequestError
 from runtime.graphs import GraphSpec
 
 EMPTY_ALLOWED = ("T", "E")
-PAIRED = ("B", "M")  # dims whose doubles (2B guidance rows, 2M) the contract names
+PAIRED = ("B",)  # dims whose doubles (2B guidance rows) the contract names
 
 
 def resolve_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """The symbolic dims (B, 2B, N, P, T, E, M, 2M, K) of ``spec`` implied by concrete input ``shapes``.
+    """The symbolic dims (B, 2B, N, P, T, E, K) of ``spec`` implied by concrete input ``shapes``.
 
     Only the cache lengths ``T`` and ``E`` may be 0 (stage 1 reads no cache, the last stage
     emits none). Raises :class:`InvalidRequestError` when a shape does not fit the contract.

@@ -1,7 +1,8 @@
-"""Device buffers of a request: the stage inputs (once per backend) and one batch size's tensors.
+"""Device buffers of a request: the stage constants (once per backend) and one batch size's tensors.
 
-:class:`StageInputs` — the backbone's stage inputs of every stage (:func:`runtime.graphs.stage_inputs`)
-in device memory, uploaded once when the backend loads; every batch size binds the same ones.
+:class:`StageInputs` — every graph's stage constants at every stage (the build's stages file,
+:mod:`runtime.stage_constants`) in device memory, uploaded once when the backend loads; every
+batch size binds the same ones.
 
 :class:`Workspace` — every tensor of a whole request at one batch size, bound between engines
 by address: labels, each stage's noise, the guidance rows ``z`` and the flow state ``x``
@@ -25,29 +26,32 @@ from runtime.backends.tensorrt import gpu
 from runtime.backends.tensorrt.cuda_graphs import StageGraph
 from runtime.backends.tensorrt.memory import ADDRESS_ALIGNMENT, DeviceAllocations, EventTimer, PinnedBuffers
 from runtime.backends.tensorrt.shapes import nbytes
-from runtime.graphs import FEEDS, RESULTS, Call, Kind
+from runtime.graphs import RESULTS, Call, Kind
 
 if TYPE_CHECKING:
-    from runtime.config import ECARConfig
+    from runtime.manifest import Manifest
+    from runtime.plan import RequestPlan
 
 F32 = np.dtype(np.float32)
 
 
 class StageInputs:
-    """The backbone's stage inputs of every stage, in device memory (uploaded once, never changed)."""
+    """Every graph's stage constants at every stage it runs at, in device memory (uploaded once, never changed)."""
 
-    def __init__(self, cuda: gpu.CudaDriver, config: ECARConfig, stream: int) -> None:
+    def __init__(self, cuda: gpu.CudaDriver, manifest: Manifest, stream: int) -> None:
         self.memory = DeviceAllocations(cuda)
         self.pinned = PinnedBuffers(cuda)
-        self.addresses: dict[int, dict[str, int]] = {}
-        for stage in range(1, config.num_stages + 1):
-            self.addresses[stage] = {}
-            for name, array in graphs.stage_inputs(config, stage).items():
-                host = self.pinned.array(array.shape, array.dtype)
-                host[...] = array
-                pointer = self.memory.new(array.nbytes)
-                cuda.copy_to_device(pointer, host, stream)
-                self.addresses[stage][name] = pointer
+        self.addresses: dict[tuple[str, int], dict[str, int]] = {}
+        self.specs = manifest.specs
+        for name, entry in manifest.graphs.items():
+            for stage in manifest.plan.graph_stages(entry.spec.kind):
+                self.addresses[name, stage] = {}
+                for input_name, array in manifest.constants.get(name, stage).items():
+                    host = self.pinned.array(array.shape, array.dtype)
+                    host[...] = array
+                    pointer = self.memory.new(max(1, array.nbytes))
+                    cuda.copy_to_device(pointer, host, stream)
+                    self.addresses[name, stage][input_name] = pointer
         cuda.stream_synchronize(stream)
 
     def release(self) -> None:
@@ -58,16 +62,17 @@ class StageInputs:
 class Workspace:
     """Device and pinned host buffers of one batch size, made once and reused by every request."""
 
-    def __init__(self, cuda: gpu.CudaDriver, config: ECARConfig, batch: int, fuse_flow_loop: bool, stream: int) -> None:
+    def __init__(self, cuda: gpu.CudaDriver, manifest: Manifest, batch: int, stream: int) -> None:
+        plan, fuse_flow_loop = manifest.plan, manifest.fuse_flow_loop
         self.batch = batch
         self.memory = DeviceAllocations(cuda)
         self.pinned = PinnedBuffers(cuda)
         self.timer = EventTimer(cuda)
-        stages = range(1, config.num_stages + 1)
-        dims = {stage: graphs.stage_dims(config, stage, batch) for stage in stages}
+        stages = range(1, plan.num_stages + 1)
+        dims = {stage: plan.dims(stage, batch) for stage in stages}
         self.dims = dims
-        c, d = config.latent_channels, config.width
-        largest = max(config.tokens_per_stage)
+        c, d = plan.channels, manifest.sizes["d"]
+        largest = max(plan.tokens)
         self.labels = self.memory.new(batch * 8)
         self.host_labels = self.pinned.array((batch,), np.dtype(np.int64))
         self.noise: dict[int, int] = {}
@@ -76,30 +81,34 @@ class Workspace:
             shape = (batch, dims[stage]["N"], c)
             self.noise[stage] = self.memory.new(nbytes(shape, F32))
             self.host_noise[stage] = self.pinned.array(shape, F32)
-        self.first_prev = self.memory.new(nbytes((batch, 1, c), F32))  # stage 1's prev: zeros
-        cuda.memset(self.first_prev, 0, batch * c * 4, stream)
+        first = (batch, plan.stages[0].prev_tokens, c)
+        self.first_prev = self.memory.new(nbytes(first, F32))  # stage 1's prev: zeros
+        cuda.memset(self.first_prev, 0, nbytes(first, F32), stream)
         self.z = self.memory.new(nbytes((2 * batch, largest, d), F32))
         self.x = (self.memory.new(nbytes((batch, largest, c), F32)), self.memory.new(nbytes((batch, largest, c), F32)))
-        self.kv_row = nbytes(graphs.kv_shape_concrete(config, 1, batch), F32)  # one token's keys/values
-        cached = graphs.cache_offsets(config)[-1]
+        self.kv_row = nbytes(graphs.kv_row_shape(manifest.graphs[Kind.BACKBONE].spec, batch), F32)  # one token's
+        cached = plan.cache_rows
         self.cache = self.memory.new(max(1, cached) * self.kv_row)
         self.kv_out = self.memory.new(max(1, max(dims[s]["E"] for s in stages)) * self.kv_row)
-        self.image_shape = (batch, config.image_channels, config.image_size, config.image_size)
+        self.image_shape = manifest.image_shape(batch)
         self.image = self.memory.new(nbytes(self.image_shape, F32))
         self.host_image = self.pinned.array(self.image_shape, F32)
-        self.latents_shape = (batch, config.tokens_per_stage[-1], c)
+        self.latents_shape = (batch, plan.tokens[-1], c)
         self.host_latents = self.pinned.array(self.latents_shape, F32)
-        # per-request scalars, each in its own aligned slot: cfg per stage, then the flow times: per Euler
-        # step a (t, dt) pair of one value each (flow_step), or per stage the t and dt arrays (flow_loop)
-        self.steps = [graphs.stage_times(config, s) for s in stages]
+        # per-request scalars, each in its own aligned slot: cfg per stage, the weight 1 of unguided steps, then
+        # the flow times: per Euler step a (t, dt) pair of one value each (flow_step), or per stage the t and dt
+        # arrays (flow_loop)
+        self.num_stages = plan.num_stages
+        self.steps = [plan.stage(s).step_times() for s in stages]
         self.slot_floats = ADDRESS_ALIGNMENT // 4
         width = max(len(steps) for steps in self.steps) if fuse_flow_loop else 1
-        slot_count = config.num_stages + 2 * (config.num_stages if fuse_flow_loop else sum(map(len, self.steps)))
+        slot_count = plan.num_stages + 1 + 2 * (plan.num_stages if fuse_flow_loop else sum(map(len, self.steps)))
         self.slot_width = -(-width // self.slot_floats) * self.slot_floats
         self.host_scalars = self.pinned.array((slot_count * self.slot_width,), F32)
         self.host_scalars[:] = 0.0
+        self.host_scalars[plan.num_stages * self.slot_width] = 1.0  # the unguided weight
         self.time_slot: dict[int, list[tuple[int, int]]] = {}
-        slot = config.num_stages
+        slot = plan.num_stages + 1
         for stage, steps in zip(stages, self.steps):
             pairs = []
             for group in [steps] if fuse_flow_loop else [[step] for step in steps]:
@@ -115,8 +124,8 @@ class Workspace:
     def slot(self, index: int) -> int:
         return self.scalars + index * self.slot_width * 4
 
-    def cfg_slot(self, stage: int) -> int:
-        return self.slot(stage - 1)
+    def cfg_slot(self, stage: int, guided: bool = True) -> int:
+        return self.slot(stage - 1 if guided else self.num_stages)
 
     def set_cfg(self, stage: int, weight: float) -> None:
         self.host_scalars[(stage - 1) * self.slot_width] = np.float32(weight)
@@ -139,10 +148,10 @@ class DeviceSlots:
     appended to the cache; a call that ends its stage makes its state the next ``prev``.
     """
 
-    def __init__(self, ws: Workspace, stage_inputs: StageInputs, offsets: tuple[int, ...]) -> None:
+    def __init__(self, ws: Workspace, stage_inputs: StageInputs, plan: RequestPlan) -> None:
         self.ws = ws
         self.stage_inputs = stage_inputs
-        self.offsets = offsets
+        self.plan = plan
         self.prev = ws.first_prev  # the previous stage's end state
         self.x = ws.x[0]  # the current stage's flow state
         self._written_x = self.x
@@ -151,22 +160,23 @@ class DeviceSlots:
         ws = self.ws
         if slot == "noise":
             return ws.noise[call.stage]
-        if slot == "stage":
-            return self.stage_inputs.addresses[call.stage][name]
+        if slot == graphs.STAGE:
+            return self.stage_inputs.addresses[call.graph, call.stage][name]
         if slot == "past":
             return ws.cache
         if slot in ("t", "dt"):
             t_slot, dt_slot = ws.time_slot[call.stage][call.step or 0]
             return ws.slot(t_slot if slot == "t" else dt_slot)
         if slot == "cfg":
-            return ws.cfg_slot(call.stage)
+            return ws.cfg_slot(call.stage, call.guided)
         if slot in ("prev", "x"):
             return int(getattr(self, slot))
         return int(getattr(ws, slot))  # labels, z, image
 
     def bind(self, call: Call) -> dict[str, int]:
         """The device address of every input and output of ``call``."""
-        bind = {name: self.address(slot, name, call) for name, slot in FEEDS[call.graph].items()}
+        spec = self.stage_inputs.specs[call.graph]
+        bind = {name: self.address(slot, name, call) for name, slot in graphs.feeds(spec).items()}
         for name, slot in RESULTS[call.graph].items():
             if slot == "x":  # the other buffer than the one this call reads its state from
                 reading = self.prev if call.graph == Kind.BACKBONE else self.x
@@ -185,7 +195,7 @@ class DeviceSlots:
             self.x = self._written_x
         emitted = self.ws.dims[call.stage]["E"]
         if "past" in slots and emitted:  # the stage's keys/values become the next stage's past
-            target = self.ws.cache + self.offsets[call.stage - 1] * self.ws.kv_row
+            target = self.ws.cache + self.plan.stage(call.stage).cache_start * self.ws.kv_row
             cuda.copy_device(target, self.ws.kv_out, emitted * self.ws.kv_row, stream)
         if call.ends_stage:
             self.prev = self.x
