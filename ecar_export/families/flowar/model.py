@@ -2,15 +2,22 @@
 
 Its state dict uses the authors' key names, less their persistent buffers (the unused training
 mask and the RoPE frequencies, which are recomputed here).
+
+``backbone_graph`` and ``flow_step`` are the two graphs of graph contract 3
+(:mod:`ecar_export.families.flowar.graphs` states their inputs and walks a request through them):
+functions whose arguments are a graph's inputs in order, with everything that differs between
+stages passed in as data, so that one traced graph serves every stage.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ecar_export.families.flowar.backbone import Backbone
 from ecar_export.families.flowar.config import FlowARConfig
 from ecar_export.families.flowar.head import FlowHead
+from ecar_export.families.flowar.layers import KVCache
 
 
 class FlowAR(Backbone):
@@ -24,6 +31,72 @@ class FlowAR(Backbone):
     @property
     def backbone_parameters(self) -> int:
         return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("flownet."))
+
+    # ------------------------------------------------------------------ graph contract 3
+    def backbone_graph(
+        self,
+        labels: torch.Tensor,
+        prev: torch.Tensor,
+        noise: torch.Tensor,
+        up: torch.Tensor,
+        positions: torch.Tensor,
+        level: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        kv_tokens: torch.Tensor,
+        past_kv: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``backbone`` graph of every stage -> z ``[2B, N, width]``, x ``[B, N, C]``, kv ``[E, L, 2, 2B, H, Dh]``.
+
+        labels ``[B]``; prev ``[B, P, C]`` the previous stage's sampled tokens (stage 1: one zero token);
+        noise ``[B, N, C]``; up ``[N, P]`` the stage-input resampling; positions ``[N]`` the stage's rows of
+        the three position tables; level ``[1]`` (0: the stage input is the class embedding, one token;
+        otherwise ``z_proj(up @ prev)``); rope_cos / rope_sin ``[N, Dh]`` the stage's rotary tables;
+        kv_tokens ``[E]`` the tokens whose keys/values are emitted; past_kv ``[T, L, 2, 2B, H, Dh]`` the
+        token-major cache of the stages before (keys after RoPE, then values; L = encoder then decoder
+        blocks). Rows ``2B`` are the labels' rows, then the null class's, both on the same stage input.
+        The stage's start state x is its noise (FlowAR integrates every stage from t = 1).
+        """
+        cond = self.class_embedding(torch.cat([labels, torch.full_like(labels, self.config.null_class)]))
+        resampled = self.z_proj(up @ prev)
+        resampled = torch.cat([resampled, resampled])
+        x = torch.where(level == 0, cond[:, None].expand_as(resampled), resampled)
+        rows = tuple(table[0].index_select(0, positions) for table in self.position_tables())
+        past: list[KVCache | None] = [
+            (past_kv[:, layer, 0].permute(1, 2, 0, 3), past_kv[:, layer, 1].permute(1, 2, 0, 3))
+            for layer in range(past_kv.shape[1])
+        ]
+        z, caches = self.transform(x, cond, rows, past, (rope_cos, rope_sin))
+        cached = past_kv.shape[0]
+        emitted = [
+            torch.stack(
+                [keys[:, :, cached:].index_select(2, kv_tokens), values[:, :, cached:].index_select(2, kv_tokens)]
+            )
+            for keys, values in caches
+        ]  # each [2, 2B, H, E, Dh]
+        kv = torch.stack(emitted).permute(4, 0, 1, 2, 3, 5)
+        return z, noise, kv
+
+    def flow_step(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        dt: torch.Tensor,
+        cfg: torch.Tensor,
+        head_rope_cos: torch.Tensor,
+        head_rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """The ``flow_step`` graph: one guided Euler step of a stage, x ``[B, N, C]`` -> x_next ``[B, N, C]``.
+
+        z ``[2B, N, width]`` (conditional rows, then null rows); t, dt, cfg ``[1]``; the head's rotary
+        tables ``[N, 64]``. The head sees rows ``[x; x]``: v_c with z's conditional half, v_u with its null
+        half, and x_next = x - dt · (v_u + cfg · (v_c - v_u)), dt = t - t_next > 0.
+        """
+        rows = torch.cat([x, x])
+        v = self.flownet(rows, t.expand(rows.shape[0]), z, (head_rope_cos, head_rope_sin))
+        v_c, v_u = v.unflatten(0, (2, -1)).unbind(0)
+        return x - dt * (v_u + cfg * (v_c - v_u))
 
 
 def _init_linear(module: nn.Module) -> None:
