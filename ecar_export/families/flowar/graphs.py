@@ -24,9 +24,10 @@ checked against the reference sampler (:mod:`ecar_export.families.flowar.sampler
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +96,14 @@ def flow_step_spec(config: FlowARConfig) -> GraphSpec:
 def graph_specs(config: FlowARConfig) -> list[GraphSpec]:
     """Both graphs, in the order a request first calls them."""
     return [backbone_spec(config), flow_step_spec(config)]
+
+
+def graph_function(model: FlowAR, kind: Kind) -> Callable[..., Any]:
+    """The torch function of a graph: its arguments are the graph's inputs in order."""
+    functions: dict[Kind, Callable[..., Any]] = {Kind.BACKBONE: model.backbone_graph, Kind.FLOW_STEP: model.flow_step}
+    if kind not in functions:
+        raise ValueError(f"FlowAR has no graph of kind {kind!r}")
+    return functions[kind]
 
 
 def stage_dims(config: FlowARConfig, stage: int, batch: int) -> dict[str, int]:
