@@ -201,23 +201,39 @@ def trace_onnx(model: FlowAR, spec: GraphSpec, path: Path) -> Path:
     return path
 
 
+class OnnxGraphs:
+    """Each config's randomised model (fresh seed per session) and its graphs, exported on first use."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.models: dict[str, FlowAR] = {}
+        self.sessions: dict[tuple[str, str], ort.InferenceSession] = {}
+
+    def get(self, config: FlowARConfig, graph: str) -> tuple[FlowAR, GraphSpec, ort.InferenceSession]:
+        if config.name not in self.models:
+            self.models[config.name] = randomised(config, zlib.crc32(f"{SESSION_SEED}/{config.name}".encode()))
+        model = self.models[config.name]
+        spec = {s.name: s for s in graphs.graph_specs(config)}[graph]
+        if (config.name, graph) not in self.sessions:
+            path = trace_onnx(model, spec, self.folder / f"{config.name}-{graph}.onnx")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for tensor, node in zip((*spec.inputs, *spec.outputs), (*session.get_inputs(), *session.get_outputs())):
+                assert node.type == {"float32": "tensor(float)", "int64": "tensor(int64)"}[tensor.dtype], tensor
+                fixed = [d if isinstance(d, int) else None for d in tensor.shape]
+                assert [d if isinstance(d, int) else None for d in node.shape] == fixed, (tensor, node.shape)
+            self.sessions[config.name, graph] = session
+        return model, spec, self.sessions[config.name, graph]
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowAR, dict[str, ort.InferenceSession]]:
-    seed = zlib.crc32(f"{SESSION_SEED}/flowar-graphs".encode())
-    model = randomised(FLOWAR_TINY, seed)
-    folder = tmp_path_factory.mktemp("flowar_onnx")
-    sessions = {
-        spec.name: ort.InferenceSession(
-            str(trace_onnx(model, spec, folder / f"{spec.name}.onnx")), providers=["CPUExecutionProvider"]
-        )
-        for spec in graphs.graph_specs(FLOWAR_TINY)
-    }
-    return model, sessions
+def onnx_graphs(tmp_path_factory: pytest.TempPathFactory) -> OnnxGraphs:
+    return OnnxGraphs(tmp_path_factory.mktemp("flowar_onnx"))
 
 
-def random_feeds(spec: GraphSpec, stage: int, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_feeds(
+    config: FlowARConfig, spec: GraphSpec, stage: int, batch: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Fresh inputs of one call at a stage: the stage's real constants, random data elsewhere."""
-    config = FLOWAR_TINY
     dims, constants = graphs.stage_dims(config, stage, batch), graphs.stage_constants(config, stage)
     plan = graphs.stage_plan(config, stage)
     step = int(rng.integers(len(plan.t)))
@@ -240,20 +256,24 @@ def random_feeds(spec: GraphSpec, stage: int, batch: int, rng: np.random.Generat
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("graph", ["backbone", "flow_step"])
+@pytest.mark.parametrize(
+    ("name", "graph"),
+    # the cross config's backbone is the tiny one's structure; its head has the cross-attention blocks of L/H
+    [("flowar-tiny", "backbone"), ("flowar-tiny", "flow_step"), ("flowar-tiny-cross", "flow_step")],
+)
 def test_onnx_graph_matches_torch_at_every_stage(
-    exported: tuple[FlowAR, dict[str, ort.InferenceSession]], graph: str, stage: int, rng: np.random.Generator
+    onnx_graphs: OnnxGraphs, name: str, graph: str, stage: int, rng: np.random.Generator
 ) -> None:
     """One exported graph serves every stage: stage 1 (one token, empty cache) to the last (no kv emitted)."""
-    model, sessions = exported
-    spec = {s.name: s for s in graphs.graph_specs(FLOWAR_TINY)}[graph]
+    config = PRESETS[name]
+    model, spec, session = onnx_graphs.get(config, graph)
     batch = int(rng.integers(1, 4))
-    feeds = random_feeds(spec, stage, batch, rng)
-    got = sessions[graph].run(spec.output_names(), feeds)
+    feeds = random_feeds(config, spec, stage, batch, rng)
+    got = session.run(spec.output_names(), feeds)
     with torch.no_grad():
-        ref = graphs.graph_function(model, spec.kind)(*(torch.from_numpy(feeds[name]) for name in spec.input_names()))
+        ref = graphs.graph_function(model, spec.kind)(*(torch.from_numpy(feeds[n]) for n in spec.input_names()))
     refs = (ref,) if isinstance(ref, torch.Tensor) else ref
-    dims = graphs.stage_dims(FLOWAR_TINY, stage, batch)
-    for name, out, expected in zip(spec.output_names(), got, refs):
-        assert out.shape == spec.tensor(name).concrete(dims)
-        max_diff(out, expected, GRAPH_TOL, f"{graph} stage {stage} output {name}")
+    dims = graphs.stage_dims(config, stage, batch)
+    for output, out, expected in zip(spec.output_names(), got, refs):
+        assert out.shape == spec.tensor(output).concrete(dims)
+        max_diff(out, expected, GRAPH_TOL, f"{name} {graph} stage {stage} output {output}")
