@@ -14,7 +14,9 @@ Pickle-based files (``.ckpt``, ``.pth``, ``.pt``, ``.bin``) are read with ``torc
 (tensors and plain containers only, never arbitrary objects), and only here: ``ecar-export build`` takes
 safetensors checkpoints alone. :func:`convert` joins the VAE with a backbone checkpoint and writes one
 safetensors checkpoint (atomically) in the format ``ecar-export build --checkpoint`` reads, after checking
-every tensor's name, shape and dtype against the model the backbone's config describes.
+every tensor's name, shape and dtype against the model the backbone's config describes. FlowAR's
+converter (:mod:`ecar_export.families.flowar.convert`) reads, checks and merges its VAE with the same
+functions (:func:`read_vae`, :func:`check_layout`, :func:`merge`).
 """
 
 from __future__ import annotations

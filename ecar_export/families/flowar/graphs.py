@@ -1,6 +1,6 @@
 """FlowAR's graphs in the form of graph contract 3, the per-stage data fed to them and a request's walk.
 
-Two graphs serve a whole request, every stage alike:
+Three graphs serve a whole request, the first two every stage alike:
 
 * ``backbone`` (:meth:`FlowAR.backbone_graph`): inputs ``labels`` int64 ``[B]``, ``prev`` ``[B, P, C]``,
   ``noise`` ``[B, N, C]``, then the stage constants of :data:`BACKBONE_CONSTANTS` — ``up`` ``[N, P]``,
@@ -11,6 +11,9 @@ Two graphs serve a whole request, every stage alike:
 * ``flow_step`` (:meth:`FlowAR.flow_step`): inputs ``x`` ``[B, N, C]``, ``z`` ``[2B, N, D]``, ``t``,
   ``dt``, ``cfg`` ``[1]``, then the stage constants of :data:`FLOW_STEP_CONSTANTS` — ``head_rope_cos``
   / ``head_rope_sin`` ``[N, 64]``; output ``x_next`` ``[B, N, C]``.
+* ``decoder`` (:meth:`FlowAR.decode_tokens`), once after the last stage: input ``x`` ``[B, grid², C]`` (row-major
+  over the grid, channels last, times ``latent_scale``); output ``image`` ``[B, 3, image_size, image_size]`` in
+  [0, 1]; the names and layout of ECAR's decoder graph (:func:`runtime.graphs.decoder_spec`).
 
 C is the token dim, D the backbone width, H its heads, Dh = D / H, L = encoder_depth + decoder_depth;
 all float32 unless said. Stages are 1-based here, as in :mod:`runtime.graphs`; FlowAR's own modules
@@ -93,14 +96,24 @@ def flow_step_spec(config: FlowARConfig) -> GraphSpec:
     return GraphSpec(Kind.FLOW_STEP, Kind.FLOW_STEP, inputs, (TensorSpec("x_next", ("B", "N", c), "float32"),))
 
 
+def decoder_spec(config: FlowARConfig) -> GraphSpec:
+    image = ("B", config.image_channels, config.image_size, config.image_size)
+    inputs = (TensorSpec("x", ("B", config.grid * config.grid, config.token_dim), "float32"),)
+    return GraphSpec(Kind.DECODER, Kind.DECODER, inputs, (TensorSpec("image", image, "float32"),))
+
+
 def graph_specs(config: FlowARConfig) -> list[GraphSpec]:
-    """Both graphs, in the order a request first calls them."""
-    return [backbone_spec(config), flow_step_spec(config)]
+    """The three graphs, in the order a request first calls them."""
+    return [backbone_spec(config), flow_step_spec(config), decoder_spec(config)]
 
 
 def graph_function(model: FlowAR, kind: Kind) -> Callable[..., Any]:
     """The torch function of a graph: its arguments are the graph's inputs in order."""
-    functions: dict[Kind, Callable[..., Any]] = {Kind.BACKBONE: model.backbone_graph, Kind.FLOW_STEP: model.flow_step}
+    functions: dict[Kind, Callable[..., Any]] = {
+        Kind.BACKBONE: model.backbone_graph,
+        Kind.FLOW_STEP: model.flow_step,
+        Kind.DECODER: model.decode_tokens,
+    }
     if kind not in functions:
         raise ValueError(f"FlowAR has no graph of kind {kind!r}")
     return functions[kind]

@@ -1,9 +1,12 @@
-"""The whole FlowAR generator as one module: the backbone plus the flow head ``flownet``.
+"""The whole FlowAR model as one module: the backbone, the flow head ``flownet`` and the decoder ``tokenizer``.
 
-Its state dict uses the authors' key names, less their persistent buffers (the unused training
-mask and the RoPE frequencies, which are recomputed here).
+The generator's state dict uses the authors' key names, less their persistent buffers (the unused
+training mask and the RoPE frequencies, which are recomputed here). The decoder is MAR's KL-16 VAE,
+a diffusers ``AutoencoderKL`` under ``tokenizer.vae.`` built by
+:class:`ecar_export.model.tokenizer.KLTokenizer` from the config's layout fields, as ECAR's ``kl``
+tokenizer is.
 
-``backbone_graph`` and ``flow_step`` are the two graphs of graph contract 3
+``backbone_graph``, ``flow_step`` and ``decode_tokens`` are the graphs of graph contract 3
 (:mod:`ecar_export.families.flowar.graphs` states their inputs and walks a request through them):
 functions whose arguments are a graph's inputs in order, with everything that differs between
 stages passed in as data, so that one traced graph serves every stage.
@@ -18,19 +21,24 @@ from ecar_export.families.flowar.backbone import Backbone
 from ecar_export.families.flowar.config import FlowARConfig
 from ecar_export.families.flowar.head import FlowHead
 from ecar_export.families.flowar.layers import KVCache
+from ecar_export.model.tokenizer import KLTokenizer
 
 
 class FlowAR(Backbone):
-    """Backbone attributes at the top level and the head under ``flownet``, as in the authors' checkpoints."""
+    """Backbone attributes at the top level and the head under ``flownet``, as in the authors' checkpoints; the
+    decoder under ``tokenizer`` (``tokenizer=False`` leaves it out: the generator alone, as the authors' ``.pth``
+    holds it)."""
 
-    def __init__(self, config: FlowARConfig) -> None:
+    def __init__(self, config: FlowARConfig, tokenizer: bool = True) -> None:
         super().__init__(config)
         self.flownet = FlowHead(config)
         self.apply(_init_linear)
+        # after the reference initialisation, so that the generator's weights draw the same numbers with or without it
+        self.tokenizer: KLTokenizer | None = KLTokenizer(config) if tokenizer else None
 
     @property
     def backbone_parameters(self) -> int:
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("flownet."))
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(("flownet.", "tokenizer.")))
 
     # ------------------------------------------------------------------ graph contract 3
     def backbone_graph(
@@ -97,6 +105,19 @@ class FlowAR(Backbone):
         v = self.flownet(rows, t.expand(rows.shape[0]), z, (head_rope_cos, head_rope_sin))
         v_c, v_u = v.unflatten(0, (2, -1)).unbind(0)
         return x - dt * (v_u + cfg * (v_c - v_u))
+
+    def decode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``decoder`` graph: the last stage's tokens x ``[B, N, C]`` -> images ``[B, 3, H, W]`` in [0, 1].
+
+        Tokens are row-major over the ``grid`` x ``grid`` latent grid, channels last (the layout
+        ``sampler.sample`` reshapes into its ``[B, C, grid, grid]`` latents), and still times ``latent_scale``:
+        they are divided by it before the KL decoder, whose output in [-1, 1] maps to [0, 1].
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("this FlowAR model was built without its decoder (tokenizer=False)")
+        side = self.config.grid
+        latents = x.transpose(1, 2).reshape(-1, self.config.token_dim, side, side) * (1.0 / self.config.latent_scale)
+        return self.tokenizer.decode(latents)
 
 
 def _init_linear(module: nn.Module) -> None:
