@@ -279,3 +279,17 @@ def test_onnx_graph_matches_torch_at_every_stage(
     for output, out, expected in zip(spec.output_names(), got, refs):
         assert out.shape == spec.tensor(output).concrete(dims)
         max_diff(out, expected, GRAPH_TOL, f"{name} {graph} stage {stage} output {output}")
+
+
+def test_onnx_decoder_matches_torch(onnx_graphs: OnnxGraphs, rng: np.random.Generator) -> None:
+    """The decoder graph (once per request, after the last stage; flowar-tiny's reduced KL-16 layout) through ONNX."""
+    config = PRESETS["flowar-tiny"]
+    model, spec, session = onnx_graphs.get(config, "decoder")
+    batch = int(rng.integers(1, 3))
+    feeds = random_feeds(config, spec, config.num_stages, batch, rng)
+    (got,) = session.run(spec.output_names(), feeds)
+    with torch.no_grad():
+        ref = model.decode_tokens(torch.from_numpy(feeds["x"]))
+    assert got.shape == (batch, 3, config.image_size, config.image_size)
+    assert 0.05 < float(ref.std()), "a real image, not a saturated one"
+    max_diff(got, ref, GRAPH_TOL, "flowar-tiny decoder")
