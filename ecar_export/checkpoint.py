@@ -111,6 +111,11 @@ def _existing(path: str | os.PathLike[str]) -> Path:
 
 
 def _config_from(path: Path, metadata: dict[str, str]) -> ECARConfig:
+    if metadata.get("family") == "flowar":
+        raise CheckpointError(
+            f"'{path}' is a FlowAR checkpoint (written by `ecar-export convert --flowar`); building and running "
+            "FlowAR models is not supported yet, only ECAR checkpoints are"
+        )
     CHECKPOINT_FORMAT.check(metadata, f"'{path}'")
     try:
         return CHECKPOINT_FORMAT.parse(f"'{path}'", lambda: ECARConfig.from_json(metadata.get("config", "")))

@@ -338,15 +338,34 @@ def train_demo_cmd(
 @app.command("convert")
 @fail_on_ecar_errors
 def convert_cmd(
+    *,
     backbone: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--backbone",
-            help="ECAR .safetensors checkpoint of the trained backbone and flow head; its config names the VAE "
+            help="ECAR: the .safetensors checkpoint of the trained backbone and flow head; its config names the VAE "
             "layout (tokenizer 'kl', tokenizer_channels, latent_channels, latent_scale, ...). Tokenizer tensors in it, "
             "if any, are replaced.",
         ),
-    ],
+    ] = None,
+    flowar: Annotated[
+        Path | None,
+        typer.Option(
+            "--flowar",
+            help="FlowAR, instead of --backbone: the authors' checkpoint (FlowAR-S.pth, FlowAR-L.pth, FlowAR-H.pth), "
+            "a state dict that is flat or under 'model_ema' (preferred) or 'model', read with "
+            "torch.load(weights_only=True). Its VAE is MAR's kl16.ckpt.",
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="FlowAR only: the model the --flowar weights are, flowar-s, flowar-l or flowar-h (reduced test "
+            "models: flowar-tiny, flowar-tiny-cross). Default: inferred from the weights' tensor shapes (S, L and H "
+            "differ in width and depth).",
+        ),
+    ] = None,
     vae: Annotated[
         Path,
         typer.Option(
@@ -361,24 +380,48 @@ def convert_cmd(
         Path,
         typer.Option(
             "--out",
-            help="The checkpoint to write (.safetensors, written atomically); build it with "
-            "`ecar-export build --checkpoint OUT`.",
+            help="The checkpoint to write (.safetensors, written atomically; nothing is written on a refusal). An "
+            "ECAR one builds with `ecar-export build --checkpoint OUT`.",
         ),
     ],
 ) -> None:
-    """Join a backbone checkpoint and a published VAE (MAR's KL-16, SD's kl-f8, ...) into one ECAR checkpoint.
+    """Join trained weights and a published VAE (MAR's KL-16, SD's kl-f8, ...) into one safetensors checkpoint.
 
-    Every VAE tensor is mapped to diffusers' AutoencoderKL names and checked against the layout the backbone's
-    config describes (names, shapes, floating-point dtypes, finite values, the latent grid); a misfit is refused
-    naming the tensor and both shapes, and nothing is written. Example:
+    ECAR (--backbone): every VAE tensor is mapped to diffusers' AutoencoderKL names and checked against the layout
+    the backbone's config describes. FlowAR (--flowar): the authors' .pth and MAR's kl16.ckpt become one checkpoint
+    holding the generator, the KL-16 decoder and the config (building engines from it is not supported yet). Names,
+    shapes, floating-point dtypes, finite values and the latent grid are checked; a misfit is refused naming the
+    tensor and both shapes, and nothing is written. Examples:
 
         ecar-export convert --backbone ecar-b.safetensors --vae kl16.ckpt --out ecar-b-kl16.safetensors
-    """
-    from ecar_export.vae import convert
 
-    path = convert(backbone, vae, out)
+        ecar-export convert --flowar FlowAR-S.pth --vae kl16.ckpt --out flowar-s.safetensors
+    """
+    from runtime.errors import InvalidRequestError
+
+    if (backbone is None) == (flowar is None):
+        raise InvalidRequestError(
+            "give the trained weights with --backbone PATH (an ECAR checkpoint) or --flowar PATH (the authors' "
+            "FlowAR .pth), one of them"
+        )
+    if backbone is not None:
+        if config is not None:
+            raise InvalidRequestError("--config applies to --flowar; an ECAR --backbone checkpoint carries its config")
+        from ecar_export.vae import convert
+
+        path = convert(backbone, vae, out)
+        sys.stdout.write(f"{path}\n")
+        console().print(f"wrote {path}; build it with `ecar-export build --checkpoint {path}`")
+        return
+    from ecar_export.families.flowar import PRESETS
+    from ecar_export.families.flowar import convert as flowar_convert
+
+    if config is not None and config not in PRESETS:
+        raise InvalidRequestError(f"--config {config!r}: FlowAR models are {', '.join(PRESETS)}")
+    assert flowar is not None
+    path = flowar_convert.convert(flowar, vae, out, PRESETS[config] if config is not None else None)
     sys.stdout.write(f"{path}\n")
-    console().print(f"wrote {path}; build it with `ecar-export build --checkpoint {path}`")
+    console().print(f"wrote {path} (FlowAR with its KL-16 decoder); `ecar-export build` cannot build FlowAR models yet")
 
 
 # What `ecar-export` needs beyond the runtime layer (the `export` extra), as import names.

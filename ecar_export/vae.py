@@ -14,7 +14,9 @@ Pickle-based files (``.ckpt``, ``.pth``, ``.pt``, ``.bin``) are read with ``torc
 (tensors and plain containers only, never arbitrary objects), and only here: ``ecar-export build`` takes
 safetensors checkpoints alone. :func:`convert` joins the VAE with a backbone checkpoint and writes one
 safetensors checkpoint (atomically) in the format ``ecar-export build --checkpoint`` reads, after checking
-every tensor's name, shape and dtype against the model the backbone's config describes.
+every tensor's name, shape and dtype against the model the backbone's config describes. FlowAR's
+converter (:mod:`ecar_export.families.flowar.convert`) reads, checks and merges its VAE with the same
+functions (:func:`read_vae`, :func:`check_layout`, :func:`merge`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from safetensors.torch import save_file
 
 from ecar_export import checkpoint, torch_files
 from ecar_export.model import ECAR
-from ecar_export.model.tokenizer import autoencoder_kl_config
+from ecar_export.model.tokenizer import KLLayoutConfig, autoencoder_kl_config
 from runtime.config import ECARConfig
 from runtime.errors import CheckpointError
 from runtime.fileio import atomic_path
@@ -46,8 +49,12 @@ _LAYOUT_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "no
 
 
 # ------------------------------------------------------------------ reading a VAE
-def read_vae(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The VAE's tensors under diffusers' names, and its diffusers ``config.json`` where it has one."""
+def read_vae(
+    path: str | os.PathLike[str], origin: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The VAE's tensors under diffusers' names, and its diffusers ``config.json`` where it has one.
+
+    ``origin``, where given, receives each diffusers name's name in the file (for messages)."""
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
@@ -63,13 +70,13 @@ def read_vae(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
             raise CheckpointError(f"'{config_file}' is not valid JSON ({exc})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"'{config_file}': a diffusers config must be a JSON object")
-        return to_diffusers_names(_read_tensors(weights), weights), config
+        return to_diffusers_names(_read_tensors(weights), weights, origin), config
     if not path.is_file():
         raise CheckpointError(
             f"VAE '{path}' does not exist; pass --vae PATH to an LDM/MAR checkpoint (.ckpt, .pth), a safetensors "
             "file or a diffusers VAE directory"
         )
-    return to_diffusers_names(_read_tensors(path), path), None
+    return to_diffusers_names(_read_tensors(path), path, origin), None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -103,23 +110,31 @@ def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def to_diffusers_names(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def to_diffusers_names(
+    state: dict[str, torch.Tensor], path: Path, origin: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """The VAE tensors of ``state`` (wrapper prefixes stripped, other tensors such as a loss dropped) under
-    diffusers' names."""
+    diffusers' names; ``origin``, where given, receives each new name's name in ``state``."""
     vae: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    stripped: dict[str, str] = {}
+    for original, tensor in state.items():
+        name = original
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
         if name.startswith(VAE_PREFIXES):
             vae[name] = tensor
+            stripped[name] = original
     if not vae:
         raise CheckpointError(
             f"'{path}' holds no VAE tensors (names starting with {', '.join(VAE_PREFIXES)}); is it a VAE checkpoint?"
         )
+    renamed: dict[str, str] = {}
     if any(re.match(r"(encoder\.down|decoder\.up|(en|de)coder\.mid)\.", name) for name in vae):
-        return ldm_to_diffusers(vae)
+        vae = ldm_to_diffusers(vae, renamed)
+    if origin is not None:
+        origin.update({name: stripped[renamed.get(name, name)] for name in vae})
     return vae
 
 
@@ -128,11 +143,12 @@ _RESNET = {"nin_shortcut": "conv_shortcut"}
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def ldm_to_diffusers(state: dict[str, torch.Tensor], renamed: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """LDM / MAR autoencoder names (``decoder.up.0.block.1.conv1.weight``) as diffusers names
     (``decoder.up_blocks.N.resnets.1.conv1.weight``: diffusers counts the decoder's levels from the
     lowest resolution). Attention projections, 1x1 convolutions in LDM, become the matrices of
-    diffusers' linear layers. Names that fit no rule stay as they are (and are refused later)."""
+    diffusers' linear layers. Names that fit no rule stay as they are (and are refused later). ``renamed``, where
+    given, receives each new name's LDM name."""
     levels = 1 + max((int(m.group(1)) for n in state if (m := re.match(r"decoder\.up\.(\d+)\.", n))), default=-1)
     converted: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -140,6 +156,8 @@ def ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if attention and tensor.dim() == 4 and name.endswith(".weight") and not new.endswith("group_norm.weight"):
             tensor = tensor[:, :, 0, 0]
         converted[new] = tensor
+        if renamed is not None:
+            renamed[new] = name
     return converted
 
 
@@ -181,12 +199,20 @@ def vae_layout(state: dict[str, torch.Tensor]) -> tuple[int | None, int]:
 def check_vae(
     state: dict[str, torch.Tensor], vae_config: dict[str, Any] | None, config: ECARConfig, where: str
 ) -> None:
-    """Refuse a VAE that does not fit the model ``config`` describes, naming the first misfit."""
+    """Refuse a VAE that does not fit the ECAR model ``config`` describes, naming the first misfit."""
     if config.tokenizer != "kl":
         raise CheckpointError(
             f"the backbone's config uses the '{config.tokenizer}' tokenizer; a published VAE replaces a 'kl' "
             "tokenizer only (set tokenizer='kl' and its layout in the model config)"
         )
+    check_layout(state, vae_config, config, where)
+
+
+def check_layout(
+    state: dict[str, torch.Tensor], vae_config: dict[str, Any] | None, config: KLLayoutConfig, where: str
+) -> None:
+    """Refuse a VAE whose latent grid (or diffusers ``config.json``) does not fit the layout of ``config``'s KL
+    tokenizer, whatever the model family."""
     channels, levels = vae_layout(state)
     want_levels = len(config.tokenizer_channels)
     if channels != config.latent_channels or levels != want_levels:
@@ -215,39 +241,51 @@ def check_vae(
             )
 
 
-def _skeleton(config: ECARConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+Skeleton = dict[str, tuple[tuple[int, ...], torch.dtype]]  # a model's state dict: names, shapes, dtypes
+
+
+def skeleton(model_class: Callable[[Any], torch.nn.Module], config: Any) -> Skeleton:
+    """Every tensor of ``model_class(config)``, built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = ECAR(config)
+        model = model_class(config)
     return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
 
 
 def merge(
     backbone: dict[str, torch.Tensor],
     vae: dict[str, torch.Tensor],
-    config: ECARConfig,
+    expected: Skeleton,
     backbone_where: str,
     vae_where: str,
+    origin: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The model's full state dict: the backbone's tensors and the VAE's under ``tokenizer.vae.``, checked."""
-    expected = _skeleton(config)
+    """The model's full state dict: the backbone's tensors and the VAE's under ``tokenizer.vae.``, checked
+    against ``expected`` (the model's :func:`skeleton`). ``origin`` (from :func:`read_vae`) lets messages
+    name a VAE tensor as the file does too."""
+
+    def in_file(vae_name: str) -> str:
+        found = (origin or {}).get(vae_name, vae_name)
+        return f" (in the file: '{found}')" if found != vae_name else ""
+
     tensors = {name: t for name, t in backbone.items() if not name.startswith("tokenizer.")}
     tensors.update({TOKENIZER_PREFIX + name: t for name, t in vae.items()})
     for name in sorted(set(expected) - set(tensors)):
         if name.startswith(TOKENIZER_PREFIX):
             missing = sorted(n for n in expected if n not in tensors and n.startswith(TOKENIZER_PREFIX))
             raise CheckpointError(
-                f"{vae_where} lacks VAE tensor '{name[len(TOKENIZER_PREFIX) :]}' ({len(missing)} missing in all; "
-                "diffusers names)"
+                f"{vae_where} lacks VAE tensor '{name[len(TOKENIZER_PREFIX) :]}' of shape {expected[name][0]} "
+                f"({len(missing)} missing in all; diffusers names)"
             )
-        raise CheckpointError(f"{backbone_where} lacks tensor '{name}'")
+        raise CheckpointError(f"{backbone_where} lacks tensor '{name}' of shape {expected[name][0]}")
     for name in sorted(set(tensors) - set(expected)):
         if name.startswith(TOKENIZER_PREFIX):
             extra = [n for n in tensors if n not in expected and n.startswith(TOKENIZER_PREFIX)]
+            vae_name = name[len(TOKENIZER_PREFIX) :]
             raise CheckpointError(
-                f"{vae_where} holds VAE tensor '{name[len(TOKENIZER_PREFIX) :]}' that the model's layout lacks "
-                f"({len(extra)} in all; diffusers names)"
+                f"{vae_where} holds VAE tensor '{vae_name}' (shape {tuple(tensors[name].shape)}) that the model's "
+                f"layout lacks ({len(extra)} in all; diffusers names){in_file(vae_name)}"
             )
-        raise CheckpointError(f"{backbone_where} holds unexpected tensor '{name}'")
+        raise CheckpointError(f"{backbone_where} holds unexpected tensor '{name}' (shape {tuple(tensors[name].shape)})")
     for name, (shape, dtype) in expected.items():
         tensor = tensors[name]
         where, shown = (
@@ -255,12 +293,15 @@ def merge(
             if name.startswith(TOKENIZER_PREFIX)
             else (backbone_where, f"tensor '{name}'")
         )
+        note = in_file(name[len(TOKENIZER_PREFIX) :]) if name.startswith(TOKENIZER_PREFIX) else ""
         if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{where}: {shown} has shape {tuple(tensor.shape)}, the model's config needs {shape}")
+            raise CheckpointError(
+                f"{where}: {shown} has shape {tuple(tensor.shape)}, the model's config needs {shape}{note}"
+            )
         if not tensor.is_floating_point():
-            raise CheckpointError(f"{where}: {shown} is {tensor.dtype}, a weight must be a floating-point tensor")
+            raise CheckpointError(f"{where}: {shown} is {tensor.dtype}, a weight must be a floating-point tensor{note}")
         if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{where}: {shown} holds NaN or infinite values")
+            raise CheckpointError(f"{where}: {shown} holds NaN or infinite values{note}")
         tensors[name] = tensor.to(dtype).contiguous()
     return tensors
 
@@ -277,9 +318,10 @@ def convert(
     with safe_open(str(backbone_file), framework="pt") as handle:
         backbone = {name: handle.get_tensor(name) for name in handle.keys()}
     vae_where = f"VAE '{vae_path}'"
-    vae, vae_config = read_vae(vae_path)
+    origin: dict[str, str] = {}
+    vae, vae_config = read_vae(vae_path, origin)
     check_vae(vae, vae_config, config, vae_where)
-    tensors = merge(backbone, vae, config, f"'{backbone_file}'", vae_where)
+    tensors = merge(backbone, vae, skeleton(ECAR, config), f"'{backbone_file}'", vae_where, origin)
     target = Path(out)
     metadata = {
         "format": checkpoint.FORMAT,

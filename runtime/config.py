@@ -26,6 +26,8 @@ TOKENIZERS = ("conv", "kl")
 IMAGE_OUTPUTS = ("sigmoid", "signed")
 MAX_TOKENIZER_LEVELS = 8
 CFG_LIMIT = 100.0  # |guidance weight| allowed: far beyond useful values, far below float32 overflow
+MAX_TOKENIZER_CHANNELS = 4096
+TOKENIZER_INT_LIMITS = {"tokenizer_layers": 64, "tokenizer_groups": 4096}  # TokenizerLayout's integers
 # Upper bounds of the integer fields: generous for any image generator, small enough that a config
 # asking for absurd sizes is refused before anything is allocated (a checkpoint's or a manifest's
 # config is read before its tensors).
@@ -35,8 +37,7 @@ INT_LIMITS = {
     "latent_size": 1024,
     "latent_channels": 1024,
     "tokenizer_width": 4096,
-    "tokenizer_layers": 64,
-    "tokenizer_groups": 4096,
+    **TOKENIZER_INT_LIMITS,
     "width": 32768,
     "depth": 1024,
     "heads": 1024,
@@ -179,7 +180,65 @@ class ModelConfig(StageGrid):
 
 
 @dataclass(frozen=True)
-class ECARConfig(ModelConfig):
+class TokenizerLayout:
+    """The decoder fields every family's config shares: how the decoder's output becomes an image and the
+    layout of a latent-diffusion KL autoencoder (diffusers' ``AutoencoderKL``: MAR's KL-16, Stable Diffusion's
+    kl-f8), which :mod:`ecar_export.model.tokenizer` builds. ECAR's ``kl`` tokenizer and FlowAR's decoder are
+    laid out by these fields; a family's config derives from it and may give other defaults."""
+
+    LAYOUT_TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("tokenizer_channels", "tokenizer_attention")
+
+    # block_out_channels per level (one level per factor 2 of image side / latent side, plus one), ResNet layers
+    # per encoder level (the decoder has one more), GroupNorm groups, and the encoder resolutions with
+    # self-attention blocks (LDM's attn_resolutions; MAR's KL-16: 16)
+    tokenizer_channels: tuple[int, ...] = ()
+    tokenizer_layers: int = 2
+    tokenizer_groups: int = 32
+    tokenizer_attention: tuple[int, ...] = ()
+    image_output: str = "sigmoid"
+
+    def _check_layout_fields(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """``image_output`` and the element types of the layout lists (the integers go through check_fields)."""
+        if self.image_output not in IMAGE_OUTPUTS:
+            raise bad("image_output", f"must be one of {', '.join(IMAGE_OUTPUTS)}")
+        for name in self.LAYOUT_TUPLE_FIELDS:
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TOKENIZER_CHANNELS for v in values
+            ):
+                raise bad(name, f"must be a list of integers in [1, {MAX_TOKENIZER_CHANNELS}]")
+
+    def _check_kl_layout(
+        self, what: str, image_size: int, latent_size: int, ratio: str, bad: Callable[[str, str], ConfigError]
+    ) -> None:
+        """The KL layout between ``image_size``² images and ``latent_size``² latents (a power-of-two factor,
+        ``ratio`` naming it): one channel count per level, groups dividing them, attention at encoder
+        resolutions."""
+        channels, attention = self.tokenizer_channels, self.tokenizer_attention
+        factor = image_size // latent_size
+        levels = factor.bit_length()  # factor 2**k: k downsampling steps, k + 1 levels
+        if len(channels) != levels:
+            raise bad(
+                "tokenizer_channels",
+                f"{what} from {image_size}² images to {latent_size}² latents has {levels} levels ({ratio} = "
+                f"{factor}); give one channel count per level",
+            )
+        if levels > MAX_TOKENIZER_LEVELS:
+            raise bad("tokenizer_channels", f"at most {MAX_TOKENIZER_LEVELS} levels")
+        if any(c % self.tokenizer_groups for c in channels):
+            raise bad("tokenizer_groups", f"must divide every tokenizer channel count {list(channels)}")
+        resolutions = {image_size >> level for level in range(levels)}
+        if any(r not in resolutions for r in attention):
+            raise bad("tokenizer_attention", f"every entry must be an encoder resolution: {sorted(resolutions)}")
+
+    def tokenizer_parameter_estimate(self) -> int:
+        """Roughly how many weights the KL autoencoder has: two 3x3 convolutions per ResNet layer, a decoder level
+        one layer more."""
+        return sum(9 * 2 * (2 * self.tokenizer_layers + 1) * c * c for c in self.tokenizer_channels)
+
+
+@dataclass(frozen=True)
+class ECARConfig(ModelConfig, TokenizerLayout):
     """Architecture, latent layout and sampling schedule of one ECAR model.
 
     Defaults describe the bundled ``ecar-digits`` demo model.
@@ -198,14 +257,7 @@ class ECARConfig(ModelConfig):
     latent_shift: float = 0.0
     tokenizer: str = "conv"
     tokenizer_width: int = 32
-    # "kl" tokenizers: block_out_channels per level (one level per factor 2 of image_size / latent_size, plus
-    # one), ResNet layers per encoder level (the decoder has one more), GroupNorm groups, and the encoder
-    # resolutions with self-attention blocks (LDM's attn_resolutions; MAR's KL-16: 16)
-    tokenizer_channels: tuple[int, ...] = ()
-    tokenizer_layers: int = 2
-    tokenizer_groups: int = 32
-    tokenizer_attention: tuple[int, ...] = ()
-    image_output: str = "sigmoid"
+    # "kl" tokenizers: laid out by TokenizerLayout's fields (tokenizer_channels, ..., image_output)
     # stages: token grid side per stage, window boundaries tau_0 = 1 > ... > tau_S = 0, Euler steps
     scales: tuple[int, ...] = (1, 2, 4, 8)
     window_bounds: tuple[float, ...] = ()
@@ -277,41 +329,21 @@ class ECARConfig(ModelConfig):
         block = (4 + 2 * self.mlp_ratio + 6) * self.width**2  # attention, MLP, AdaLN modulation
         head = self.head_depth * 5 * self.head_width**2 + self.width * self.head_width
         embeddings = (self.num_classes + 1 + self.total_tokens) * self.width
-        # encoder and decoder: two 3x3 convolutions per ResNet layer, a decoder level one layer more
-        tokenizer = sum(9 * 2 * (2 * self.tokenizer_layers + 1) * c * c for c in self.tokenizer_channels)
-        return int(self.depth * block + head + embeddings + tokenizer)
+        return int(self.depth * block + head + embeddings + self.tokenizer_parameter_estimate())
 
     def _validate_tokenizer(self) -> None:
         bad = self._bad
         if self.tokenizer not in TOKENIZERS:
             raise bad("tokenizer", f"must be one of {', '.join(TOKENIZERS)}")
-        if self.image_output not in IMAGE_OUTPUTS:
-            raise bad("image_output", f"must be one of {', '.join(IMAGE_OUTPUTS)}")
-        channels, attention = self.tokenizer_channels, self.tokenizer_attention
-        for name, values in (("tokenizer_channels", channels), ("tokenizer_attention", attention)):
-            if not isinstance(values, tuple) or any(
-                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= INT_LIMITS["tokenizer_width"]
-                for v in values
-            ):
-                raise bad(name, f"must be a list of integers in [1, {INT_LIMITS['tokenizer_width']}]")
+        self._check_layout_fields(bad)
         if self.tokenizer == "conv":
-            if channels or attention:
-                raise bad("tokenizer_channels" if channels else "tokenizer_attention", "applies to 'kl' tokenizers")
+            if self.tokenizer_channels or self.tokenizer_attention:
+                raise bad(
+                    "tokenizer_channels" if self.tokenizer_channels else "tokenizer_attention",
+                    "applies to 'kl' tokenizers",
+                )
             return
-        levels = self.tokenizer_factor.bit_length()  # factor 2**k: k downsampling steps, k + 1 levels
-        if len(channels) != levels:
-            raise bad(
-                "tokenizer_channels",
-                f"a 'kl' tokenizer from {self.image_size}² images to {self.latent_size}² latents has {levels} "
-                f"levels (image_size / latent_size = {self.tokenizer_factor}); give one channel count per level",
-            )
-        if levels > MAX_TOKENIZER_LEVELS:
-            raise bad("tokenizer_channels", f"at most {MAX_TOKENIZER_LEVELS} levels")
-        if any(c % self.tokenizer_groups for c in channels):
-            raise bad("tokenizer_groups", f"must divide every tokenizer channel count {list(channels)}")
-        resolutions = {self.image_size >> level for level in range(levels)}
-        if any(r not in resolutions for r in attention):
-            raise bad("tokenizer_attention", f"every entry must be an encoder resolution: {sorted(resolutions)}")
+        self._check_kl_layout("a 'kl' tokenizer", self.image_size, self.latent_size, "image_size / latent_size", bad)
 
     def _validate_stages(self) -> None:
         bad = self._bad

@@ -204,7 +204,7 @@ def write_fixtures(official: types.SimpleNamespace, out: Path) -> None:
         reference = build_official(official, config, seed)
         state = convert.to_model_state(reference.state_dict(), config, "the authors' model")
         convert.save(state, config, out / weights_file)
-        noise = make_noise(FlowAR(config), len(LABELS), config.cfg, seed + 2)
+        noise = make_noise(FlowAR(config, tokenizer=False), len(LABELS), config.cfg, seed + 2)
         run = run_official(official, reference, labels, noise, config.steps, config.cfg, config.guidance)
         print(f"{tag}: sample_tokens {run['seconds']:.2f}s")
         p = f"{tag}/"
@@ -235,7 +235,7 @@ def max_diff(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def compare(official: types.SimpleNamespace, config: FlowARConfig, steps: int, seed: int) -> dict[str, Any]:
     """Parity of this package against the authors' code at ``config``, same random weights, batch 1."""
     reference = build_official(official, config, seed)
-    model = FlowAR(config)
+    model = FlowAR(config, tokenizer=False)
     model.load_state_dict(convert.to_model_state(reference.state_dict(), config), strict=True)
     model.eval()
     labels = torch.tensor([207])

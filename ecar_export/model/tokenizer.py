@@ -8,17 +8,50 @@ the model's ``latent_scale`` / ``latent_shift``) and back (``decode``, images in
 * ``kl`` — a latent-diffusion KL autoencoder as diffusers' ``AutoencoderKL`` (:class:`KLTokenizer`):
   MAR's KL-16 (16 channels, factor 16) and Stable Diffusion's kl-f8 (4 channels, factor 8) are two
   layouts of it. Published weights are converted into it by :mod:`ecar_export.vae`.
+
+The ``kl`` tokenizer is built here for every model family: its layout is the config's
+:class:`runtime.config.TokenizerLayout` fields plus the geometry :class:`KLLayoutConfig` names
+(ECAR's config has them as fields, FlowAR's derives them from its own).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from runtime.config import ECARConfig
+
+
+class KLLayoutConfig(Protocol):
+    """What a config gives to lay out a ``kl`` tokenizer: TokenizerLayout's fields and the image / latent geometry."""
+
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def image_channels(self) -> int: ...
+    @property
+    def latent_size(self) -> int: ...
+    @property
+    def latent_channels(self) -> int: ...
+    @property
+    def latent_scale(self) -> float: ...
+    @property
+    def latent_shift(self) -> float: ...
+    @property
+    def tokenizer_factor(self) -> int: ...
+    @property
+    def tokenizer_channels(self) -> tuple[int, ...]: ...
+    @property
+    def tokenizer_layers(self) -> int: ...
+    @property
+    def tokenizer_groups(self) -> int: ...
+    @property
+    def tokenizer_attention(self) -> tuple[int, ...]: ...
+    @property
+    def image_output(self) -> str: ...
 
 
 def to_unit_range(raw: torch.Tensor, image_output: str) -> torch.Tensor:
@@ -56,7 +89,7 @@ class Tokenizer(nn.Module):
         return to_unit_range(self.decoder(latents), self.image_output)
 
 
-def autoencoder_kl_config(config: ECARConfig) -> dict[str, Any]:
+def autoencoder_kl_config(config: KLLayoutConfig) -> dict[str, Any]:
     """The diffusers ``AutoencoderKL`` arguments of a ``kl`` tokenizer config (also its ``config.json`` keys).
 
     Encoder level i runs at ``image_size / 2**i``; the levels whose resolution is in
@@ -113,7 +146,7 @@ class KLTokenizer(nn.Module):
     Its GroupNorms compute as :class:`StatisticsGroupNorm` (the same weights and results).
     """
 
-    def __init__(self, config: ECARConfig) -> None:
+    def __init__(self, config: KLLayoutConfig) -> None:
         super().__init__()
         from diffusers import AutoencoderKL
 

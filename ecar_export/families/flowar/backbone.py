@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ecar_export.families.flowar.config import FlowARConfig
-from ecar_export.families.flowar.layers import Block, KVCache, RMSNorm
+from ecar_export.families.flowar.layers import Block, KVCache, RMSNorm, RopeTables
 
 
 def _cubic(x: float, a: float = -0.75) -> float:
@@ -106,15 +106,34 @@ class Backbone(nn.Module):
         Returns the head condition ``z`` ``[B, N_stage, width]`` and the cache extended by this stage.
         """
         start, end = self.config.stage_slices[stage]
-        blocks = [*self.encoder_blocks, *self.decoder_blocks]
-        past: list[KVCache | None] = list(cache) if cache is not None else [None] * len(blocks)
+        rows = tuple(table[0, start:end] for table in self.position_tables())
+        past: list[KVCache | None] = list(cache) if cache is not None else [None] * len(self.blocks())
+        return self.transform(x, cond, rows, past)
+
+    def blocks(self) -> list[Block]:
+        """Every block, the encoder's then the decoder's (the order of the cache's layers)."""
+        return [*self.encoder_blocks, *self.decoder_blocks]  # type: ignore[list-item]
+
+    def transform(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        positions: tuple[torch.Tensor, ...],
+        past: list[KVCache | None],
+        rope: RopeTables | None = None,
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        """The two stacks on a stage input x ``[B, N, width]``: ``positions`` the stage's rows ``[N, width]`` of
+        the encoder, decoder and diffusion position tables, ``past`` each block's cache of the stages before,
+        ``rope`` the stage's rotary tables (derived from N when not given)."""
+        encoder_rows, decoder_rows, diffusion_rows = positions
+        depth = len(self.encoder_blocks)
         new: list[KVCache] = []
-        h = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, start:end])
+        h = self.z_proj_ln(x + encoder_rows)
         for i, block in enumerate(self.encoder_blocks):
-            h, kv = block(h, cond, past[i])
+            h, kv = block(h, cond, past[i], rope)
             new.append(kv)
-        h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned[:, start:end]
-        for i, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
-            h, kv = block(h, cond, past[i])
+        h = self.decoder_embed(self.encoder_norm(h)) + decoder_rows
+        for i, block in enumerate(self.decoder_blocks, start=depth):
+            h, kv = block(h, cond, past[i], rope)
             new.append(kv)
-        return self.decoder_norm(h) + self.diffusion_pos_embed_learned[:, start:end], new
+        return self.decoder_norm(h) + diffusion_rows, new

@@ -3,6 +3,13 @@
 Plain data like :class:`runtime.config.ECARConfig`: a frozen dataclass with a JSON round trip (it
 travels in a converted checkpoint's metadata) and a validation that names the offending field.
 The presets carry the numbers of the authors' FlowAR-S, -L and -H.
+
+The decoder (MAR's KL-16 VAE) is laid out by the fields every family shares
+(:class:`runtime.config.TokenizerLayout`: ``tokenizer_channels``, ``tokenizer_layers``,
+``tokenizer_groups``, ``tokenizer_attention``, ``image_output``) and built by
+:class:`ecar_export.model.tokenizer.KLTokenizer`, as ECAR's ``kl`` tokenizer is; the properties
+``image_channels``, ``latent_size``, ``latent_channels``, ``latent_shift`` and ``tokenizer_factor``
+give it FlowAR's geometry under the names it reads.
 """
 
 from __future__ import annotations
@@ -10,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from runtime.config import CFG_LIMIT, MAX_PARAMETERS, MAX_STEPS, ModelConfig, check_fields
+from runtime.config import (
+    CFG_LIMIT,
+    MAX_PARAMETERS,
+    MAX_STEPS,
+    TOKENIZER_INT_LIMITS,
+    ModelConfig,
+    TokenizerLayout,
+    check_fields,
+)
 from runtime.errors import ConfigError
 
 HEAD_HEAD_DIM = 64  # the flow head always splits its width into heads of 64 channels
@@ -28,15 +43,21 @@ INT_LIMITS = {
     "steps": MAX_STEPS,
     "resample_size": 1024,
     "rope_grid": 1024,
+    **TOKENIZER_INT_LIMITS,
 }
+# MAR's KL-16 (LDM ch 128, ch_mult 1, 1, 2, 2, 4, two ResNet layers per encoder level and three per decoder level,
+# self-attention in the encoder's 16x16 level and in the middle, GroupNorm 32): 256² images to 16x16x16 latents
+KL16_CHANNELS = (128, 128, 256, 256, 512)
+KL16_ATTENTION = (16,)
 MAX_STAGES = 64
 
 
 @dataclass(frozen=True)
-class FlowARConfig(ModelConfig):
+class FlowARConfig(ModelConfig, TokenizerLayout):
     """Architecture and sampling settings of one FlowAR model. Defaults describe FlowAR-S."""
 
     DESCRIBED: ClassVar[str] = "FlowAR config"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scales", *TokenizerLayout.LAYOUT_TUPLE_FIELDS)
 
     name: str = "flowar-s"
     # latent layout: a KL-16 tokenizer maps 256x256 images to 16x16 grids of 16-channel tokens
@@ -64,6 +85,10 @@ class FlowARConfig(ModelConfig):
     # maps every stage onto positions 0..rope_grid
     resample_size: int = 16
     rope_grid: int = 16
+    # decoder: MAR's KL-16 (TokenizerLayout's fields, with FlowAR's defaults); its output in [-1, 1] maps to [0, 1]
+    tokenizer_channels: tuple[int, ...] = KL16_CHANNELS
+    tokenizer_attention: tuple[int, ...] = KL16_ATTENTION
+    image_output: str = "signed"
 
     def __post_init__(self) -> None:
         self._lists_to_tuples()
@@ -74,6 +99,27 @@ class FlowARConfig(ModelConfig):
     def grid(self) -> int:
         """Side of the final token grid."""
         return self.image_size // self.vae_stride
+
+    # the decoder's geometry under the names the KL tokenizer reads (ecar_export.model.tokenizer.KLLayoutConfig)
+    @property
+    def image_channels(self) -> int:
+        return 3
+
+    @property
+    def latent_size(self) -> int:
+        return self.grid
+
+    @property
+    def latent_channels(self) -> int:
+        return self.token_dim
+
+    @property
+    def latent_shift(self) -> float:
+        return 0.0
+
+    @property
+    def tokenizer_factor(self) -> int:
+        return self.vae_stride
 
     @property
     def head_heads(self) -> int:
@@ -103,6 +149,10 @@ class FlowARConfig(ModelConfig):
             raise bad("steps", "needs at least 2 (the reference time grid is empty below that)")
         if self.image_size % self.vae_stride:
             raise bad("vae_stride", f"must divide image_size ({self.image_size})")
+        if self.vae_stride & (self.vae_stride - 1):
+            raise bad("vae_stride", "must be a power of two (each level of the KL decoder doubles the resolution)")
+        self._check_layout_fields(bad)
+        self._check_kl_layout("the KL decoder", self.image_size, self.grid, "image_size / vae_stride", bad)
         if self.width % self.heads or (self.width // self.heads) % 4:
             raise bad("heads", f"must divide width ({self.width}) into heads of a multiple of 4 channels (2-D RoPE)")
         if self.head_width % HEAD_HEAD_DIM:
@@ -127,7 +177,8 @@ class FlowARConfig(ModelConfig):
         block = (4 + 3 * 2 / 3 * self.mlp_ratio + 6) * w * w
         head_block = (4 + 3 * 2 / 3 * 4.0 + 6 + (3 if self.cross else 0)) * h * h
         tables = (self.num_classes + 1 + 3 * self.total_tokens) * w
-        return int((self.encoder_depth + self.decoder_depth) * block + self.head_depth * head_block + tables)
+        generator = (self.encoder_depth + self.decoder_depth) * block + self.head_depth * head_block + tables
+        return int(generator + self.tokenizer_parameter_estimate())
 
 
 # The authors' models (factories flowar_small / flowar_large / flowar_huge, README eval settings; eval.sh uses
@@ -141,9 +192,11 @@ FLOWAR_H = FlowARConfig(
     name="flowar-h", width=1536, encoder_depth=15, decoder_depth=15, heads=16, head_width=1536, head_depth=12,
     cross=True, steps=50, cfg=2.4, guidance=0.7,
 )  # fmt: skip
-# Reduced models for tests and golden fixtures: the real latent geometry and scale schedule, small widths.
+# Reduced models for tests and golden fixtures: the real latent geometry and scale schedule, small widths; a
+# KL-16-shaped decoder (five levels, attention in the encoder's 16x16 level and in the middle) of narrow channels.
 FLOWAR_TINY = FlowARConfig(
     name="flowar-tiny", width=32, encoder_depth=2, decoder_depth=2, heads=2, head_width=64, head_depth=2,
+    tokenizer_channels=(8, 8, 16, 16, 32), tokenizer_layers=1, tokenizer_groups=8,
 )  # fmt: skip
 FLOWAR_TINY_CROSS = FLOWAR_TINY.replace(
     name="flowar-tiny-cross", head_width=128, head_depth=1, cross=True, steps=50, cfg=2.4, guidance=0.7

@@ -1,8 +1,11 @@
-"""Convert the authors' FlowAR checkpoints (``FlowAR-S.pth`` and so on) into safetensors files.
+"""Convert the authors' FlowAR checkpoints (``FlowAR-S.pth`` and so on) and MAR's KL-16 VAE (``kl16.ckpt``)
+into one safetensors checkpoint (``ecar-export convert --flowar FlowAR-S.pth --vae kl16.ckpt --out ...``).
 
 The ``.pth`` is read only with ``torch.load(weights_only=True)``: anything other than tensors and
 plain containers is refused by torch's restricted unpickler. The state dict may be flat (as the
 released files are loaded by the authors' eval script) or sit under ``model_ema`` or ``model``.
+The VAE is read, renamed (LDM names to diffusers') and checked by :mod:`ecar_export.vae`, as for
+ECAR, and lands under ``tokenizer.vae.``.
 
 Key names need no mapping: this package's modules carry the authors' names. The authors' persistent
 buffers are the only difference; they are checked and dropped, since this package derives them:
@@ -11,8 +14,8 @@ buffers are the only difference; they are checked and dropped, since this packag
 * ``<...>.rope.freqs``: the RoPE frequencies of every attention and cross-attention module.
 
 Anything else that does not fit the model (an unknown key, a missing key, a wrong shape) is refused
-with a :class:`CheckpointError` naming the key. The result carries the config in its metadata and is
-written atomically.
+with a :class:`CheckpointError` naming the key (and the shapes). The result carries the config and
+the family name in its metadata and is written atomically; nothing is written on a refusal.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecar_export import torch_files
-from ecar_export.families.flowar.config import FLOWAR_H, FLOWAR_L, FLOWAR_S, FlowARConfig
+from ecar_export import vae as vae_io
+from ecar_export.families.flowar.config import PRESETS, FlowARConfig
 from ecar_export.families.flowar.layers import RoPE2D
 from ecar_export.families.flowar.model import FlowAR
 from runtime.errors import CheckpointError, ConfigError, shown
@@ -35,6 +39,7 @@ from runtime.fileio import atomic_path
 from runtime.formats import Format
 
 FORMAT = Format("flowar-checkpoint", "1", "checkpoint", "a FlowAR checkpoint", CheckpointError, "convert it again")
+FAMILY = "flowar"  # the metadata's model family
 ENTRIES = ("model_ema", "model")  # where a wrapped state dict may sit, in order of preference
 MASK_KEY = "mask"
 ROPE_SUFFIX = ".rope.freqs"
@@ -48,7 +53,7 @@ def is_buffer_key(key: str) -> bool:
 def buffer_shapes(config: FlowARConfig) -> dict[str, tuple[int, ...]]:
     """The authors' persistent buffers for ``config`` and their shapes."""
     with torch.device("meta"):
-        model = FlowAR(config)
+        model = FlowAR(config, tokenizer=False)
     shapes: dict[str, tuple[int, ...]] = {MASK_KEY: (1, 1, config.total_tokens, config.total_tokens)}
     for name, module in model.named_modules():
         if isinstance(module, RoPE2D):
@@ -57,10 +62,20 @@ def buffer_shapes(config: FlowARConfig) -> dict[str, tuple[int, ...]]:
 
 
 def model_shapes(config: FlowARConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor this package's model loads, with its shape (the authors' keys less their buffers)."""
+    """Every tensor of the generator this package loads, with its shape (the authors' keys less their buffers)."""
     with torch.device("meta"):
-        model = FlowAR(config)
+        model = FlowAR(config, tokenizer=False)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def is_tokenizer_key(key: str) -> bool:
+    """Whether ``key`` names a tensor of the decoder (``tokenizer.vae.*``), not of the authors' generator."""
+    return key.startswith("tokenizer.")
+
+
+def tokenizer_skeleton(config: FlowARConfig) -> vae_io.Skeleton:
+    """The decoder's tensors (``tokenizer.vae.*``): names, shapes and dtypes."""
+    return {k: v for k, v in vae_io.skeleton(FlowAR, config).items() if is_tokenizer_key(k)}
 
 
 def read_official(path: str | os.PathLike[str], entry: str | None = None) -> dict[str, torch.Tensor]:
@@ -128,17 +143,34 @@ def to_model_state(
 
 
 def guess_config(state: Mapping[str, torch.Tensor]) -> FlowARConfig:
-    """The preset (FlowAR-S, -L or -H) whose tensor shapes ``state`` has."""
+    """The preset (FlowAR-S, -L, -H, or a reduced test preset) the generator tensors of ``state`` were made for.
+
+    The preset with the most tensors of the right name and shape wins if that is more than half of its tensors,
+    so that a checkpoint with one wrong tensor is still recognised and then refused naming that tensor.
+    """
     found = {key: tuple(t.shape) for key, t in state.items() if not is_buffer_key(key)}
-    for config in (FLOWAR_S, FLOWAR_L, FLOWAR_H):
-        if model_shapes(config) == found:
-            return config
-    raise CheckpointError("the checkpoint's tensors fit none of FlowAR-S, -L, -H; pass the config it was trained with")
+    best, best_share = None, 0.0
+    for config in PRESETS.values():
+        expected = model_shapes(config)
+        share = sum(found.get(key) == shape for key, shape in expected.items()) / len(expected)
+        if share > best_share:
+            best, best_share = config, share
+    if best is None or best_share <= 0.5:
+        raise CheckpointError(
+            "the checkpoint's tensors fit none of the FlowAR presets "
+            f"({', '.join(PRESETS)}); give the one it was trained as (ecar-export convert --config NAME)"
+        )
+    return best
 
 
 def save(tensors: Mapping[str, torch.Tensor], config: FlowARConfig, path: str | os.PathLike[str]) -> Path:
     """Write ``tensors`` (this package's layout) and ``config`` to a safetensors file, atomically."""
-    metadata = {"format": FORMAT.name, "format_version": str(FORMAT.version), "config": config.to_json()}
+    metadata = {
+        "format": FORMAT.name,
+        "format_version": str(FORMAT.version),
+        "family": FAMILY,
+        "config": config.to_json(),
+    }
     target = Path(path)
     with atomic_path(target) as temp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata=metadata)
@@ -147,19 +179,38 @@ def save(tensors: Mapping[str, torch.Tensor], config: FlowARConfig, path: str | 
 
 def convert(
     source: str | os.PathLike[str],
+    vae: str | os.PathLike[str],
     target: str | os.PathLike[str],
     config: FlowARConfig | None = None,
     entry: str | None = None,
 ) -> Path:
-    """Read an authors' ``.pth``, check it against ``config`` (default: the preset its shapes match) and
-    write the safetensors file ``target``."""
+    """Read an authors' ``.pth`` and a VAE (MAR's ``kl16.ckpt``, or any form :func:`ecar_export.vae.read_vae`
+    reads), check both against ``config`` (default: the preset the ``.pth``'s shapes match) and write the
+    safetensors checkpoint ``target`` holding both. Nothing is written unless every tensor fits."""
     state = read_official(source, entry)
+    inferred = config is None
     config = config or guess_config(state)
-    return save(to_model_state(state, config, f"'{source}'"), config, target)
+    try:
+        generator = to_model_state(state, config, f"'{source}'")
+    except CheckpointError as exc:
+        if not inferred:
+            raise
+        raise CheckpointError(f"{exc} ({config.name} inferred from the other tensors' shapes)") from None
+    vae_where = f"VAE '{vae}'"
+    origin: dict[str, str] = {}
+    vae_state, vae_config = vae_io.read_vae(vae, origin)
+    vae_io.check_layout(vae_state, vae_config, config, vae_where)
+    expected = vae_io.skeleton(FlowAR, config)
+    tensors = vae_io.merge(generator, vae_state, expected, f"'{source}'", vae_where, origin)
+    return save(tensors, config, target)
 
 
-def load(path: str | os.PathLike[str]) -> FlowAR:
-    """A :class:`FlowAR` (eval mode) from a file :func:`convert` or :func:`save` wrote."""
+def load(path: str | os.PathLike[str], tokenizer: bool = True) -> FlowAR:
+    """A :class:`FlowAR` (eval mode) from a file :func:`convert` or :func:`save` wrote.
+
+    With ``tokenizer=False`` the decoder is left out (and not read): the generator alone, which is all a file
+    :func:`save` wrote from the authors' ``.pth`` alone holds (the golden fixtures).
+    """
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -171,14 +222,41 @@ def load(path: str | os.PathLike[str]) -> FlowAR:
                 raise CheckpointError(f"'{path}': {exc}") from None
             stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
             expected = model_shapes(config)
+            decoder = {k: shape for k, (shape, _) in tokenizer_skeleton(config).items()} if tokenizer else {}
             for name, shape in stored.items():  # shapes before any allocation the file asks for
-                if name in expected and shape != expected[name]:
-                    raise CheckpointError(
-                        f"'{path}': key '{name}' has shape {shape}, {config.name} needs {expected[name]}"
-                    )
-            tensors = {name: handle.get_tensor(name) for name in stored}
+                want = expected.get(name, decoder.get(name))
+                if want is not None and shape != want:
+                    raise CheckpointError(f"'{path}': key '{name}' has shape {shape}, {config.name} needs {want}")
+            if tokenizer:
+                _check_decoder_keys(path, stored, decoder)
+            names = [name for name in stored if tokenizer or not is_tokenizer_key(name)]
+            tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {shown(exc, 200)}") from None
-    model = FlowAR(config)
-    model.load_state_dict(to_model_state(tensors, config, f"'{path}'"), strict=True)
+    generator = to_model_state({k: v for k, v in tensors.items() if not is_tokenizer_key(k)}, config, f"'{path}'")
+    model = FlowAR(config, tokenizer=tokenizer)
+    decoder_tensors = {k: v for k, v in tensors.items() if is_tokenizer_key(k)}
+    for name, tensor in decoder_tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"'{path}': key '{name}' is not a finite floating-point tensor")
+    model.load_state_dict({**generator, **{k: v.float() for k, v in decoder_tensors.items()}}, strict=True)
     return model.eval()
+
+
+def _check_decoder_keys(
+    path: Path, stored: Mapping[str, tuple[int, ...]], decoder: Mapping[str, tuple[int, ...]]
+) -> None:
+    """A full checkpoint holds every decoder tensor and no other ``tokenizer.*`` tensor."""
+    found = {name for name in stored if is_tokenizer_key(name)}
+    if not found:
+        raise CheckpointError(
+            f"'{path}' holds FlowAR's generator but no decoder (tokenizer.vae.* tensors); convert it with its VAE: "
+            "ecar-export convert --flowar FLOWAR.pth --vae kl16.ckpt --out PATH"
+        )
+    missing, unknown = sorted(set(decoder) - found), sorted(found - set(decoder))
+    if missing:
+        raise CheckpointError(
+            f"'{path}': missing key '{missing[0]}' (shape {decoder[missing[0]]}; {len(missing)} missing in all)"
+        )
+    if unknown:
+        raise CheckpointError(f"'{path}': unexpected key '{unknown[0]}' (shape {stored[unknown[0]]})")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ecar_export.families.flowar.config import FlowARConfig
-from ecar_export.families.flowar.layers import CrossHeadBlock, HeadBlock, RMSNorm
+from ecar_export.families.flowar.layers import CrossHeadBlock, HeadBlock, RMSNorm, RopeTables
 
 
 class TimestepEmbedder(nn.Module):
@@ -71,11 +71,16 @@ class FlowHead(nn.Module):
         """
         return torch.trunc(t.float() * 1000)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x ``[B, N, token_dim]``, t ``[B]``, z ``[B, N, width]`` -> velocity ``[B, N, token_dim]``."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, rope: RopeTables | None = None
+    ) -> torch.Tensor:
+        """x ``[B, N, token_dim]``, t ``[B]``, z ``[B, N, width]`` -> velocity ``[B, N, token_dim]``.
+
+        ``rope``: the stage's rotary tables for the head's heads (derived from N when not given).
+        """
         temb = self.time_embed(self.timestep(t)).unsqueeze(1)
         c = self.cond_embed(z)
         h = self.input_proj(x)
         for block in self.res_blocks:
-            h = block(h, temb, c, z)
+            h = block(h, temb, c, z, rope)
         return self.final_layer(h, c + temb)

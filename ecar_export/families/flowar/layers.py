@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, heads, tokens so far, head_dim] each
+# A stage's rotary tables, cos and sin [tokens, head_dim] (RoPE2D.angles). Given explicitly, they make a
+# layer independent of the stage's size, so one traced graph serves every stage.
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +72,9 @@ class RoPE2D(nn.Module):
         table = table.reshape(tokens, 2 * half)
         return table.cos(), table.sin()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, heads, tokens, head_dim]``."""
-        cos, sin = self.angles(x.shape[2])
+    def forward(self, x: torch.Tensor, tables: RopeTables | None = None) -> torch.Tensor:
+        """x ``[B, heads, tokens, head_dim]``; ``tables`` the stage's (cos, sin), else derived from its size."""
+        cos, sin = self.angles(x.shape[2]) if tables is None else tables
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         return x * cos + rotated * sin
@@ -87,7 +90,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RoPE2D(self.head_dim, rope_grid)
 
-    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(
+        self, x: torch.Tensor, past: KVCache | None = None, rope: RopeTables | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
         """x ``[B, N, dim]`` (one stage); ``past`` the cached keys/values of earlier stages, already rotated.
 
         Returns the output and the cache extended by this stage. Without a mask: a stage's tokens see
@@ -95,7 +100,7 @@ class Attention(nn.Module):
         """
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q), self.rope(k)
+        q, k = self.rope(q, rope), self.rope(k, rope)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
@@ -113,11 +118,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RoPE2D(self.head_dim, rope_grid)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v)
+        out = F.scaled_dot_product_attention(self.rope(q, rope), self.rope(k, rope), v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -132,10 +137,12 @@ class Block(nn.Module):
         self.mlp = GEGLU(dim, hidden)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, past: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, past: KVCache | None, rope: RopeTables | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
         """x ``[B, N, dim]``, cond ``[B, dim]``."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
-        h, cache = self.attn(self.norm1(x) * (1 + scale1) + shift1, past)
+        h, cache = self.attn(self.norm1(x) * (1 + scale1) + shift1, past, rope)
         x = x + h * gamma1
         x = x + self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gamma2
         return x, cache
@@ -152,11 +159,13 @@ class HeadBlock(nn.Module):
         self.mlp = GEGLU(dim, hidden)
         self.ada_lin = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, c: torch.Tensor, z: torch.Tensor, rope: RopeTables | None = None
+    ) -> torch.Tensor:
         """x, c ``[B, N, dim]``; temb ``[B, 1, dim]``; z (the raw backbone output) is unused here."""
         b, n, _ = x.shape
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(F.silu(temb + c)).view(b, n, 6, -1).unbind(2)
-        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1)[0] * gamma1
+        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, rope=rope)[0] * gamma1
         return x + self.mlp(self.norm2(x) * (1 + scale2) + shift2) * gamma2
 
 
@@ -175,10 +184,12 @@ class CrossHeadBlock(nn.Module):
         self.ada_lin_attn = nn.Linear(dim, 3 * dim)
         self.ada_lin_mlp = nn.Linear(dim, 3 * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, c: torch.Tensor, z: torch.Tensor, rope: RopeTables | None = None
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(temb)).view(b, 1, 3, -1).unbind(2)
         gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(temb + c)).view(b, n, 3, -1).unbind(2)
-        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1)[0] * gamma1
-        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(z))
+        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1, rope=rope)[0] * gamma1
+        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(z), rope)
         return x + self.mlp(self.norm3(x) * (1 + scale2) + shift2) * gamma2
