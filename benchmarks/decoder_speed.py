@@ -57,25 +57,6 @@ def decoder_file(preset: str, model: Any, precision: str, batch: int) -> Any:
     return manifest.path(manifest.graphs[Kind.DECODER].file), manifest
 
 
-class FeedList:
-    """An ``onnxruntime`` calibration reader over a fixed list of feeds (rewindable)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds, self.next = feeds, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.next >= len(self.feeds):
-            return None
-        self.next += 1
-        return self.feeds[self.next - 1]
-
-    def rewind(self) -> None:
-        self.next = 0
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-
 def pipeline_latents(preset: str, model: Any, batch: int) -> np.ndarray:
     """Decoder inputs as requests produce them: the final latents of ``CALIBRATION_REQUESTS + 1`` requests
     of ``batch`` samples (random labels, seeds 0, 1, ...) on the fp32 build (ONNX Runtime); cached."""
@@ -101,6 +82,7 @@ def conv_int8_graph(preset: str, model: Any, batch: int) -> tuple[Path, dict[str
     """The fp32 decoder with Q/DQ on its convolutions, calibrated on the final latents of fp32 requests
     (:func:`pipeline_latents`: the last request's held out to check it); saved (with its weights beside it)
     under benchmarks/.cache/decoder-int8-conv/<preset>/."""
+    from calibration.readers import FeedList
     from ecar_export import weights_io
 
     latents = pipeline_latents(preset, model, batch)

@@ -2,7 +2,8 @@
 
 :class:`GraphReader` feeds a quantizer the *calibration* split of one graph only; the
 held-out split is reached through :func:`held_out_feeds`, for validating a quantized
-graph on inputs its calibration never saw.
+graph on inputs its calibration never saw. :class:`FeedList` feeds a fixed list of feeds
+(inputs made elsewhere: a benchmark's own requests, a test's hand-made graph).
 """
 
 from __future__ import annotations
@@ -13,6 +14,25 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.dataset import CalibrationSet
+
+
+class FeedList(CalibrationDataReader):
+    """A rewindable reader over a fixed list of feeds, in order."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self.next = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.next >= len(self.feeds):
+            return None
+        self.next += 1
+        return self.feeds[self.next - 1]
+
+    def rewind(self) -> None:
+        self.next = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
 
 
 class GraphReader(CalibrationDataReader):

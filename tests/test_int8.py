@@ -21,7 +21,7 @@ from conftest import BuildCache, needs_demo
 from onnx import TensorProto, numpy_helper
 
 from calibration import CalibrationPlan, CalibrationSet, capture
-from calibration.readers import GraphReader, held_out_feeds
+from calibration.readers import FeedList, GraphReader, held_out_feeds
 from ecar_export.precision import fp16, int8, qdq
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, disabled_optimizers, session_options
@@ -380,18 +380,6 @@ def test_check_qdq_rejects_asymmetric_or_per_tensor_weights(demo: Quantized) -> 
     assert {r.to_dict()["per_channel"] for r in records if r.role == "weight"} == {True}
 
 
-class _ListReader:
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds, self.index = feeds, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        self.index += 1
-        return self.feeds[self.index - 1] if self.index <= len(self.feeds) else None
-
-    def rewind(self) -> None:
-        self.index = 0
-
-
 def test_float_consumers_and_graph_outputs_never_see_quantized_values(rng: np.random.Generator) -> None:
     """ORT rewires every consumer of a quantized activation to its Q/DQ; the recipe confines Q/DQ to quantized ops."""
     from onnx import helper
@@ -411,7 +399,7 @@ def test_float_consumers_and_graph_outputs_never_see_quantized_values(rng: np.ra
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feeds = [{"a": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(4)]
-    quantized = int8.quantize(model, _ListReader(feeds), threads=1)
+    quantized = int8.quantize(model, FeedList(feeds), threads=1)
     assert qdq.quantized_nodes(quantized) == ["matmul"]
     qdq.check_qdq(quantized)
     reference, actual = _session(model), _session(quantized)
