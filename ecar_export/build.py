@@ -39,6 +39,7 @@ import torch
 from ecar_export import checkpoint, export, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.model import ECAR
 from ecar_export.precision import Precision, RecipeInputs
+from ecar_export.precision.int8 import op_types_for
 from runtime import ecar_contract, stage_constants
 from runtime import manifest as manifest_io
 from runtime.backends import selection
@@ -138,7 +139,11 @@ def build_engines(
             toolchain = graph_keys.toolchain_versions()
             options: dict[str, object] = {}
             if recipe.calibrated:
-                options = {"calibration_method": calibration_method, "calibration_requests": calibration_requests}
+                options = {
+                    "calibration_method": calibration_method,
+                    "calibration_requests": calibration_requests,
+                    "int8_op_types": list(op_types_for(chosen)),  # the recipe's coverage follows the target
+                }
             specs = graph_specs(model.config, fuse_flow_loop)
             keys = {
                 spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, options)
@@ -152,7 +157,7 @@ def build_engines(
                 if calibration.kept is None or set(reusable) != set(keys):
                     reusable = {}  # calibration runs the whole fp32 pipeline: requantize every graph together
             records = _export_all(
-                model, staging, out, recipe, calibration, calibration_method, specs, keys, reusable, progress
+                model, staging, out, recipe, calibration, calibration_method, chosen, specs, keys, reusable, progress
             )
             tools = {**toolchain, **_backend_versions(chosen)}
             document = _document(
@@ -355,6 +360,7 @@ def _export_all(
     recipe: Precision,
     calibration: _Calibration,
     calibration_method: str,
+    backend: str,
     specs: list[GraphSpec],
     keys: dict[str, str],
     reusable: dict[str, manifest_io.GraphEntry],
@@ -383,7 +389,7 @@ def _export_all(
         work = staging / spec.name
         work.mkdir()
         target = work / f"{spec.name}.onnx"
-        inputs = RecipeInputs(calibration.get() if recipe.calibrated else None, calibration_method)
+        inputs = RecipeInputs(calibration.get() if recipe.calibrated else None, calibration_method, backend)
         record = recipe.apply(fp32_dir / f"{traced.name}.onnx", target, traced.name, inputs)
         if spec.kind == Kind.FLOW_LOOP:
             weights_io.save_graph(flow_loop.wrap(weights_io.load_graph(target), spec), target)

@@ -212,6 +212,42 @@ def test_int8_builds_run_on_openvino_integer_kernels(precision: str, build_cache
             assert marked > 0, name
 
 
+def test_int8_builds_for_openvino_run_the_decoder_convolutions_on_integer_kernels(
+    build_cache: BuildCache, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """The INT8 recipe's coverage follows the build's target (``int8.op_types_for``: measured faster on
+    OpenVINO, slower on ONNX Runtime): a ``--backend openvino`` build quantizes every decoder convolution
+    and OpenVINO runs each as an integer kernel; the ONNX Runtime build of the same model keeps them float.
+    Both stay close to the fp32 build's images."""
+    from conftest import build_model
+
+    model = build_cache.model(TINY)
+    build_model(model, tmp_path, max_batch=2, precision="int8", backend="openvino", calibration_requests=8)
+    pipe = openvino(tmp_path)
+    assert pipe.manifest.backend == "openvino"
+    decoder = onnx.load(str(tmp_path / pipe.manifest.graphs["decoder"].file), load_external_data=False)
+    producer = {out: node.op_type for node in decoder.graph.node for out in node.output}
+    convs = [n for n in decoder.graph.node if n.op_type == "Conv"]
+    assert convs and all(producer.get(n.input[0]) == producer.get(n.input[1]) == "DequantizeLinear" for n in convs)
+    integer = [
+        op
+        for op in pipe.backend.compiled["decoder"].get_runtime_model().get_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+        and op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")
+    ]
+    assert len(integer) == len(convs), (len(integer), len(convs))
+    ort_build = build_cache.get(TINY, precision="int8")
+    ort_file = manifest_io.load(ort_build.dir).graphs["decoder"].file
+    ort_decoder = onnx.load(str(ort_build.dir / ort_file), load_external_data=False)
+    assert not any(n.op_type == "DequantizeLinear" for n in ort_decoder.graph.node), "ORT builds keep convs float"
+    labels = rng.integers(0, model.config.num_classes, size=2).tolist()
+    seed = int(rng.integers(0, 2**62))
+    want = onnxruntime(build_cache.get(TINY).dir).generate(labels, seed=seed).images.astype(np.float64)
+    got = pipe.generate(labels, seed=seed).images.astype(np.float64)
+    cosine = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cosine >= 0.99, cosine
+
+
 def test_auto_picks_the_fastest_installed_cpu_backend(build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch) -> None:
     build = build_cache.get(TINY)
     assert selection.cpu_backend() == "openvino"

@@ -27,10 +27,15 @@ Measured on the demo (held-out captured inputs, minmax), deciding the defaults:
   doubles ``backbone_4``'s max |z error| (0.16 -> 0.31; cosine 0.99991 -> 0.99974) —
   softmax outputs in [0, 1] keep only 7 of a symmetric int8's bits. Opt in with
   ``quantize_activation_matmuls=True``;
-* ``Conv`` (the decoder) is opt-in (``op_types=("MatMul", "Gemm", "Conv")``): INT8 keeps
-  the image at cosine 0.99999, but on ORT's CPU the decoder gets slower (1.4 ms vs 0.65 ms
-  at batch 8: per-tensor Q/DQ around 3×3 convolutions of 32 channels) and it is under 1 %
-  of a request. At paper scale on TensorRT it may pay; measure there before switching.
+* ``Conv`` (the decoder) follows the backend the build is for (:func:`op_types_for`), as
+  measured by ``benchmarks/decoder_speed.py`` on the KL-16 decoder at batch 8 (a quiet Zen 4,
+  ``benchmarks/results/decoder_speed_ecar-b.json``): with Q/DQ on its convolutions OpenVINO
+  decodes 2.6x faster than its fp32 build (3.97 s vs 10.17 s; image cosine 0.998 on a held-out
+  request) while ONNX Runtime's CPU provider gets 15 % slower (12.51 s vs 10.89 s: it runs a
+  per-tensor Q/DQ 3x3 convolution no faster than its fp32 one). So ``--backend openvino``
+  and ``--backend tensorrt`` builds quantize convolutions, ``onnxruntime`` builds keep them
+  float. TensorRT's choice follows NVIDIA's Q/DQ placement guidance (INT8 convolutions are
+  its core INT8 kernels) and has not been measured here (no TensorRT on our machines).
 
 Calibration methods (ORT's calibrators, :func:`calibrate`): "minmax" (default),
 "entropy" (KL-optimal threshold over a 2048-bin histogram, TensorRT's recipe; slow, about
@@ -49,13 +54,22 @@ import onnx
 
 from ecar_export.precision import CALIBRATION_METHODS, RecipeInputs
 from ecar_export.precision.fp16 import _name_unnamed_nodes, fp32_nodes
-from ecar_export.precision.qdq import DEFAULT_OP_TYPES, check_qdq, compare_graphs
+from ecar_export.precision.qdq import CONV_OP_TYPES, DEFAULT_OP_TYPES, check_qdq, compare_graphs
 from ecar_export.quiet import quiet
 
 METHODS = CALIBRATION_METHODS
 DEFAULT_PERCENTILE = 99.999
 HISTOGRAM_BINS = 2048  # entropy / percentile histograms (TensorRT's entropy calibrator uses 2048)
 ENTROPY_QUANTIZED_BINS = 128  # candidate thresholds quantize |x| into 128 levels (int8's half range)
+
+
+# Targets whose INT8 convolutions are faster than their float ones (module doc).
+QUANTIZED_CONV_BACKENDS = ("openvino", "tensorrt")
+
+
+def op_types_for(backend: str) -> tuple[str, ...]:
+    """The node types the recipe quantizes in a build for ``backend`` (module doc: measured per backend)."""
+    return CONV_OP_TYPES if backend in QUANTIZED_CONV_BACKENDS else DEFAULT_OP_TYPES
 
 
 def _calibration_method(method: str) -> Any:
@@ -342,7 +356,8 @@ def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[
         raise RuntimeError("internal error: the int8 recipe needs a calibration set")
     method = inputs.calibration_method
     fp32_graph = onnx.load(str(source))
-    quantized = quantize(fp32_graph, GraphReader(inputs.calibration, graph), method, threads=1)
+    op_types = op_types_for(inputs.backend)
+    quantized = quantize(fp32_graph, GraphReader(inputs.calibration, graph), method, op_types=op_types, threads=1)
     records = check_qdq(quantized)
     agreement = compare_graphs(fp32_graph, quantized, held_out_feeds(inputs.calibration, graph))
     del fp32_graph
@@ -351,6 +366,7 @@ def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[
         "recipe": "int8",
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric int8, per-channel weights)",
         "calibration_method": method,
+        "quantized_op_types": list(op_types),
         "qdq_nodes": len(records),
         "held_out_cosine": {name: round(a.cosine, 7) for name, a in agreement.items()},
         "held_out_max_abs": {name: a.max_abs for name, a in agreement.items()},

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")  # what the INT8 recipe quantizes unless asked otherwise
+CONV_OP_TYPES = ("MatMul", "Gemm", "Conv")  # ... and for targets whose INT8 convolutions pay (int8.op_types_for)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
