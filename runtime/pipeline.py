@@ -299,6 +299,7 @@ class Pipeline:
             timings.calls.update(out.graph_calls)
             timings.decoder = out.decoder_seconds
             _check_finite(out.latents, "the request (checked after its last stage on the device)")
+            _check_finite(out.image, "the decoder", "pixels")
             images = to_uint8(out.image)
             timings.total = time.perf_counter() - begin
             return GenerateResult(images, out.latents, timings)
@@ -318,6 +319,7 @@ class Pipeline:
             timings.calls[str(call.graph)] += 1
             if call.graph == Kind.DECODER:
                 timings.decoder = end - start
+                _check_finite(outputs[0], "the decoder", "pixels")
             if call.ends_stage:
                 _check_finite(outputs[0], f"stage {call.stage}")
                 timings.stages.append(end - stage_begin)
@@ -343,10 +345,11 @@ class Pipeline:
         return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
 
-def _check_finite(latents: np.ndarray, where: str) -> None:
-    """Latents that came out NaN or infinite are an error naming where, never a black image."""
-    if not np.isfinite(latents).all():
+def _check_finite(values: np.ndarray, where: str, what: str = "latents") -> None:
+    """Latents or pixels that came out NaN or infinite are an error naming where, never a black image (the
+    classic failure of a VAE decoder run in half precision: its GroupNorm statistics overflow)."""
+    if not np.isfinite(values).all():
         raise EngineError(
-            f"{where} produced non-finite latents (NaN or inf) although the request was valid: the engines' numbers "
+            f"{where} produced non-finite {what} (NaN or inf) although the request was valid: the engines' numbers "
             "overflowed; try the fp32 build, a smaller cfg, or report it with the model and the request"
         )

@@ -86,8 +86,11 @@ class _Poisoned:
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         outputs = self.inner.run(call, feeds)
-        if call.stage == self.stage and call.graph != Kind.BACKBONE and call.ends_stage:
-            outputs = [np.full_like(outputs[0], np.nan), *outputs[1:]]
+        decoder = self.stage == 0 and call.graph == Kind.DECODER  # stage 0: the decoder's pixels
+        if decoder or (call.stage == self.stage and call.graph != Kind.BACKBONE and call.ends_stage):
+            poisoned = np.array(outputs[0], dtype=np.float32)
+            poisoned.flat[len(poisoned.flat) // 2] = np.inf if decoder else np.nan  # one bad value is enough
+            outputs = [poisoned, *outputs[1:]]
         return list(outputs)
 
 
@@ -96,6 +99,15 @@ def test_non_finite_latents_are_an_error_naming_the_stage(pipe: Pipeline, stage:
     poisoned = Pipeline(pipe.manifest, _Poisoned(pipe.backend, stage))  # type: ignore[arg-type]
     with pytest.raises(EngineError, match=f"stage {stage} produced non-finite latents"):
         poisoned.generate([1, 2], seed=4)
+
+
+def test_a_decoder_that_overflows_is_an_error_not_a_black_image(pipe: Pipeline) -> None:
+    """An fp16 VAE whose GroupNorm overflowed gives inf/NaN pixels, which uint8 conversion would turn into
+    black or white pixels without a word; the pipeline refuses them instead."""
+    poisoned = Pipeline(pipe.manifest, _Poisoned(pipe.backend, 0))  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match="the decoder produced non-finite pixels"):
+        poisoned.generate([1, 2], seed=4)
+    assert pipe.generate([1, 2], seed=4).images.shape[0] == 2  # the healthy pipeline is untouched
 
 
 # ---------------------------------------------------------------------------------- a rebuild

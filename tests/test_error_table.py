@@ -118,6 +118,33 @@ def _giant_integer(engines: Path) -> None:
     (engines / "manifest.json").write_text(text.replace(needle, '"max_batch": ' + "9" * 5001, 1))
 
 
+def _overflowing_decoder(engines: Path) -> None:
+    """The build's decoder graph with its image multiplied by a float32 overflow (as an fp16 VAE whose
+    GroupNorm statistics overflowed), re-registered in the manifest so the damage is in the numbers only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime import manifest as manifest_io
+    from runtime.fileio import sha256_file
+
+    path = _graph_file(engines, "decoder")
+    model = onnx.load(str(path), load_external_data=False)
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_finite" if o == output else o for o in node.output]
+    model.graph.initializer.append(helper.make_tensor("overflow", TensorProto.FLOAT, [], [3.0e38]))
+    model.graph.node.extend(
+        [
+            helper.make_node("Mul", [f"{output}_finite", "overflow"], [f"{output}_big"]),
+            helper.make_node("Mul", [f"{output}_big", "overflow"], [output]),
+        ]
+    )
+    onnx.save_model(model, str(path))
+    document = json.loads((engines / "manifest.json").read_text())
+    document["graphs"]["decoder"]["sha256"] = sha256_file(path)
+    manifest_io.write(engines, document)  # sealed again, as a build would
+
+
 def _pickle(tmp: Path) -> Path:
     path = tmp / "model.pt"
     path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
@@ -161,6 +188,12 @@ SCENARIOS = [
         "run",
         lambda e, c, t: [_graph_file(e).write_bytes(_graph_file(e).read_bytes() + b"x"), *_run(e)][1:],
         r"graph 'backbone'.*does not match its sha256",
+    ),
+    Scenario(
+        "decoder-non-finite",
+        "run",
+        lambda e, c, t: [_overflowing_decoder(e), *_run(e)][1:],
+        r"the decoder produced non-finite pixels \(NaN or inf\).*try the fp32 build",
     ),
     Scenario(
         "path-escapes-engine-dir",
