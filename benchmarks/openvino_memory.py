@@ -56,7 +56,7 @@ else:
 pipe = Pipeline(manifest, backend)
 load_s = time.perf_counter() - start
 loaded = status()
-labels = [i % pipe.config.num_classes for i in range(batch)]
+labels = [i % pipe.model.num_classes for i in range(batch)]
 seconds = []
 for request in range(requests):
     start = time.perf_counter()

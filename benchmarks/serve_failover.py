@@ -123,7 +123,7 @@ def run_scenario(
     from runtime.serving import ray_app
 
     pipe = Pipeline.from_dir(engine_dir, backend=backend, threads=1)
-    classes = pipe.config.num_classes
+    classes = pipe.model.num_classes
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     summary: dict[str, Any] = {"clients": clients, "backend": backend, "batch_wait_ms": batch_wait_ms}
     try:

@@ -142,7 +142,7 @@ def engine_ceiling(engine_dir: Path, backend: str, repeats: int = 7) -> dict[str
     pipe = Pipeline.from_dir(engine_dir, backend=backend)
     rates: dict[str, Any] = {"backend": pipe.backend.name}
     for batch in (1, pipe.max_batch):
-        labels = [i % pipe.config.num_classes for i in range(batch)]
+        labels = [i % pipe.model.num_classes for i in range(batch)]
         pipe.generate(labels, seed=0)
         times = []
         for repeat in range(repeats):
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = parser.parse_args()
     clients = [int(part) for part in args.clients.split(",")]
-    config = manifest_io.load(args.engine_dir).config
+    config = manifest_io.load(args.engine_dir).model
     classes = config.num_classes
 
     results: dict[str, Any] = {

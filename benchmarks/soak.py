@@ -44,7 +44,7 @@ def main() -> int:
 
         build_engines(None, args.engine_dir)
     pipe = Pipeline.from_dir(args.engine_dir, backend="onnxruntime", device="cpu")
-    classes, max_batch = pipe.config.num_classes, pipe.max_batch
+    classes, max_batch = pipe.model.num_classes, pipe.max_batch
     pipe.generate([0], seed=0)
     warm_rss = rss_mb()
     latencies: list[tuple[int, float]] = []

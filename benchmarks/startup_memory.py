@@ -57,7 +57,7 @@ import sys, time
 start = time.perf_counter()
 from runtime import Pipeline
 pipe = Pipeline.from_dir(sys.argv[1], backend=sys.argv[3])
-pipe.generate([i % pipe.config.num_classes for i in range(int(sys.argv[2]))], seed=0)
+pipe.generate([i % pipe.model.num_classes for i in range(int(sys.argv[2]))], seed=0)
 elapsed = time.perf_counter() - start
 print(elapsed, peak_rss_mb(), "torch" in sys.modules)
 """

@@ -46,7 +46,7 @@ def run(
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(engine_dir, backend=backend, device=device)
-    label_list = parse_labels(labels, per_class, pipe.config.num_classes)
+    label_list = parse_labels(labels, per_class, pipe.model.num_classes)
     with progress_bar() as bar:
         task = bar.add_task("generating", total=len(label_list))
         result = pipe.generate_many(

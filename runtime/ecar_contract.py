@@ -11,17 +11,39 @@ Every number comes from ECAR's formulas in :mod:`runtime.schedule`.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from runtime import plan as plan_module
 from runtime import schedule
 from runtime.config import ECARConfig
+from runtime.errors import ConfigError, ManifestError
 from runtime.graphs import Dim, GraphSpec, Kind, TensorSpec
 from runtime.plan import RequestPlan, StagePlan, f32
 from runtime.stage_constants import StageConstants, key
 
+if TYPE_CHECKING:
+    from runtime.manifest import Manifest
+
+FAMILY = "ecar"  # the manifest's model family of ECAR builds
+
 # Inputs of the backbone that are the same for every request of a stage (see stage_inputs).
 BACKBONE_CONSTANTS = ("up", "fresh", "renoise", "positions", "level", "kv_tokens")
+
+
+def config_of(manifest: Manifest) -> ECARConfig:
+    """The ECAR config of an ECAR build (its manifest's ``model``); a :class:`ManifestError` for another family
+    (what reads it — the calibration capture, ``ecar-export check`` — serves ECAR builds only)."""
+    where = str(manifest.root / "manifest.json")
+    if manifest.model.family != FAMILY:
+        raise ManifestError(
+            f"{where}: a '{manifest.model.family}' build; this step reads ECAR builds only (family 'ecar')"
+        )
+    try:
+        return ECARConfig.from_dict(dict(manifest.model.settings))
+    except ConfigError as exc:
+        raise ManifestError(f"{where}: invalid model config: {exc}") from None
 
 
 def kv_shape(config: ECARConfig, tokens: Dim) -> tuple[Dim, ...]:
@@ -86,16 +108,10 @@ def graph_specs(config: ECARConfig, fuse_flow_loop: bool = False) -> list[GraphS
     return [backbone_spec(config), flow, decoder_spec(config)]
 
 
-# The decoder has a request's largest activations (KL-16 at 256²: 128 channels at full resolution, 32 MiB
-# per image and tensor); its calls are cut into sub-batches whose widest activation stays under this.
-DECODER_ACTIVATION_BYTES = 64 << 20
-
-
 def decoder_batch(config: ECARConfig) -> int:
     """How many images one decoder call takes at most (the plan's ``decoder_batch``; results are the same)."""
     widest = config.tokenizer_channels[0] if config.tokenizer_channels else config.tokenizer_width
-    per_image = 4 * widest * config.image_size * config.image_size
-    return max(1, DECODER_ACTIVATION_BYTES // per_image)
+    return plan_module.decoder_batch_for(widest, config.image_size, config.image_size)
 
 
 @lru_cache(maxsize=64)
@@ -179,33 +195,3 @@ def stage_constants(config: ECARConfig) -> dict[str, np.ndarray]:
 def constants(config: ECARConfig) -> StageConstants:
     """:func:`stage_constants` as the runtime reads them from a build."""
     return StageConstants(stage_constants(config))
-
-
-def sample_inputs(
-    spec: GraphSpec, config: ECARConfig, stage: int, batch: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Fresh random inputs of one call at a stage, in the ranges the pipeline produces (never all zeros).
-
-    Stage constants are the real ones (:func:`stage_constants`); flow scalars are drawn from
-    the schedule's ranges.
-    """
-    dims = request_plan(config).dims(stage, batch)
-    fixed = constants(config).get(spec.name, stage)
-    feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete(dims)
-        if tensor.name in fixed:
-            feeds[tensor.name] = np.array(fixed[tensor.name])
-        elif tensor.name == "labels":
-            feeds[tensor.name] = rng.integers(0, config.num_classes, size=shape, dtype=np.int64)
-        elif tensor.name == "t":
-            feeds[tensor.name] = np.sort(rng.uniform(0.05, 1.0, size=shape))[::-1].astype(np.float32)
-        elif tensor.name == "dt":
-            feeds[tensor.name] = rng.uniform(0.01, 0.2, size=shape).astype(np.float32)
-        elif tensor.name == "cfg":
-            feeds[tensor.name] = rng.uniform(1.0, 4.0, size=shape).astype(np.float32)
-        elif tensor.name == "past_kv":
-            feeds[tensor.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds

@@ -5,7 +5,8 @@ This module is the manifest's one owner: builds make their documents with :func:
 :func:`write`; everyone else reads a validated :class:`Manifest` from :func:`load`.
 
 The runtime validates a manifest completely before loading any graph: format and version
-(the graph contract it was built for), schema, the model config, the request plan
+(the graph contract it was built for), schema, the model card (:class:`ModelCard`: the family's name
+and config, of which the runtime reads only the name and the class count), the request plan
 (:class:`runtime.plan.RequestPlan`, under ``plan``), every graph's spec against the contract
 (:func:`runtime.graphs.check_specs`), file names that stay inside the directory, the sha256
 of every file a graph needs (the graph, its external weights, its TensorRT plan) and of the
@@ -33,8 +34,8 @@ from packaging.version import InvalidVersion, Version
 
 from runtime import graphs as contract
 from runtime.backends import selection
-from runtime.config import ECARConfig
-from runtime.errors import ConfigError, ManifestError
+from runtime.config import INT_LIMITS
+from runtime.errors import ManifestError
 from runtime.fileio import write_bytes_atomic
 from runtime.formats import Format
 from runtime.graphs import CONTRACT_VERSION, GraphSpec, Kind
@@ -54,6 +55,42 @@ MANIFEST_FORMAT = Format(
 )
 
 
+DEFAULT_FAMILY = "ecar"  # the family of builds whose manifest names none (written before families had names)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The model a build serves, as the runtime sees it: whatever the family, only data.
+
+    ``family`` names the export-side model family that wrote the build (``ecar``, ``flowar``, ...),
+    ``settings`` is that family's whole config (the manifest's ``model`` object, which the family's
+    export code reads back); the runtime itself reads only ``name`` and ``num_classes`` (labels are
+    ``0..num_classes-1``). Everything else a request needs is the plan, the specs and the constants.
+    """
+
+    family: str
+    name: str
+    num_classes: int
+    settings: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_manifest(cls, family: Any, model: Any, where: str) -> ModelCard:
+        if not isinstance(family, str) or not family.isidentifier():
+            raise ManifestError(f"{where}: field 'family' must name a model family (e.g. \"ecar\"), got {family!r}")
+        if not isinstance(model, dict):
+            raise ManifestError(f"{where}: field 'model' has the wrong type ({type(model).__name__})")
+        name, classes = model.get("name"), model.get("num_classes")
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{where}: invalid model config: field 'name' must be a non-empty string")
+        limit = INT_LIMITS["num_classes"]
+        if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= limit:
+            raise ManifestError(
+                f"{where}: invalid model config: field 'num_classes' must be an integer in [1, {limit:,}], "
+                f"got {classes!r}"
+            )
+        return cls(family, name, classes, copy.deepcopy(model))
+
+
 @dataclass(frozen=True)
 class GraphEntry:
     spec: GraphSpec
@@ -67,6 +104,9 @@ class GraphEntry:
     builder: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
     tensorrt_builder: dict[str, Any] | None = None
+    # False: the graph loses too much at bfloat16 (8 significant bits); a half-precision build of it runs at
+    # float16 or float32 where a backend would pick bfloat16 (the model family says which graphs, measured)
+    bf16_safe: bool = True
 
     @property
     def name(self) -> str:
@@ -90,7 +130,7 @@ class CalibrationRecord:
 @dataclass(frozen=True)
 class Manifest:
     root: Path
-    config: ECARConfig
+    model: ModelCard
     precision: str
     backend: str
     fuse_flow_loop: bool
@@ -153,8 +193,9 @@ def graph_record(
     build_key: str | None = None,
     builder: Mapping[str, Any] | None = None,
     reused: bool = False,
+    bf16_safe: bool = True,
 ) -> dict[str, Any]:
-    """One graph's entry: its contract, its files and how it was made."""
+    """One graph's entry: its contract, its files and how it was made (``bf16_safe``: :class:`GraphEntry`)."""
     record: dict[str, Any] = {
         **spec.to_dict(),
         "file": file,
@@ -162,6 +203,7 @@ def graph_record(
         "data_files": dict(data_files),
         "precision": precision,
         "reused": reused,
+        "bf16_safe": bf16_safe,
     }
     if build_key is not None:
         record["build_key"] = build_key
@@ -181,6 +223,7 @@ def reused_record(spec: GraphSpec, entry: GraphEntry) -> dict[str, Any]:
         build_key=entry.build_key,
         builder=entry.builder,
         reused=True,
+        bf16_safe=entry.bf16_safe,
     )
 
 
@@ -196,7 +239,8 @@ def constants_file(blob: bytes) -> tuple[str, str]:
 
 
 def document(
-    config: ECARConfig,
+    family: str,
+    config: Mapping[str, Any],
     *,
     plan: RequestPlan,
     stage_constants: Mapping[str, str],
@@ -212,6 +256,8 @@ def document(
 ) -> dict[str, Any]:
     """A whole manifest document (without TensorRT plans or a calibration set; see :func:`with_plans`).
 
+    ``family`` and ``config``: the model family and its config as a JSON object (:class:`ModelCard`).
+
     ``stage_constants``: ``{"file": ..., "sha256": ...}`` of the stages file (:func:`constants_file`).
     """
     return {
@@ -219,7 +265,8 @@ def document(
         "format_version": FORMAT_VERSION,
         "runtime": {"min_version": MIN_RUNTIME_FOR_CONTRACT, "built_by": __version__},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": config.to_dict(),
+        "family": family,
+        "model": copy.deepcopy(dict(config)),
         "plan": plan.to_dict(),
         "stage_constants": dict(stage_constants),
         "precision": precision,
@@ -347,10 +394,7 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
     MANIFEST_FORMAT.check_name(data, where)
     _check_runtime_version(data.get("runtime"), where)
     MANIFEST_FORMAT.check_version(data, where, older=OLDER_CONTRACT)
-    try:
-        config = ECARConfig.from_dict(_require(data, "model", dict, where))
-    except ConfigError as exc:
-        raise ManifestError(f"{where}: invalid model config: {exc}") from None
+    model = ModelCard.from_manifest(data.get("family", DEFAULT_FAMILY), _require(data, "model", dict, where), where)
     precision = _require(data, "precision", str, where)
     if precision not in PRECISIONS:
         raise ManifestError(f"{where}: unknown precision '{precision}'")
@@ -388,7 +432,7 @@ def _parse(root: Path, path: Path, data: dict[str, Any], verify_files: bool) -> 
     opset, export_version, created = data.get("opset"), data.get("export_version"), data.get("created")
     return Manifest(
         root=root,
-        config=config,
+        model=model,
         precision=precision,
         backend=backend,
         fuse_flow_loop=fused,
@@ -485,6 +529,9 @@ def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, v
         raise ManifestError(f"{here}: 'builder' / 'build_key' have the wrong type")
     if trt is not None and not isinstance(trt, dict):
         raise ManifestError(f"{here}: 'tensorrt_builder' has the wrong type")
+    bf16_safe = raw.get("bf16_safe", True)  # absent in builds made before the field
+    if not isinstance(bf16_safe, bool):
+        raise ManifestError(f"{here}: field 'bf16_safe' has the wrong type ({type(bf16_safe).__name__})")
     if verify:
         for item, expected in ((file, digest), *weights.items(), *([(plan, plan_digest)] if plan else [])):
             assert isinstance(expected, str)
@@ -501,4 +548,5 @@ def _graph_entry(root: Path, where: str, name: str, spec: GraphSpec, raw: Any, v
         builder=builder,
         reused=bool(raw.get("reused", False)),
         tensorrt_builder=trt,
+        bf16_safe=bf16_safe,
     )

@@ -93,7 +93,7 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, backend: Backend, device_resident: bool = True) -> None:
         self.manifest = manifest
-        self.config = manifest.config
+        self.model = manifest.model  # name, family and class count (runtime.manifest.ModelCard)
         self.plan = manifest.plan
         self.backend = backend
         self.device_resident = device_resident
@@ -270,7 +270,7 @@ class Pipeline:
         values = list(labels.tolist() if isinstance(labels, np.ndarray) else labels)
         if not values:
             raise InvalidRequestError("labels must not be empty; give at least one class label")
-        classes = self.config.num_classes
+        classes = self.model.num_classes
         for value in values:
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise InvalidRequestError(

@@ -52,6 +52,17 @@ def check_cfg(cfg: object, name: str = "cfg") -> float:
     return value
 
 
+# The decoder has a request's largest activations (KL-16 at 256²: 128 channels at full resolution, 32 MiB
+# per image and tensor); its calls are cut into sub-batches whose widest activation stays under this.
+DECODER_ACTIVATION_BYTES = 64 << 20
+
+
+def decoder_batch_for(widest_channels: int, height: int, width: int) -> int:
+    """A plan's ``decoder_batch`` for a decoder whose widest full-resolution activation has ``widest_channels``
+    float32 channels: as many images as keep one such activation under :data:`DECODER_ACTIVATION_BYTES`."""
+    return max(1, DECODER_ACTIVATION_BYTES // (4 * widest_channels * height * width))
+
+
 def f32(value: float) -> float:
     """``value`` rounded to float32, as the graphs receive it."""
     return float(np.float32(value))

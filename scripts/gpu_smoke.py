@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ecar_export.precision import PRECISIONS  # noqa: E402
+from runtime import ecar_contract, schedule  # noqa: E402
 from runtime import manifest as manifest_io  # noqa: E402
-from runtime import schedule  # noqa: E402
 from runtime.backends.tensorrt import gpu  # noqa: E402
 from runtime.errors import ECARError  # noqa: E402
 from runtime.images import to_uint8  # noqa: E402
@@ -138,7 +138,7 @@ def run_smoke(
     build_seconds = time.perf_counter() - begin
     reference = Pipeline.from_dir(engine_dir, backend="onnxruntime", device="cpu")
     manifest = manifest_io.load(work_dir)
-    config, precision = manifest.config, manifest.precision
+    config, precision = ecar_contract.config_of(manifest), manifest.precision
     rows: list[Row] = []
     rng = np.random.default_rng(seed)
     size = min(batch or 4, manifest.max_batch)

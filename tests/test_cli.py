@@ -24,6 +24,7 @@ from PIL import Image
 from ecar_export import checkpoint
 from ecar_export.backends.tensorrt import tensorrt_version
 from runtime import manifest as manifest_io
+from runtime.ecar_contract import config_of
 from runtime.images import grid_image, to_uint8
 from runtime.pipeline import Pipeline
 
@@ -117,7 +118,7 @@ def test_build_reports_the_backend_and_writes_a_loadable_build(built: CliBuild):
     assert manifest.backend == "onnxruntime" and manifest.precision == "fp32"
     assert manifest.max_batch == MAX_BATCH
     assert re.fullmatch(r"[0-9a-f]{64}", manifest.checkpoint_sha256)
-    assert manifest.config == built.model.config
+    assert config_of(manifest) == built.model.config
 
 
 def test_build_records_the_sha256_of_the_checkpoint_file(built: CliBuild):

@@ -201,7 +201,7 @@ def test_generate_many_equals_per_batch_generate_calls(build_cache: BuildCache, 
 BAD_REQUESTS: dict[str, tuple[Callable[[Pipeline], Any], str]] = {
     "batch-above-max": (lambda p: p.generate([1] * (p.max_batch + 1)), r"exceeds .*max batch 5"),
     "empty-labels": (lambda p: p.generate([]), "empty"),
-    "label-out-of-range": (lambda p: p.generate([1, p.config.num_classes]), "out of range"),
+    "label-out-of-range": (lambda p: p.generate([1, p.model.num_classes]), "out of range"),
     "negative-label": (lambda p: p.generate([-1]), "out of range"),
     "float-label": (lambda p: p.generate([1, 2.5]), "not an integer"),
     "string-label": (lambda p: p.generate(["3"]), "not an integer"),
@@ -252,7 +252,7 @@ def test_backbone_gelu_runs_as_one_fused_kernel_in_ort(build_cache: BuildCache, 
     from runtime.backends.onnxruntime_backend import session_options
 
     manifest = manifest_io.load(build_cache.get(TINY).dir)
-    depth = manifest.config.depth
+    depth = ecar_contract.config_of(manifest).depth
     for name, entry in manifest.graphs.items():
         if entry.spec.kind != "backbone":
             continue
@@ -281,7 +281,7 @@ def test_tanh_gelu_export_form_equals_torch_gelu(rng: np.random.Generator):
 
 def test_generate_keyed_with_a_requests_keys_equals_generate(tiny_pipe: Pipeline, rng: np.random.Generator):
     # generate(labels, seed=s) is generate_keyed(labels, [(s, 0), (s, 1), ...]); same batch: bit for bit
-    labels = [int(v) for v in rng.integers(0, tiny_pipe.config.num_classes, size=3)]
+    labels = [int(v) for v in rng.integers(0, tiny_pipe.model.num_classes, size=3)]
     seed = int(rng.integers(0, MAX_SEED))
     keyed = tiny_pipe.generate_keyed(labels, [(seed, i) for i in range(3)])
     plain = tiny_pipe.generate(labels, seed=seed)
@@ -320,6 +320,7 @@ TORCH_BLOCKED_RUN = (
     + """
 import numpy as np
 from runtime.pipeline import Pipeline
+from runtime.ecar_contract import config_of
 
 result = Pipeline.from_dir(sys.argv[1]).generate([1, 2], seed=3)
 np.save(sys.argv[2], result.latents)

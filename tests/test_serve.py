@@ -126,7 +126,7 @@ def server(build_cache: BuildCache) -> Iterator[Server]:
 
 
 def test_concurrent_requests_equal_pipeline_generate(server: Server, rng: np.random.Generator) -> None:
-    classes = server.pipe.config.num_classes
+    classes = server.pipe.model.num_classes
     requests = []
     seeds = rng.choice(2**62, size=40, replace=False)
     for index, seed in enumerate(seeds):
@@ -192,7 +192,7 @@ def test_healthz_and_info_describe_the_build(server: Server) -> None:
     assert health.status == 200 and health.json() == {"status": "ok", "model": "ecar-digits"}
     info = http(f"{server.url}/info").json()
     manifest = manifest_io.load(server.engine_dir)
-    assert info["model"] == manifest.config.name and info["precision"] == manifest.precision
+    assert info["model"] == manifest.model.name and info["precision"] == manifest.precision
     assert info["engine_max_batch"] == manifest.max_batch == info["batching"]["max_batch"]
     assert info["backend"]["backend"] == AUTO_CPU_BACKEND
     backend = info["backend"]["backend"]

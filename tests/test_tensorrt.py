@@ -49,7 +49,7 @@ from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
 from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.shapes import resolve_dims
-from runtime.ecar_contract import graph_specs
+from runtime.ecar_contract import config_of, graph_specs
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.graphs import Call, Kind, profile_shapes
 from runtime.images import to_uint8
@@ -347,7 +347,7 @@ def test_fake_backend_matches_onnxruntime_on_both_paths(
     backend, cuda = fake_backend(manifest)
     host_pipeline = Pipeline(manifest, backend, device_resident=False)  # every graph call through run()
     device_pipeline = Pipeline(manifest, backend)
-    config = manifest.config
+    config = config_of(manifest)
     runs = {e.path: e for e in backend.trt.engines}
     for batch in (1, build.max_batch, 2, build.max_batch):
         labels, seed = request(rng, config.num_classes, batch)
@@ -411,9 +411,9 @@ def test_fake_cuda_graphs_capture_then_replay(
     manifest = fake_tensorrt_build(build.dir, tmp_path / "trt")
     ort = reference(build.dir)
     backend, cuda = fake_backend(manifest, cuda_graphs=True)
-    stages = manifest.config.num_stages
+    stages = config_of(manifest).num_stages
     for number in range(4):
-        labels, seed = request(rng, manifest.config.num_classes, 3)
+        labels, seed = request(rng, config_of(manifest).num_classes, 3)
         cfg = float(rng.uniform(1.0, 3.0))  # a new cfg each time: replays must read the new scalars
         ref = ort.generate(labels, seed=seed, cfg=cfg)
         device = on_device(backend, labels, seed, cfg)
@@ -454,7 +454,7 @@ def test_fake_backend_refuses_bad_requests_and_plans(
     build = build_cache.get(TINY)
     manifest = fake_tensorrt_build(build.dir, tmp_path / "trt")
     backend, _ = fake_backend(manifest)
-    config = manifest.config
+    config = config_of(manifest)
     with pytest.raises(InvalidRequestError, match="outside this build's profile"):
         on_device(backend, [1] * (build.max_batch + 1), 0)
     noise = schedule.draw_noise(config, schedule.noise_keys(0, 2))
@@ -520,7 +520,7 @@ def test_fake_build_plans_profiles_cache_and_manifest(
         assert entry.plan_file and entry.plan_file.startswith(f"{name}-") and entry.plan_file.endswith(".plan")
         assert json.loads((target / entry.plan_file).read_bytes())["onnx"] == str((target / entry.file).resolve())
         stages = manifest.plan.graph_stages(entry.spec.kind)
-        assert stages == ([manifest.config.num_stages] if name == "decoder" else [1, 2, 3])
+        assert stages == ([config_of(manifest).num_stages] if name == "decoder" else [1, 2, 3])
         for stage in stages:  # one profile per stage: that stage's exact shapes, the batch range around them
             exact = profile_shapes(entry.spec, manifest.plan, stage, *profile)
             dynamic = {k: v for k, v in exact.items() if k not in ("renoise", "level", "t", "dt", "cfg")}
@@ -676,7 +676,7 @@ def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
     loaded = manifest_io.load(build.dir)
     with pytest.raises(BackendUnavailableError, match="TensorRT cannot start CUDA here"):
         decoder = loaded.graphs["decoder"]
-        build_plan(build.dir / decoder.file, tmp_path / "d.plan", decoder.spec, loaded.config, (1, 2, 5))
+        build_plan(build.dir / decoder.file, tmp_path / "d.plan", decoder.spec, loaded.plan, (1, 2, 5))
 
 
 def test_timing_cache_from_another_gpu_starts_afresh_and_is_replaced(
@@ -841,7 +841,7 @@ def test_device_path_on_a_real_gpu_with_onnxruntime_engines(
     backend = TensorRTBackend(manifest, trt_module=make_fake_trt(None, io=DeviceIO(cuda)), cuda=cuda, environment=ENV)
     ort, pipeline = reference(build_dir), Pipeline(manifest, backend)
     for batch in (1, manifest.max_batch, 3):
-        labels, seed = request(rng, manifest.config.num_classes, batch)
+        labels, seed = request(rng, config_of(manifest).num_classes, batch)
         ref = ort.generate(labels, seed=seed)
         device = on_device(backend, labels, seed)
         assert np.array_equal(device.latents, ref.latents), f"labels={labels} seed={seed}"

@@ -28,6 +28,7 @@ from ecar_export.model import ECAR
 from ecar_export.model.tokenizer import autoencoder_kl_config
 from runtime import ecar_contract
 from runtime import manifest as manifest_io
+from runtime import plan as plan_module
 from runtime.config import ECARConfig
 from runtime.graphs import Kind
 from runtime.images import to_uint8
@@ -390,7 +391,7 @@ def test_pipeline_decodes_in_sub_batches_with_the_same_images(
     # the build wrote the formula's value into its plan
     assert built.manifest.plan.decoder_batch == ecar_contract.decoder_batch(kl16_converted["config"])
     whole = built.generate(labels=[1, 2, 3], seed=SEED)
-    monkeypatch.setattr(ecar_contract, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
+    monkeypatch.setattr(plan_module, "DECODER_ACTIVATION_BYTES", 1)  # one image per decoder call
     assert ecar_contract.decoder_batch(kl16_converted["config"]) == 1
     plan = dataclasses.replace(built.manifest.plan, decoder_batch=1)  # a build made under that limit
     pipe = Pipeline(dataclasses.replace(built.manifest, plan=plan), built.backend)

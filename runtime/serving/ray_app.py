@@ -172,7 +172,7 @@ class ECARGenerator:
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecar-engine")
 
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.pipeline.config.name}
+        return {"status": "ok", "model": self.pipeline.model.name}
 
     async def info(self) -> dict[str, Any]:
         return serving.info(self.pipeline, self.max_batch, self.batch_wait_s)
@@ -296,7 +296,7 @@ def application(
         ray_actor_options=options,
         logging_config={"log_level": "WARNING", "enable_access_log": False},
     ).bind(str(Path(engine_dir).resolve()), backend, device, threads, batch, batch_wait_ms)
-    config = manifest.config
+    config = manifest.model
     return ECARIngress.options(  # type: ignore[attr-defined]
         num_replicas=1,
         max_ongoing_requests=max(1024, 16 * replicas * batch),

@@ -195,7 +195,7 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
     """``GET /info``: what this server runs and how it batches."""
     from importlib import metadata
 
-    manifest, config = pipeline.manifest, pipeline.config
+    manifest, model = pipeline.manifest, pipeline.model
     channels, height, width = manifest.image_shape(1)[1:]
     versions: dict[str, str | None] = {}
     for package in ("ecar-export", "onnxruntime", "openvino", "numpy", "ray"):
@@ -204,8 +204,9 @@ def info(pipeline: Any, max_batch: int, batch_wait_s: float) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "model": config.name,
-        "num_classes": config.num_classes,
+        "model": model.name,
+        "family": model.family,
+        "num_classes": model.num_classes,
         "image": {"size": height, "height": height, "width": width, "channels": channels},
         "cfg_scale": manifest.plan.cfg,
         "precision": manifest.precision,
