@@ -12,7 +12,8 @@ from pathlib import Path
 from runtime.backends.openvino_backend import compile_graph
 
 
-def compile_all(engine_dir: Path, graphs: Iterable[tuple[str, str, str]]) -> None:
-    """Compile every (name, file, precision) of a build in ``engine_dir``; an ``EngineError`` names a failure."""
-    for name, file, precision in graphs:
-        compile_graph(engine_dir / file, precision, name)
+def compile_all(engine_dir: Path, graphs: Iterable[tuple[str, str, str, bool]]) -> None:
+    """Compile every (name, file, precision, bf16_safe) of a build in ``engine_dir``; an ``EngineError`` names a
+    failure."""
+    for name, file, precision, bf16_safe in graphs:
+        compile_graph(engine_dir / file, precision, name, bf16_safe=bf16_safe)

@@ -7,7 +7,10 @@ choice; what OpenVINO runs at (its ``INFERENCE_PRECISION_HINT``) follows from it
 * fp32 builds run at ``f32`` (OpenVINO's CPU default is bf16 where the CPU has it: it is set
   explicitly, so an fp32 build is an fp32 computation);
 * fp16 builds run at the CPU's best half precision: ``bf16`` where the CPU reports BF16, else
-  ``f16`` where it reports FP16, else ``f32``;
+  ``f16`` where it reports FP16, else ``f32``; a graph the build marks as not ``bf16_safe``
+  (:class:`runtime.manifest.GraphEntry`: FlowAR's flow head, whose error at bf16 — OpenVINO runs the
+  recipe's fp32 islands at bf16 too — grew to 35-48 % of what the labels change over a request's 120
+  steps) skips ``bf16``;
 * int8 builds run their Q/DQ-marked products on OpenVINO's integer kernels; the rest of the
   graph at the same half precision as fp16 builds.
 
@@ -20,10 +23,12 @@ the CPU threads of every compiled model (``INFERENCE_NUM_THREADS``), for replica
 machine.
 
 A workaround, measured on OpenVINO 2026.4: when the very first inference of a compiled model has
-an empty input (the backbone's cache at stage 1), the CPU plugin computes wrong values for later
-shapes (its shape-keyed primitive cache; disabling it, ``CPU_RUNTIME_CACHE_CAPACITY=0``, fixes
-them and doubles the demo's backbone time). So every new infer request of a graph whose inputs
-can be empty first runs one warm-up inference at the last stage, whose cache is not empty.
+a degenerate shape — an empty input (the backbone's cache at stage 1), or a one-token grid (FlowAR's
+flow head, an attention over the stage's tokens, at stage 1: its later stages then come out wrong by
+up to 1.9 where ONNX Runtime agrees with torch to 1e-5) — the CPU plugin computes wrong values for
+later shapes (its shape-keyed primitive cache; disabling it, ``CPU_RUNTIME_CACHE_CAPACITY=0``, fixes
+them and doubles the demo's backbone time). So every new infer request of a graph that runs at more
+than one stage first runs one warm-up inference at the last stage it runs at, the largest grid.
 
 Memory: a compiled model's infer request keeps the intermediate buffers of the largest shape it
 has run, and all three graphs keep theirs at once; on ecar-b at batch 8 (fp32) a process holds
@@ -61,7 +66,7 @@ import numpy as np
 
 from runtime import graphs
 from runtime.errors import BackendUnavailableError, EngineError
-from runtime.graphs import Call, Kind
+from runtime.graphs import Call
 from runtime.manifest import Manifest
 
 CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
@@ -89,11 +94,11 @@ def cpu_capabilities(core: Any) -> list[str]:
         return []
 
 
-def inference_precision(build_precision: str, capabilities: list[str]) -> str:
-    """The ``INFERENCE_PRECISION_HINT`` a build of ``build_precision`` runs at on this CPU."""
+def inference_precision(build_precision: str, capabilities: list[str], bf16_safe: bool = True) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` a graph of ``build_precision`` runs at on this CPU."""
     if build_precision == "fp32":
         return "f32"
-    if "BF16" in capabilities:
+    if bf16_safe and "BF16" in capabilities:
         return "bf16"
     if "FP16" in capabilities:
         return "f16"
@@ -115,10 +120,12 @@ def default_cache_dir() -> Path | None:
     return Path(explicit) if explicit else None
 
 
-def compile_config(precision: str, capabilities: list[str], threads: int | None = None) -> dict[str, Any]:
+def compile_config(
+    precision: str, capabilities: list[str], threads: int | None = None, bf16_safe: bool = True
+) -> dict[str, Any]:
     """The CPU plugin configuration a graph of ``precision`` is compiled with."""
     config: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": inference_precision(precision, capabilities),
+        "INFERENCE_PRECISION_HINT": inference_precision(precision, capabilities, bf16_safe),
         "PERFORMANCE_HINT": "LATENCY",
     }
     if threads:
@@ -127,14 +134,20 @@ def compile_config(precision: str, capabilities: list[str], threads: int | None 
 
 
 def compile_graph(
-    path: str | os.PathLike[str], precision: str, name: str, core: Any = None, threads: int | None = None
+    path: str | os.PathLike[str],
+    precision: str,
+    name: str,
+    core: Any = None,
+    threads: int | None = None,
+    bf16_safe: bool = True,
 ) -> Any:
     """Read and compile one graph file for the CPU; :class:`EngineError` naming the graph where OpenVINO cannot."""
     ov = load_openvino()
     core = core if core is not None else ov.Core()
     try:
         model = core.read_model(str(path))
-        return core.compile_model(model, "CPU", compile_config(precision, cpu_capabilities(core), threads))
+        config = compile_config(precision, cpu_capabilities(core), threads, bf16_safe)
+        return core.compile_model(model, "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError with its own message
         text = " ".join(str(exc).split())[:600]
         raise EngineError(
@@ -182,7 +195,7 @@ class OpenVINOBackend:
         self._graph_locks: dict[str, threading.Lock] = {}
         self._trim_heap = _heap_trimmer()
         for name, entry in manifest.graphs.items():
-            compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads)
+            compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads, entry.bf16_safe)
             self.compiled[name] = compiled
             actual = compiled.get_property("INFERENCE_PRECISION_HINT")
             self.precision[name] = actual.to_string() if hasattr(actual, "to_string") else str(actual)
@@ -200,8 +213,9 @@ class OpenVINOBackend:
             self._in_flight[name] = 0
             self._holding[name] = False
             self._graph_locks[name] = threading.Lock()
-            if entry.spec.kind == Kind.BACKBONE and manifest.plan.num_stages > 1:  # its cache is empty at stage 1
-                self._warm_up[name] = _warm_up_feeds(entry.spec, manifest)
+            stages = manifest.plan.graph_stages(entry.spec.kind)
+            if len(stages) > 1:  # its first stage's shapes are degenerate (module doc)
+                self._warm_up[name] = _warm_up_feeds(entry.spec, manifest, stages[-1])
 
     def _request(self, graph: str) -> Any:
         try:
@@ -267,9 +281,8 @@ class OpenVINOBackend:
         }
 
 
-def _warm_up_feeds(spec: graphs.GraphSpec, manifest: Manifest) -> dict[str, np.ndarray]:
-    """Inputs of one call of ``spec`` at the last stage, batch 1 (zeros; the stage's own constants)."""
-    stage = manifest.plan.num_stages
+def _warm_up_feeds(spec: graphs.GraphSpec, manifest: Manifest, stage: int) -> dict[str, np.ndarray]:
+    """Inputs of one call of ``spec`` at ``stage``, batch 1 (zeros; the stage's own constants)."""
     dims = manifest.plan.dims(stage, 1)
     constants = manifest.constants.get(spec.name, stage)
     return {
