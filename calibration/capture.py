@@ -48,6 +48,7 @@ from calibration.dataset import (
 )
 from calibration.errors import CalibrationError
 from calibration.plan import SPLITS, CalibrationPlan
+from runtime import ecar_contract
 from runtime.backends import Backend
 from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
@@ -136,7 +137,7 @@ def capture(
 ) -> CalibrationSet:
     """Run the fp32 ``pipeline`` over ``plan``, store every graph's inputs in ``out_dir``, load them back."""
     manifest = pipeline.manifest
-    config = manifest.config
+    config = ecar_contract.config_of(manifest)
     if manifest.precision != "fp32":
         raise InvalidRequestError(
             f"calibration needs the fp32 pipeline; '{manifest.root}' is a {manifest.precision} build"

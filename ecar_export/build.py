@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ecar_export import checkpoint, export, flow_loop, graph_keys, precision, presets, weights_io
-from ecar_export.model import ECAR
+from ecar_export import checkpoint, export, families, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.precision import Precision, RecipeInputs
 from ecar_export.precision.int8 import op_types_for
-from runtime import ecar_contract, stage_constants
 from runtime import manifest as manifest_io
+from runtime import stage_constants
 from runtime.backends import selection
-from runtime.ecar_contract import flow_step_spec, graph_specs
 from runtime.errors import InvalidRequestError, OutputError
 from runtime.fileio import output_dir, sha256_file, write_bytes_atomic
 from runtime.graphs import GraphSpec, Kind
@@ -63,22 +62,23 @@ LEFTOVERS = (
 )
 
 
-def load_model(source: ECAR | str | os.PathLike[str] | None) -> tuple[ECAR, str]:
-    """The model to build and the sha256 that identifies its weights."""
-    if isinstance(source, ECAR):
+def load_model(source: nn.Module | str | os.PathLike[str] | None) -> tuple[nn.Module, str]:
+    """The model to build (of any family, :mod:`ecar_export.families`) and the sha256 that identifies its weights."""
+    if isinstance(source, nn.Module):
+        families.of(source)  # a model of a known family
         digest = hashlib.sha256()
         for name, tensor in sorted(source.state_dict().items()):
             digest.update(name.encode())
             digest.update(memoryview(tensor.detach().cpu().contiguous().numpy()).cast("B"))
-        digest.update(source.config.to_json().encode())
+        digest.update(families.config_of(source).to_json().encode())
         return source.eval(), digest.hexdigest()
     path = Path(source) if source is not None else presets.checkpoint_path(presets.DEMO)
-    model = checkpoint.load(path)
+    model = families.named(checkpoint.family_of(path)).load(path)
     return model, sha256_file(path)
 
 
 def build_engines(
-    model_or_checkpoint_path: ECAR | str | os.PathLike[str] | None = None,
+    model_or_checkpoint_path: nn.Module | str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] = "engines",
     precision: str = "fp32",
     backend: str = "onnxruntime",
@@ -93,8 +93,9 @@ def build_engines(
     """Export (and, for TensorRT, compile) every graph of a model into an engine directory; returns the manifest's path.
 
     Args:
-        model_or_checkpoint_path: an :class:`~ecar_export.model.ECAR` model, a safetensors
-            checkpoint, or None for the bundled ``ecar-digits`` demo.
+        model_or_checkpoint_path: a model of a known family (:mod:`ecar_export.families`: an
+            :class:`~ecar_export.model.ECAR`, a FlowAR), a safetensors checkpoint (its metadata names
+            its family), or None for the bundled ``ecar-digits`` demo.
         out_dir: the engine directory (created; an earlier build in it stays loadable until
             this one commits).
         precision: "fp32", "fp16" or "int8" (:mod:`ecar_export.precision`).
@@ -129,6 +130,13 @@ def build_engines(
     if on_backend:
         on_backend(chosen)
     model, weights_digest = load_model(model_or_checkpoint_path)
+    family = families.of(model)
+    if recipe.calibrated and not family.calibrated:
+        raise InvalidRequestError(
+            f"--precision {recipe.name}: the INT8 calibration capture serves ECAR builds only so far, not "
+            f"{family.name}; build {family.name} at fp32 or fp16"
+        )
+    specs = family.graph_specs(model.config, fuse_flow_loop)  # refuses what the family cannot build, before output
     out = output_dir(out_dir, "--out")
     with _build_lock(out):
         try:
@@ -144,7 +152,6 @@ def build_engines(
                     "calibration_requests": calibration_requests,
                     "int8_op_types": list(op_types_for(chosen)),  # the recipe's coverage follows the target
                 }
-            specs = graph_specs(model.config, fuse_flow_loop)
             keys = {
                 spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, options)
                 for spec in specs
@@ -175,7 +182,9 @@ def build_engines(
             if chosen == "openvino":
                 from ecar_export.backends import openvino
 
-                openvino.compile_all(out, ((name, r["file"], r["precision"]) for name, r in records.items()))
+                openvino.compile_all(
+                    out, ((name, r["file"], r["precision"], r["bf16_safe"]) for name, r in records.items())
+                )
             moment("staged")
             path = manifest_io.write(out, document)
             moment("committed")
@@ -185,10 +194,10 @@ def build_engines(
         return path
 
 
-def write_stage_constants(directory: Path, model: ECAR) -> dict[str, str]:
+def write_stage_constants(directory: Path, model: nn.Module) -> dict[str, str]:
     """Write the build's stages file (:mod:`runtime.stage_constants`) into ``directory``, named by content;
     returns the manifest's ``stage_constants`` entry."""
-    blob = stage_constants.encode(ecar_contract.stage_constants(model.config))
+    blob = stage_constants.encode(families.of(model).stage_constants(model.config))
     name, digest = manifest_io.constants_file(blob)
     if not (directory / name).is_file() or sha256_file(directory / name) != digest:
         write_bytes_atomic(directory / name, blob)
@@ -197,7 +206,7 @@ def write_stage_constants(directory: Path, model: ECAR) -> dict[str, str]:
 
 def _document(
     directory: Path,
-    model: ECAR,
+    model: nn.Module,
     weights: str,
     precision: str,
     backend: str,
@@ -208,9 +217,11 @@ def _document(
 ) -> dict[str, Any]:
     """The manifest document of a build of ``model`` (this toolchain's opset and export version), its
     request plan and its stages file (written into ``directory``)."""
+    family = families.of(model)
     return manifest_io.document(
-        model.config,
-        plan=ecar_contract.request_plan(model.config),
+        family.name,
+        families.config_of(model).to_dict(),
+        plan=family.request_plan(model.config),
         stage_constants=write_stage_constants(directory, model),
         precision=precision,
         backend=backend,
@@ -296,9 +307,11 @@ def _build_lock(out: Path) -> Iterator[None]:
         os.close(handle)
 
 
-def traced_spec(spec: GraphSpec, model: ECAR) -> GraphSpec:
+def traced_spec(spec: GraphSpec, model: nn.Module) -> GraphSpec:
     """The graph torch traces for ``spec``: ``flow_loop`` is ``flow_step`` wrapped in a Loop afterwards."""
-    return flow_step_spec(model.config) if spec.kind == Kind.FLOW_LOOP else spec
+    if spec.kind != Kind.FLOW_LOOP:
+        return spec
+    return next(s for s in families.of(model).graph_specs(model.config, False) if s.kind == Kind.FLOW_STEP)
 
 
 class _Calibration:
@@ -309,12 +322,14 @@ class _Calibration:
     """
 
     def __init__(
-        self, out: Path, staging: Path, model: ECAR, weights: str, toolchain: dict[str, str | None], requests: int
+        self, out: Path, staging: Path, model: nn.Module, weights: str, toolchain: dict[str, str | None], requests: int
     ) -> None:
         from calibration.lifecycle import CaptureKey
 
         self.out, self.staging, self.model, self.weights, self.requests = out, staging, model, weights, requests
-        self.key = CaptureKey(model.config, weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain)
+        self.key = CaptureKey(
+            families.config_of(model), weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain
+        )
         self.kept: Any = None  # calibration.CalibrationSet, the previous build's
         self.captured: Any = None  # calibration.CalibrationSet, this build's new capture
 
@@ -332,7 +347,7 @@ class _Calibration:
 
             fp32_dir = self.staging / "fp32"
             records = {}
-            for spec in graph_specs(self.model.config, False):
+            for spec in families.of(self.model).graph_specs(self.model.config, False):
                 graph = fp32_dir / f"{spec.name}.onnx"
                 data = weights_io.data_path(graph)
                 records[spec.name] = manifest_io.graph_record(
@@ -354,7 +369,7 @@ class _Calibration:
 
 
 def _export_all(
-    model: ECAR,
+    model: nn.Module,
     staging: Path,
     out: Path,
     recipe: Precision,
@@ -404,6 +419,7 @@ def _export_all(
             data_files=dict(files["data_files"]),  # type: ignore[call-overload]
             precision=recipe.name,
             build_key=keys[spec.name],
+            bf16_safe=spec.kind not in families.of(model).bf16_unsafe,
             builder={
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": export.OPSET,
@@ -422,7 +438,7 @@ def _add_tensorrt_plans(
     document: dict[str, Any],
     specs: list[GraphSpec],
     records: dict[str, dict[str, Any]],
-    model: ECAR,
+    model: nn.Module,
     max_batch: int,
     progress: Progress | None,
 ) -> dict[str, Any]:
@@ -436,7 +452,7 @@ def _add_tensorrt_plans(
     plans, block = tensorrt.build_plans(
         out,
         {spec.name: (spec, str(records[spec.name]["file"])) for spec in specs},
-        ecar_contract.request_plan(model.config),
+        families.of(model).request_plan(model.config),
         (1, opt_batch, max_batch),
         tensorrt.PlanOptions(),
         progress=(lambda name, done, total: progress(f"tensorrt {name}", done, total)) if progress else None,

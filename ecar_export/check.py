@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
-from ecar_export import export, precision
-from ecar_export.model import ECAR
+from ecar_export import export, precision, random_inputs
 from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.fileio import sha256_file
@@ -59,7 +59,7 @@ def _input_metadata(spec: GraphSpec) -> Any:
     return meta
 
 
-def _torch_runner(model: ECAR, spec: GraphSpec) -> Any:
+def _torch_runner(model: nn.Module, spec: GraphSpec) -> Any:
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
@@ -98,7 +98,7 @@ def _held_out_inputs(
 
     if calibration_dir is not None:  # asked for explicitly: errors are the user's to see
         calibration = load_calibration(calibration_dir)
-        calibration.check_compatible(manifest.config, manifest.checkpoint_sha256)
+        calibration.check_compatible(ecar_contract.config_of(manifest), manifest.checkpoint_sha256)
     elif manifest.calibration is not None:
         try:
             calibration = load_calibration(manifest.root / manifest.calibration.dir)
@@ -115,8 +115,9 @@ def _held_out_inputs(
     return inputs
 
 
-def _openvino_runner(path: Path, precision: str, spec: GraphSpec) -> Any:
-    """A polygraphy runner that runs one graph file compiled by OpenVINO, as the runtime compiles it."""
+def _openvino_runner(path: Path, precision: str, spec: GraphSpec, bf16_safe: bool = True) -> Any:
+    """A polygraphy runner that runs one graph file compiled by OpenVINO, as the runtime compiles it (at the
+    precision the runtime picks: a graph the build marks ``bf16_safe: false`` never at bfloat16)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
@@ -128,7 +129,7 @@ def _openvino_runner(path: Path, precision: str, spec: GraphSpec) -> Any:
             self.compiled: Any = None
 
         def activate_impl(self) -> None:
-            self.compiled = compile_graph(path, precision, spec.name)
+            self.compiled = compile_graph(path, precision, spec.name, bf16_safe=bf16_safe)
 
         def get_input_metadata_impl(self) -> TensorMetadata:
             return _input_metadata(spec)
@@ -159,7 +160,7 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
 
 def check_build(
     engine_dir: str | Path,
-    model: ECAR,
+    model: nn.Module,
     batch: int = 2,
     seed: int | None = None,
     calibration_dir: str | Path | None = None,
@@ -194,11 +195,15 @@ def check_build(
         )
         held = (name, stage) in held_out
         feeds = (
-            held_out[name, stage] if held else ecar_contract.sample_inputs(entry.spec, model.config, stage, batch, rng)
+            held_out[name, stage]
+            if held
+            else random_inputs.call_inputs(
+                entry.spec, manifest.plan, manifest.constants, manifest.model.num_classes, stage, batch, rng
+            )
         )
         try:
             engine = (
-                _openvino_runner(path, entry.precision, entry.spec)
+                _openvino_runner(path, entry.precision, entry.spec, entry.bf16_safe)
                 if backend == "openvino"
                 else OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]))
             )

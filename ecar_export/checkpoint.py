@@ -48,6 +48,18 @@ def read_config(path: str | os.PathLike[str]) -> ECARConfig:
     return _config_from(path, metadata)
 
 
+def family_of(path: str | os.PathLike[str]) -> str:
+    """The model family a safetensors checkpoint names in its metadata (``ecar`` where it names none), read
+    without loading a tensor; pickles and missing or unreadable files are refused as :func:`load` refuses them."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
+    return str(metadata.get("family", "ecar"))
+
+
 def load(path: str | os.PathLike[str]) -> ECAR:
     """Build an :class:`ECAR` from a checkpoint, refusing anything that does not fit it exactly."""
     path = _existing(path)
@@ -111,10 +123,10 @@ def _existing(path: str | os.PathLike[str]) -> Path:
 
 
 def _config_from(path: Path, metadata: dict[str, str]) -> ECARConfig:
-    if metadata.get("family") == "flowar":
+    if metadata.get("family", "ecar") != "ecar":
         raise CheckpointError(
-            f"'{path}' is a FlowAR checkpoint (written by `ecar-export convert --flowar`); building and running "
-            "FlowAR models is not supported yet, only ECAR checkpoints are"
+            f"'{path}' is a {metadata['family']} checkpoint, not an ECAR one (`ecar-export build` reads either; "
+            "this step takes an ECAR backbone)"
         )
     CHECKPOINT_FORMAT.check(metadata, f"'{path}'")
     try:

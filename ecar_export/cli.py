@@ -42,8 +42,8 @@ PresetOpt = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help="A named preset instead of a checkpoint: ecar-digits, ecar-digits-s1, ecar-b, ecar-b-s1, ecar-b-f8, "
-        "ecar-l, ecar-h.",
+        help="A named preset instead of a checkpoint: ecar-digits (trained, bundled); random init: ecar-digits-s1, "
+        "ecar-b, ecar-b-s1, ecar-b-f8, ecar-l, ecar-h, flowar-s, flowar-l, flowar-h.",
     ),
 ]
 EngineDirOpt = Annotated[Path, typer.Option("--engine-dir", help="Directory written by `ecar-export build`.")]
@@ -71,9 +71,27 @@ def _model_source(checkpoint: Path | None, preset: str | None):  # type: ignore[
 
 def _model(checkpoint: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
     from ecar_export import checkpoint as ckpt
+    from ecar_export import families
 
     source = _model_source(checkpoint, preset)
-    return ckpt.load(source) if isinstance(source, Path) else source
+    if not isinstance(source, Path):
+        return source  # a preset's random-init model
+    return families.named(ckpt.family_of(source)).load(source)
+
+
+def _ecar_model(checkpoint: Path | None, preset: str | None, command: str):  # type: ignore[no-untyped-def]
+    """The model of a command that samples with ECAR's torch reference sampler (``sample``, ``eval``)."""
+    from ecar_export import families
+    from runtime.errors import InvalidRequestError
+
+    model = _model(checkpoint, preset)
+    family = families.of(model).name
+    if family != "ecar":
+        raise InvalidRequestError(
+            f"{command} samples with ECAR's torch reference and this is a {family} model; build it "
+            "(ecar-export build) and generate with ecar-run, or compare graphs with ecar-export check"
+        )
+    return model
 
 
 @app.command("sample")
@@ -90,7 +108,7 @@ def sample_cmd(
     """Sample with the torch reference model: grid.png (captioned by class) plus one PNG per sample."""
     from runtime.images import to_uint8, write_outputs
 
-    model = _model(checkpoint, preset)
+    model = _ecar_model(checkpoint, preset, "ecar-export sample")
     label_list = parse_labels(labels, per_class, model.config.num_classes)
     result = model.sample(label_list, seed=seed, cfg=cfg)
     grid, _ = write_outputs(to_uint8(result.images.numpy()), label_list, out)
@@ -303,7 +321,8 @@ def _eval_sampler(  # type: ignore[no-untyped-def]
         return pipeline_sampler(pipe, cfg), f"engines {engine_dir} ({pipe.backend.name}, {pipe.manifest.precision})"
     if backend != "auto":
         raise InvalidRequestError("--backend applies to --engine-dir only; the checkpoint runs on torch")
-    return torch_sampler(_model(checkpoint, preset), cfg), f"torch {checkpoint or preset or 'ecar-digits (bundled)'}"
+    model = _ecar_model(checkpoint, preset, "ecar-export eval")
+    return torch_sampler(model, cfg), f"torch {checkpoint or preset or 'ecar-digits (bundled)'}"
 
 
 @app.command("train-demo")

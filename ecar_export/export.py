@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ecar_export import weights_io
-from ecar_export.model import ECAR
 from ecar_export.quiet import quiet
 from runtime.errors import EngineError
 from runtime.graphs import GraphSpec, Kind
@@ -48,7 +47,7 @@ class GraphModule(nn.Module):
     ``model`` is registered as a submodule, so its weights are the module's parameters.
     """
 
-    def __init__(self, model: ECAR, function: Callable[..., Any]) -> None:
+    def __init__(self, model: nn.Module, function: Callable[..., Any]) -> None:
         super().__init__()
         self.model = model
         self.function = function
@@ -57,31 +56,14 @@ class GraphModule(nn.Module):
         return self.function(*inputs)
 
 
-def _flow_loop_reference(model: ECAR) -> Callable[..., torch.Tensor]:
-    """The torch reference of ``flow_loop`` (for checks): ``flow_step`` at each given time, in order."""
+def wrapper(model: nn.Module, spec: GraphSpec) -> nn.Module:
+    """The torch module whose forward is the graph ``spec`` describes (its family's graph function)."""
+    from ecar_export import families
 
-    def loop(x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
-        for step in range(t.shape[0]):
-            x = model.flow_step(x, z, t[step : step + 1], dt[step : step + 1], cfg)
-        return x
-
-    return loop
+    return GraphModule(model, families.of(model).graph_function(model, spec.kind)).eval()
 
 
-def wrapper(model: ECAR, spec: GraphSpec) -> nn.Module:
-    """The torch module whose forward is the graph ``spec`` describes."""
-    functions: dict[Kind, Callable[..., Any]] = {
-        Kind.BACKBONE: model.backbone_graph,
-        Kind.FLOW_STEP: model.flow_step,
-        Kind.FLOW_LOOP: _flow_loop_reference(model),
-        Kind.DECODER: model.decode_tokens,
-    }
-    if spec.kind not in functions:
-        raise ValueError(f"unknown graph kind {spec.kind!r}")
-    return GraphModule(model, functions[spec.kind]).eval()
-
-
-def run_torch(model: ECAR, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_torch(model: nn.Module, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The torch reference of one graph on numpy inputs."""
     module = wrapper(model, spec)
     with torch.no_grad():
@@ -111,9 +93,11 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[tuple[dict[int, object], ...]]:
     return (tuple({axis: symbols[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs),)
 
 
-def trace_inputs(model: ECAR, spec: GraphSpec) -> dict[str, np.ndarray]:
+def trace_inputs(model: nn.Module, spec: GraphSpec) -> dict[str, np.ndarray]:
     """Inputs to trace ``spec`` with: every dim at its :data:`TRACE_DIMS` size, values in range."""
-    config = model.config
+    from ecar_export import families
+
+    config = families.config_of(model)
     dims = {**TRACE_DIMS, "2B": 2 * TRACE_DIMS["B"]}
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {}
@@ -132,7 +116,7 @@ def trace_inputs(model: ECAR, spec: GraphSpec) -> dict[str, np.ndarray]:
     return feeds
 
 
-def export_graph(model: ECAR, spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
+def export_graph(model: nn.Module, spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
     """Trace one graph to ``path`` with its weights in ``path + '.data'``; returns ``path``.
 
     The weights are written from the torch tensors as they are (no protobuf copy); the graph

@@ -14,8 +14,9 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from ecar_export import export
-from ecar_export.model import ECAR
+from torch import nn
+
+from ecar_export import export, families
 from ecar_export.precision import Precision
 from runtime import manifest as manifest_io
 from runtime.errors import ECARError
@@ -41,7 +42,7 @@ def toolchain_versions() -> dict[str, str | None]:
 def graph_key(
     spec: GraphSpec,
     weights: str,
-    model: ECAR,
+    model: nn.Module,
     recipe: Precision,
     tools: dict[str, str | None],
     options: dict[str, object],
@@ -51,7 +52,7 @@ def graph_key(
         "graph": spec.name,
         "contract": spec.to_dict(),
         "weights": weights,
-        "config": model.config.to_dict(),
+        "config": families.config_of(model).to_dict(),
         "precision": recipe.name,
         "opset": export.OPSET,
         "export_version": export.EXPORT_VERSION,

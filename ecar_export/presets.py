@@ -1,9 +1,14 @@
-"""Named model presets: the bundled trained demo and random-initialised paper-scale architectures."""
+"""Named model presets: the bundled trained demo and random-initialised paper-scale architectures.
+
+ECAR's presets are defined here; other families' (``flowar-s``, ``flowar-l``, ``flowar-h``) are their
+family's (:attr:`ecar_export.families.Family.presets`) and load the same way, by name.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from runtime.config import ECARConfig
 from runtime.errors import ConfigError
@@ -78,8 +83,15 @@ _CONFIGS: dict[str, ECARConfig] = {
 TRAINED = {DEMO: WEIGHTS_DIR / f"{DEMO}.safetensors"}
 
 
+def _other_families() -> dict[str, Any]:
+    """Preset name -> (family, config) of the presets other families define."""
+    from ecar_export import families
+
+    return {name: (family, config) for family in families.all_families() for name, config in family.presets.items()}
+
+
 def names() -> list[str]:
-    return sorted(_CONFIGS)
+    return sorted(_CONFIGS) + sorted(_other_families())
 
 
 def architecture(name: str) -> ECARConfig:
@@ -114,5 +126,9 @@ def load(name: str):  # type: ignore[no-untyped-def]
 
     if name in TRAINED:
         return checkpoint.load(checkpoint_path(name))
+    others = _other_families()
     torch.manual_seed(0)
+    if name in others:
+        family, family_config = others[name]
+        return family.create(family_config).eval()
     return ECAR(config(name)).eval()

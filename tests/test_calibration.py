@@ -31,10 +31,11 @@ from calibration import (
 )
 from calibration.dataset import MANIFEST_NAME, group_stage
 from calibration.readers import GraphReader, held_out_feeds
+from ecar_export import random_inputs
 from runtime import ecar_contract, schedule
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from runtime.ecar_contract import graph_specs
+from runtime.ecar_contract import config_of, graph_specs
 from runtime.errors import ECARError, InvalidRequestError
 from runtime.graphs import Call, Kind
 from runtime.pipeline import Pipeline
@@ -54,7 +55,7 @@ def captured(build_cache: BuildCache, tmp_path_factory: pytest.TempPathFactory) 
     assert BATCH > TINY_MAX_BATCH
     pipeline = _pipeline(build_cache.get(TINY).dir)
     plan = CalibrationPlan.for_config(
-        pipeline.config, num_requests=8, batch=BATCH, seed=11, max_samples=20, max_rows=24
+        config_of(pipeline.manifest), num_requests=8, batch=BATCH, seed=11, max_samples=20, max_rows=24
     )
     done: list[int] = []
     result = capture(pipeline, plan, tmp_path_factory.mktemp("calibration"), progress=lambda d, n: done.append(d))
@@ -105,7 +106,7 @@ def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.ran
     config = build_cache.model(TINY).config
     for spec in graph_specs(config, fuse_flow_loop=fused):
         for stage in ecar_contract.request_plan(config).graph_stages(spec.kind):
-            feeds = ecar_contract.sample_inputs(spec, config, stage, 3, rng)
+            feeds = random_inputs.for_config(spec, config, stage, 3, rng, family="ecar")
             dims = ecar_contract.request_plan(config).dims(stage, 3)
             constants = {t.name: feeds[t.name] for t in spec.inputs if layout.is_stage_input(spec, t)}
             rows = layout.to_rows(spec, feeds)
@@ -141,7 +142,7 @@ def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: Buil
     rng = np.random.default_rng(0)
     parts = []
     for index, rows_in_group in enumerate((5, 12, 9)):
-        feeds = ecar_contract.sample_inputs(spec, config, 1, 1, rng)
+        feeds = random_inputs.for_config(spec, config, 1, 1, rng, family="ecar")
         feeds["x"] = rng.standard_normal((1, rows_in_group, config.latent_channels)).astype(np.float32)
         feeds["z"] = rng.standard_normal((2, rows_in_group, config.width)).astype(np.float32)
         feeds["t"] = np.array([0.9 - 0.1 * index], np.float32)
@@ -161,7 +162,7 @@ def test_fixed_batches_have_one_shape_and_never_mix_flow_times(build_cache: Buil
 # --------------------------------------------------------------------------------- capture
 def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, result = captured
-    config = pipeline.config
+    config = config_of(pipeline.manifest)
     assert result.groups("backbone") == [f"stage{s}" for s in range(1, config.num_stages + 1)]
     for spec in graph_specs(config, fuse_flow_loop=True) + [ecar_contract.flow_step_spec(config)]:
         for group in result.groups(spec.name):
@@ -189,7 +190,7 @@ def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, Calibr
 
 def test_flow_step_rows_cover_every_stage_and_step_at_their_times(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, result = captured
-    config = pipeline.config
+    config = config_of(pipeline.manifest)
     request = ecar_contract.request_plan(config)
     weights = request.weights()
     expected = {(s, k) for s in range(1, config.num_stages + 1) for k in range(config.steps[s - 1])}
@@ -227,7 +228,7 @@ def test_held_out_requests_are_disjoint_from_calibration(captured: tuple[Pipelin
 def test_stored_rows_are_the_pipeline_inputs(captured: tuple[Pipeline, CalibrationSet]) -> None:
     """Each stored backbone row is sample (request, j): its label and its own noise stream."""
     pipeline, result = captured
-    config, plan = pipeline.config, result.plan
+    config, plan = config_of(pipeline.manifest), result.plan
     for stage in range(1, config.num_stages + 1):
         group = f"stage{stage}"
         for split in SPLITS:
@@ -295,12 +296,12 @@ def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
             for split in SPLITS:
                 for key, value in loaded.rows(name, split, group).items():
                     np.testing.assert_array_equal(value, result.rows(name, split, group)[key])
-    loaded.check_compatible(pipeline.config, pipeline.manifest.checkpoint_sha256)
+    loaded.check_compatible(config_of(pipeline.manifest), pipeline.manifest.checkpoint_sha256)
     with pytest.raises(CalibrationError, match="checkpoint"):
-        loaded.check_compatible(pipeline.config, "0" * 64)
+        loaded.check_compatible(config_of(pipeline.manifest), "0" * 64)
     with pytest.raises(CalibrationError, match="config"):
         loaded.check_compatible(
-            dataclasses.replace(pipeline.config, cfg_scale=3.0), pipeline.manifest.checkpoint_sha256
+            dataclasses.replace(config_of(pipeline.manifest), cfg_scale=3.0), pipeline.manifest.checkpoint_sha256
         )
 
 
@@ -340,7 +341,7 @@ def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
     captured: tuple[Pipeline, CalibrationSet],
 ) -> None:
     pipeline, _ = captured
-    config = pipeline.config
+    config = config_of(pipeline.manifest)
     plan = pipeline.manifest.plan.calls()
     recorder = RecordingBackend(pipeline.backend)
     recording = Pipeline(pipeline.manifest, recorder)
@@ -378,8 +379,8 @@ def test_recording_backend_is_thread_safe_and_follows_the_request_plan(
 def test_recorded_feeds_are_private_copies(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, _ = captured
     recorder = RecordingBackend(pipeline.backend)
-    feeds = {"x": np.ones((1, 2, pipeline.config.latent_channels), np.float32)}
-    feeds["z"] = np.ones((2, 2, pipeline.config.width), np.float32)
+    feeds = {"x": np.ones((1, 2, config_of(pipeline.manifest).latent_channels), np.float32)}
+    feeds["z"] = np.ones((2, 2, config_of(pipeline.manifest).width), np.float32)
     feeds.update({name: np.array([0.5], np.float32) for name in ("t", "dt", "cfg")})
     recorder.run(Call(Kind.FLOW_STEP, 1, 0, (0.5,), (0.5,)), feeds)
     feeds["x"][:] = 7.0
@@ -391,7 +392,7 @@ def test_capture_refuses_fused_reduced_precision_or_foreign_plans(
     captured: tuple[Pipeline, CalibrationSet], tmp_path: Path
 ) -> None:
     pipeline, _ = captured
-    plan = CalibrationPlan.for_config(pipeline.config, num_requests=8, batch=2)
+    plan = CalibrationPlan.for_config(config_of(pipeline.manifest), num_requests=8, batch=2)
     for changes in ({"fuse_flow_loop": True}, {"precision": "fp16"}):
         other = Pipeline(dataclasses.replace(pipeline.manifest, **changes), pipeline.backend)
         with pytest.raises(InvalidRequestError):
@@ -408,7 +409,7 @@ def test_recapture_replaces_the_previous_files(captured: tuple[Pipeline, Calibra
     # a capture is deterministic: the same plan gives the same content-addressed files
     repeated = capture(pipeline, result.plan, tmp_path / "repeated")
     assert {e.file for e in repeated.graphs.values()} == {e.file for e in result.graphs.values()} == old
-    plan = CalibrationPlan.for_config(pipeline.config, num_requests=8, batch=2, seed=99)
+    plan = CalibrationPlan.for_config(config_of(pipeline.manifest), num_requests=8, batch=2, seed=99)
     again = capture(pipeline, plan, target)
     new = {p.name for p in target.glob("*.npz")}
     assert new == {entry.file for entry in again.graphs.values()}
@@ -421,7 +422,7 @@ def test_recapture_replaces_the_previous_files(captured: tuple[Pipeline, Calibra
 def test_capture_does_not_depend_on_the_thread_count(build_cache: BuildCache, tmp_path: Path) -> None:
     # int8 builds capture with every core; the captured inputs must equal a one-thread capture
     manifest = manifest_io.load(build_cache.get("demo").dir)
-    plan = CalibrationPlan.for_config(manifest.config, num_requests=16)
+    plan = CalibrationPlan.for_config(config_of(manifest), num_requests=16)
     files = []
     for threads in (1, None):
         pipeline = Pipeline(manifest, OnnxRuntimeBackend(manifest, threads=threads))

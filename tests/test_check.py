@@ -13,10 +13,9 @@ import pytest
 from conftest import BuildCache, build_model, make_perturbed_model
 from typer.testing import CliRunner
 
-from ecar_export import check, checkpoint
+from ecar_export import check, checkpoint, random_inputs
 from ecar_export.check import check_build
 from ecar_export.cli import app
-from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.ecar_contract import backbone_spec
 
@@ -30,7 +29,7 @@ def test_torch_runner_reports_inference_time(tiny_config, perturbed_model, rng: 
     runner = check._torch_runner(model, spec)
     runner.activate()
     try:
-        runner.infer(ecar_contract.sample_inputs(spec, model.config, 2, 2, rng))
+        runner.infer(random_inputs.for_config(spec, model.config, 2, 2, rng, family="ecar"))
         assert runner.last_inference_time() is not None
     finally:
         runner.deactivate()

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ecar_export import flops, inspect_report
 from runtime import manifest as manifest_io
+from runtime.ecar_contract import config_of
 
 
 def _model(nodes, inputs, outputs, initializers=()):  # type: ignore[no-untyped-def]
@@ -105,7 +106,7 @@ def test_tiny_build_flow_step_linear_in_m_and_backbone_grows(build_cache) -> Non
     assert step(2, 16) - step(1, 16) == step(4, 16) - step(3, 16) == 16 * per_token
 
     one, five = flops.build_flops(build.dir, 1), flops.build_flops(build.dir, 5)
-    config = manifest.config
+    config = config_of(manifest)
     for table in (one, five):
         backbones = [stage["backbone"] for stage in table["stages"]]
         assert all(a < b for a, b in zip(backbones, backbones[1:])), backbones

@@ -20,13 +20,16 @@ import torch
 from conftest import SESSION_SEED
 from torch import nn
 
-from ecar_export import export
+from ecar_export import export, random_inputs
 from ecar_export.families.flowar import convert, graphs
 from ecar_export.families.flowar.config import FLOWAR_TINY, PRESETS, FlowARConfig
 from ecar_export.families.flowar.model import FlowAR
 from ecar_export.families.flowar.sampler import sample, stage_cfg, time_grid
 from ecar_export.quiet import quiet
+from ecar_export.torch_walk import TorchWalk
 from runtime.graphs import GraphSpec
+from runtime.noise import noise_keys
+from runtime.request import RequestInputs
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "flowar"
 GRAPH_TOL, REQUEST_TOL = 1e-4, 1e-3
@@ -116,7 +119,7 @@ def test_walk_matches_golden_latents(tag: str) -> None:
 def test_flow_step_at_cfg_one_ignores_the_null_half(rng: np.random.Generator) -> None:
     """cfg = 1 (an unguided step) moves x by the conditional velocity alone: the null half of z is inert."""
     model = randomised(FLOWAR_TINY, int(rng.integers(1 << 31)))
-    c = graphs.stage_constants(FLOWAR_TINY, 3)
+    c = graphs.stage_inputs(FLOWAR_TINY, 3)
     head = [torch.from_numpy(np.array(c[n])) for n in graphs.FLOW_STEP_CONSTANTS]
     x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))
     z = torch.randn(4, 16, FLOWAR_TINY.width)
@@ -129,26 +132,33 @@ def test_flow_step_at_cfg_one_ignores_the_null_half(rng: np.random.Generator) ->
     max_diff(other_null, stepped, 1e-6, "cfg 1 step with another null half")
 
 
-def test_stage_plan_follows_the_reference_rule() -> None:
+def test_request_plan_follows_the_reference_rule() -> None:
+    """Every stage walks the reference's whole grid (float32-rounded), weights ramp as the reference's and a
+    step is guided where the reference guides (w_s > 1 and t <= guidance; at w_s = 1 the mix is v_c itself)."""
     for config in (PRESETS["flowar-tiny"], PRESETS["flowar-tiny-cross"]):
         grid = time_grid(config.steps).numpy()
-        for stage, plan in enumerate(graphs.request_plan(config), start=1):
+        plan = graphs.request_plan(config)
+        weights = plan.weights()
+        for stage in range(1, config.num_stages + 1):
             weight = stage_cfg(config.cfg, stage - 1, config.num_stages)
-            assert plan.weight == weight and plan.t.dtype == plan.dt.dtype == plan.cfg.dtype == np.float32
-            assert np.array_equal(plan.t, grid[:-1].astype(np.float32))
-            assert np.array_equal(plan.dt, (grid[:-1] - grid[1:]).astype(np.float32)) and (plan.dt > 0).all()
+            assert weights[stage - 1] == pytest.approx(weight, rel=1e-12)
+            steps = plan.stage(stage).step_times()
+            assert [t for t, _ in steps] == grid[:-1].astype(np.float32).tolist()
+            dts = np.array([dt for _, dt in steps])
+            assert np.allclose(dts, grid[:-1] - grid[1:], rtol=0, atol=1e-7) and (dts > 0).all()
             guided = [weight > 1 and 0 <= t <= config.guidance for t in grid[:-1]]
-            assert plan.cfg.tolist() == [np.float32(weight) if g else 1.0 for g in guided]
-        assert graphs.request_plan(config)[0].cfg.tolist() == [1.0] * (len(grid) - 1)  # the ramp starts at 1
-        assert 0 < sum(graphs.request_plan(config)[-1].cfg != 1.0) < len(grid) - 1  # t > guidance: unguided
-    assert graphs.stage_plan(FLOWAR_TINY, 5, cfg=1.0).cfg.tolist() == [1.0] * 24
+            runtime = [plan.guided(t) and weights[stage - 1] > 1 for t, _ in steps]
+            assert runtime == guided
+        assert weights[0] == 1.0  # the ramp starts at 1
+        assert 0 < sum(plan.guided(t) for t, _ in plan.stage(1).step_times()) < len(grid) - 1  # t > guidance
+    assert graphs.request_plan(FLOWAR_TINY, cfg=1.0).weights() == (1.0,) * FLOWAR_TINY.num_stages
 
 
 @pytest.mark.parametrize("stage", [2, 3, 4, 5])
 def test_up_matrix_is_the_reference_resampling(stage: int, rng: np.random.Generator) -> None:
     model = randomised(FLOWAR_TINY, 0)
     prev = torch.from_numpy(rng.standard_normal((2, FLOWAR_TINY.tokens_per_stage[stage - 2], 16)).astype(np.float32))
-    up = torch.from_numpy(np.array(graphs.stage_constants(FLOWAR_TINY, stage)["up"]))
+    up = torch.from_numpy(np.array(graphs.stage_inputs(FLOWAR_TINY, stage)["up"]))
     with torch.no_grad():
         max_diff(model.z_proj(up @ prev), model.stage_input(prev, stage - 1), 1e-6, f"stage {stage} input")
 
@@ -235,26 +245,8 @@ def onnx_graphs(tmp_path_factory: pytest.TempPathFactory) -> OnnxGraphs:
 def random_feeds(
     config: FlowARConfig, spec: GraphSpec, stage: int, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Fresh inputs of one call at a stage: the stage's real constants, random data elsewhere."""
-    dims, constants = graphs.stage_dims(config, stage, batch), graphs.stage_constants(config, stage)
-    plan = graphs.stage_plan(config, stage)
-    step = int(rng.integers(len(plan.t)))
-    feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete(dims)
-        if tensor.name in constants:
-            feeds[tensor.name] = np.array(constants[tensor.name])
-        elif tensor.name == "labels":
-            feeds[tensor.name] = rng.integers(0, config.num_classes, size=shape, dtype=np.int64)
-        elif tensor.name in ("t", "dt"):
-            feeds[tensor.name] = getattr(plan, tensor.name)[step : step + 1]
-        elif tensor.name == "cfg":
-            feeds[tensor.name] = rng.uniform(1.0, config.cfg, size=shape).astype(np.float32)
-        elif tensor.name == "prev" and stage == 1:
-            feeds[tensor.name] = np.zeros(shape, np.float32)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    """Fresh inputs of one call at a stage: the stage's real constants and step times, random data elsewhere."""
+    return random_inputs.for_config(spec, config, stage, batch, rng, family="flowar")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
@@ -275,7 +267,7 @@ def test_onnx_graph_matches_torch_at_every_stage(
     with torch.no_grad():
         ref = graphs.graph_function(model, spec.kind)(*(torch.from_numpy(feeds[n]) for n in spec.input_names()))
     refs = (ref,) if isinstance(ref, torch.Tensor) else ref
-    dims = graphs.stage_dims(config, stage, batch)
+    dims = graphs.request_plan(config).dims(stage, batch)
     for output, out, expected in zip(spec.output_names(), got, refs):
         assert out.shape == spec.tensor(output).concrete(dims)
         max_diff(out, expected, GRAPH_TOL, f"{name} {graph} stage {stage} output {output}")
@@ -293,3 +285,20 @@ def test_onnx_decoder_matches_torch(onnx_graphs: OnnxGraphs, rng: np.random.Gene
     assert got.shape == (batch, 3, config.image_size, config.image_size)
     assert 0.05 < float(ref.std()), "a real image, not a saturated one"
     max_diff(got, ref, GRAPH_TOL, "flowar-tiny decoder")
+
+
+def test_shared_torch_walk_draws_the_runtimes_noise_and_decodes(rng: np.random.Generator) -> None:
+    """``TorchWalk.generate`` (the benchmarks' torch reference) is :func:`graphs.walk` on the noise the runtime draws
+    for the seed, then the decoder: what a FlowAR build's pipeline computes."""
+    config = PRESETS["flowar-tiny"]
+    model = randomised(config, int(rng.integers(1 << 31)))
+    labels = rng.integers(0, config.num_classes, size=2)
+    seed = int(rng.integers(1 << 31))
+    walker = TorchWalk(model)
+    inputs = RequestInputs.draw(walker.plan, labels, noise_keys(seed, len(labels)), None)
+    result = walker.generate(labels, seed=seed)
+    max_diff(result.latents, graphs.walk(model, labels, inputs.noise), 1e-6, "TorchWalk vs graphs.walk latents")
+    with torch.no_grad():
+        images = model.decode_tokens(result.latents)
+    max_diff(result.images, images, 1e-6, "TorchWalk images vs the decoder on its latents")
+    assert result.images.shape == (2, config.image_channels, config.image_size, config.image_size)

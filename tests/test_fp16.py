@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from conftest import BuildCache, needs_demo
 
+from ecar_export import random_inputs
 from ecar_export.check import check_build
 from ecar_export.evaluate import evaluate
 from ecar_export.precision import fp16
-from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.pipeline import Pipeline
 
@@ -72,7 +72,7 @@ def test_state_passes_through_in_fp32(build_cache: BuildCache, rng: np.random.Ge
     build = build_cache.get(TINY)
     fp32_graph = _graph(build.dir, "flow_step")
     spec = manifest_io.load(build.dir).graphs["flow_step"].spec
-    feeds = ecar_contract.sample_inputs(spec, build.model.config, 2, 3, rng)
+    feeds = random_inputs.for_config(spec, build.model.config, 2, 3, rng, family="ecar")
     feeds["x"] = (feeds["x"] * np.float32(1.2345678)).astype(np.float32)  # values fp16 cannot hold
     feeds["dt"] = np.zeros(1, np.float32)
     (x_next,) = _session(fp16.convert(fp32_graph)).run(["x_next"], feeds)
@@ -82,7 +82,7 @@ def test_state_passes_through_in_fp32(build_cache: BuildCache, rng: np.random.Ge
     bb_spec = manifest_io.load(build.dir).graphs["backbone"].spec
     converted = _session(fp16.convert(bb))
     for stage in (1, 2, 3):
-        bb_feeds = ecar_contract.sample_inputs(bb_spec, build.model.config, stage, 3, rng)
+        bb_feeds = random_inputs.for_config(bb_spec, build.model.config, stage, 3, rng, family="ecar")
         ref = _session(bb).run(["x"], bb_feeds)[0]
         half = converted.run(["x"], bb_feeds)[0]
         np.testing.assert_allclose(half, ref, atol=1e-6, err_msg=f"stage {stage}")

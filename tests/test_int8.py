@@ -25,6 +25,7 @@ from calibration.readers import FeedList, GraphReader, held_out_feeds
 from ecar_export.precision import fp16, int8, qdq
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, disabled_optimizers, session_options
+from runtime.ecar_contract import config_of
 from runtime.fileio import sha256_file
 from runtime.pipeline import Pipeline
 
@@ -48,7 +49,7 @@ def demo(build_cache: BuildCache, tmp_path_factory: pytest.TempPathFactory) -> Q
     build = build_cache.get("demo")
     manifest = manifest_io.load(build.dir)
     pipeline = Pipeline(manifest, OnnxRuntimeBackend(manifest, threads=1))
-    plan = CalibrationPlan.for_config(manifest.config)  # the default plan: 64 requests of 8
+    plan = CalibrationPlan.for_config(config_of(manifest))  # the default plan: 64 requests of 8
     calibration = capture(pipeline, plan, tmp_path_factory.mktemp("demo-calibration"))
     fp32 = {name: onnx.load(str(manifest.path(entry.file))) for name, entry in manifest.graphs.items()}
     quantized = {name: int8.quantize(model, GraphReader(calibration, name), threads=1) for name, model in fp32.items()}

@@ -23,7 +23,7 @@ from conftest import ENGINE_CONFIGS, BuildCache, needs_demo, run_concurrently
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from runtime import ecar_contract
+from ecar_export import random_inputs
 from runtime import manifest as manifest_io
 from runtime.backends import selection
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -76,7 +76,8 @@ def test_a_first_call_with_an_empty_cache_does_not_corrupt_later_shapes(build_ca
     ort = OnnxRuntimeBackend(manifest_io.load(build.dir))
     spec = ov.manifest.graphs["backbone"].spec
     for stage in (1, 3, 2, 1, 3):  # stage 1 reads an empty cache; stage 3 is a shape not seen before
-        feeds = ecar_contract.sample_inputs(spec, ov.config, stage, 2, rng)
+        m = ov.manifest
+        feeds = random_inputs.call_inputs(spec, m.plan, m.constants, m.model.num_classes, stage, 2, rng)
         call = Call(Kind.BACKBONE, stage)
         for got, want in zip(ov.backend.run(call, feeds), ort.run(call, feeds)):
             assert got.shape == want.shape

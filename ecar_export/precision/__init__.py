@@ -76,6 +76,8 @@ PRECISIONS: Mapping[str, Precision] = {
     # builds at bf16 where the CPU has it (8 mantissa bits instead of fp16's 11); the demo's graphs
     # still reach cosine 0.99997 there, so the fp16 bound holds for both.
     # 2: normalisation statistics written as plain ops and the decoder's final activation stay float32.
+    # (The schedule scalars' closure seeing through shape arithmetic changed no ECAR graph, and FlowAR had no
+    # fp16 builds before it: no version bump.)
     "fp16": Precision("fp16", 2, None, 0.999, (5e-2, 2.0), False, "float16 compute, fp32 I/O and fp32 islands"),
     # 2: Gemm biases split off, one Q/DQ pair per quantized node (ORT's CPU provider fuses and
     # runs them as uint8 kernels).

@@ -59,11 +59,14 @@ def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[s
     producers = {out: node for node in graph.node for out in node.output}
     keep: set[str] = set()
 
-    # 1. forward closure of the schedule scalars: nodes whose dynamic inputs all derive from them
+    # 1. forward closure of the schedule scalars: nodes whose dynamic inputs all derive from them. Tensor
+    # shapes count as static: a scalar broadcast to the batch (Expand(t, Shape(x)...)) stays in the closure,
+    # or a time embedding computed per row (FlowAR's sin/cos of t * 1000) would run in float16
+    shaped = _shape_arithmetic(graph, static)
     sources = FP32_SOURCES if "time" in parts else ()
     derived = {name for name in sources if any(i.name == name for i in graph.input)}
     for node in graph.node:  # nodes are topologically sorted
-        dynamic = [i for i in node.input if i and i not in static]
+        dynamic = [i for i in node.input if i and i not in static and i not in shaped]
         if dynamic and all(i in derived for i in dynamic):
             keep.add(node.name)
             derived.update(node.output)
@@ -93,6 +96,16 @@ def fp32_nodes(model: onnx.ModelProto, parts: tuple[str, ...] = PARTS) -> list[s
         ):
             keep.add(node.name)
     return sorted(keep)
+
+
+def _shape_arithmetic(graph: onnx.GraphProto, static: set[str]) -> set[str]:
+    """Tensors computed from tensor shapes alone: ``Shape`` outputs and what only they and constants feed."""
+    shaped: set[str] = set()
+    for node in graph.node:
+        dynamic = [i for i in node.input if i and i not in static]
+        if node.op_type == "Shape" or (dynamic and all(i in shaped for i in dynamic)):
+            shaped.update(node.output)
+    return shaped
 
 
 def _statistics_nodes(graph: onnx.GraphProto, static: set[str]) -> set[str]:

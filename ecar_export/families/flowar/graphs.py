@@ -19,16 +19,16 @@ C is the token dim, D the backbone width, H its heads, Dh = D / H, L = encoder_d
 all float32 unless said. Stages are 1-based here, as in :mod:`runtime.graphs`; FlowAR's own modules
 count them from 0 (``level`` = stage - 1).
 
-:func:`stage_constants` gives a stage's constant inputs by name (numpy, read-only), :func:`stage_plan`
-the numbers the runtime feeds the flow steps (times, step sizes, guidance weights), and :func:`walk`
-runs a request through the two graph functions exactly as a runtime does, so that the graphs can be
-checked against the reference sampler (:mod:`ecar_export.families.flowar.sampler`).
+:func:`stage_inputs` gives a stage's constant inputs by name (numpy, read-only), :func:`stage_constants`
+all of them by the stages file's keys, :func:`request_plan` the build's :class:`runtime.plan.RequestPlan`
+(token counts, cache rows, every stage's time grid, the guidance ramp and threshold), and :func:`walk`
+runs a request through the graph functions with the runtime's own walk (:func:`runtime.request.walk`),
+so that the graphs can be checked against the reference sampler (:mod:`ecar_export.families.flowar.sampler`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -39,8 +39,11 @@ from ecar_export.families.flowar.backbone import area_matrix, bicubic_matrix
 from ecar_export.families.flowar.config import HEAD_HEAD_DIM, FlowARConfig
 from ecar_export.families.flowar.layers import RoPE2D
 from ecar_export.families.flowar.model import FlowAR
-from ecar_export.families.flowar.sampler import stage_cfg, time_grid
+from ecar_export.families.flowar.sampler import time_grid
 from runtime.graphs import GraphSpec, Kind, TensorSpec
+from runtime.plan import RequestPlan, StagePlan, decoder_batch_for, f32
+from runtime.request import RequestInputs
+from runtime.stage_constants import key
 
 CONTRACT_VERSION = 3
 # The per-stage constant inputs of each graph, in their input order (between noise and past_kv in the
@@ -119,20 +122,6 @@ def graph_function(model: FlowAR, kind: Kind) -> Callable[..., Any]:
     return functions[kind]
 
 
-def stage_dims(config: FlowARConfig, stage: int, batch: int) -> dict[str, int]:
-    """Every symbolic dim at a 1-based stage and batch size."""
-    tokens = config.tokens_per_stage
-    n = tokens[stage - 1]
-    return {
-        "B": batch,
-        "2B": 2 * batch,
-        "N": n,
-        "P": tokens[stage - 2] if stage > 1 else 1,
-        "T": sum(tokens[: stage - 1]),
-        "E": 0 if stage == config.num_stages else n,
-    }
-
-
 # ------------------------------------------------------------------ per-stage constants
 def up_matrix(config: FlowARConfig, stage: int) -> np.ndarray:
     """``[N, P]`` float32: the stage input's resampling of the previous stage's row-major tokens.
@@ -172,7 +161,7 @@ def _stage_constants(config: FlowARConfig, stage: int) -> tuple[tuple[str, np.nd
     return tuple(arrays.items())
 
 
-def stage_constants(config: FlowARConfig, stage: int) -> dict[str, np.ndarray]:
+def stage_inputs(config: FlowARConfig, stage: int) -> dict[str, np.ndarray]:
     """The constant inputs of a 1-based stage, by input name (read-only arrays), for both graphs.
 
     Backbone (:data:`BACKBONE_CONSTANTS`): ``up`` (:func:`up_matrix`), ``positions`` the stage's rows
@@ -183,56 +172,51 @@ def stage_constants(config: FlowARConfig, stage: int) -> dict[str, np.ndarray]:
     return dict(_stage_constants(config, stage))
 
 
-# ------------------------------------------------------------------ the flow steps' numbers
-@dataclass(frozen=True)
-class StagePlan:
-    """What the runtime feeds the flow steps of one stage.
+def stage_constants(config: FlowARConfig) -> dict[str, np.ndarray]:
+    """Every stage constant of a FlowAR build, by the stages file's keys (:func:`runtime.stage_constants.key`)."""
+    names = {Kind.BACKBONE: BACKBONE_CONSTANTS, Kind.FLOW_STEP: FLOW_STEP_CONSTANTS}
+    return {
+        key(graph, stage, name): stage_inputs(config, stage)[name]
+        for stage in range(1, config.num_stages + 1)
+        for graph, inputs in names.items()
+        for name in inputs
+    }
 
-    ``weight``: the stage's guidance weight w_s = 1 + (cfg - 1)·(stage - 1)/(S - 1); ``t`` / ``dt``
-    ``[K]`` float32: each step's time on the reference grid (:func:`sampler.time_grid`) and
-    ``t - t_next`` (taken in float64, then rounded); ``cfg`` ``[K]`` float32: the weight each step is
-    fed, w_s where the reference guides (``w_s > 1 and 0 <= t <= guidance``, t the float64 time), else 1.
+
+# ------------------------------------------------------------------ the request plan
+@lru_cache(maxsize=64)
+def request_plan(
+    config: FlowARConfig, *, steps: int | None = None, cfg: float | None = None, guidance: float | None = None
+) -> RequestPlan:
+    """FlowAR's request plan (settings default to the config's sampling settings).
+
+    Every stage integrates the reference's whole time grid (:func:`sampler.time_grid`: 1 -> 0, 24 Euler
+    steps for 25, or 50 uniform), each time rounded to float32 (the reference steps in float64; dt is
+    taken between the float32 times, a difference of at most one float32 ulp per step). Guidance ramps
+    ``w_s = 1 + (cfg - 1)(s - 1)/(S - 1)`` (:func:`sampler.stage_cfg`) and applies only at steps with
+    ``t <= guidance``. The reference also skips guidance where ``w_s <= 1``; the runtime mixes at ``w_s``
+    there, which at ``w_s = 1`` (the first stage) is the conditional velocity itself, so the two differ
+    only for a ``cfg`` below 1. Stage s reads the cache rows of stages before it and emits its N_s rows
+    (none at the last stage, whose keys nobody reads).
     """
-
-    stage: int
-    weight: float
-    guidance: float
-    t: np.ndarray
-    dt: np.ndarray
-    cfg: np.ndarray
-
-
-def stage_plan(
-    config: FlowARConfig,
-    stage: int,
-    *,
-    steps: int | None = None,
-    cfg: float | None = None,
-    guidance: float | None = None,
-) -> StagePlan:
-    """The flow steps' inputs at a 1-based stage; settings default to the config's."""
     steps = config.steps if steps is None else steps
     cfg = config.cfg if cfg is None else cfg
     guidance = config.guidance if guidance is None else guidance
-    grid = time_grid(steps).numpy()
-    weight = stage_cfg(cfg, stage - 1, config.num_stages)
-    guided = (weight > 1.0) & (grid[:-1] >= 0.0) & (grid[:-1] <= guidance)
-    return StagePlan(
-        stage=stage,
-        weight=weight,
-        guidance=guidance,
-        t=grid[:-1].astype(np.float32),
-        dt=(grid[:-1] - grid[1:]).astype(np.float32),
-        cfg=np.where(guided, weight, 1.0).astype(np.float32),
-    )
-
-
-def request_plan(
-    config: FlowARConfig, *, steps: int | None = None, cfg: float | None = None, guidance: float | None = None
-) -> tuple[StagePlan, ...]:
-    """:func:`stage_plan` of every stage, in order."""
-    return tuple(
-        stage_plan(config, stage, steps=steps, cfg=cfg, guidance=guidance) for stage in range(1, config.num_stages + 1)
+    times = tuple(f32(float(t)) for t in time_grid(steps).tolist())
+    tokens = config.tokens_per_stage
+    stages, start = [], 0
+    for index, n in enumerate(tokens):
+        emitted = 0 if index == len(tokens) - 1 else n
+        ramp = index / (config.num_stages - 1) if config.num_stages > 1 else 1.0  # sampler.stage_cfg's ramp
+        stages.append(StagePlan(n, tokens[index - 1] if index else 1, start, emitted, times, ramp))
+        start += emitted
+    widest = config.tokenizer_channels[0]
+    return RequestPlan(
+        stages=tuple(stages),
+        channels=config.token_dim,
+        cfg=float(cfg),
+        guidance_below=float(guidance),
+        decoder_batch=decoder_batch_for(widest, config.image_size, config.image_size),
     )
 
 
@@ -254,10 +238,9 @@ def walk(
 ) -> torch.Tensor:
     """Run a request through ``backbone_graph`` and ``flow_step`` as a runtime does -> final latents ``[B, N, C]``.
 
-    ``noise`` holds each stage's noise ``[B, N, C]`` (:func:`noise_shapes`). Per stage: the backbone on
-    the previous stage's result (stage 1: one zero token) and the cache so far, its kv appended to the
-    cache; then the flow steps of :func:`stage_plan`, each fed the last one's ``x_next``. Every graph is
-    called with its inputs gathered by name in its spec's order.
+    ``noise`` holds each stage's noise ``[B, N, C]`` (:func:`noise_shapes`); ``steps``, ``cfg`` and ``guidance``
+    override the config's plan. The walk is the shared torch reference (:class:`ecar_export.torch_walk.TorchWalk`:
+    the runtime's walk on torch tensors), up to the decoder.
     """
     config = model.config
     label_array = np.asarray(labels, dtype=np.int64)
@@ -266,31 +249,8 @@ def walk(
         raise ValueError(
             f"noise shapes {[n.shape for n in noise]} do not match the stages' {noise_shapes(config, batch)}"
         )
-    backbone, flow = backbone_spec(config), flow_step_spec(config)
-    prev = torch.zeros(batch, 1, config.token_dim)
-    past = torch.zeros(kv_shape_concrete(config, 0, batch))
-    plans = request_plan(config, steps=steps, cfg=cfg, guidance=guidance)
-    for stage, plan in enumerate(plans, start=1):
-        constants = {name: torch.from_numpy(np.array(a)) for name, a in stage_constants(config, stage).items()}
-        feeds = {
-            "labels": torch.from_numpy(label_array),
-            "prev": prev,
-            "noise": torch.from_numpy(np.asarray(noise[stage - 1], np.float32)),
-            "past_kv": past,
-            **constants,
-        }
-        z, x, kv = model.backbone_graph(*(feeds[name] for name in backbone.input_names()))
-        past = torch.cat([past, kv])
-        for t, dt, weight in zip(plan.t, plan.dt, plan.cfg):
-            step = {"x": x, "z": z, "t": _scalar(t), "dt": _scalar(dt), "cfg": _scalar(weight), **constants}
-            x = model.flow_step(*(step[name] for name in flow.input_names()))
-        prev = x
-    return prev
+    from ecar_export.torch_walk import TorchWalk
 
-
-def kv_shape_concrete(config: FlowARConfig, tokens: int, batch: int) -> tuple[int, ...]:
-    return (tokens, layers(config), 2, 2 * batch, config.heads, config.head_dim)
-
-
-def _scalar(value: np.floating) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.float32)
+    plan = request_plan(config, steps=steps, cfg=cfg, guidance=guidance)
+    inputs = RequestInputs(label_array, tuple(np.asarray(n, np.float32) for n in noise), plan.weights())
+    return TorchWalk(model, plan=plan).run(inputs, decode=False).latents
