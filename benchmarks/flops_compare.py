@@ -1,4 +1,4 @@
-"""FLOPs per stage and per image: ECAR against its single-stage (S = 1) baseline and DiT-XL/2.
+"""FLOPs per stage and per image: ECAR against its single-stage (S = 1) baseline, DiT-XL/2 and FlowAR.
 
 Exports fp32 graphs of ``ecar-digits`` / ``ecar-digits-s1`` and ``ecar-b`` / ``ecar-b-s1``
 (each S = 1 preset: one stage at the full token grid, the same total number of flow steps,
@@ -21,9 +21,14 @@ recomputed below), i.e. 237.2 GFLOPs in this counter's convention. Its decoder (
 not in that figure, so the comparison leaves ECAR's decoder out too. DiT samples with 250
 DDPM steps and guidance: 2 × 250 forwards per image.
 
+``--families`` counts ``ecar-b`` beside FlowAR-S and FlowAR-L (random init, the authors' configs; their
+graphs exported like any build): FlowAR denoises every stage's whole token grid from fresh noise with a
+transformer head over 25 steps, ECAR each stage's window with a per-token head over 4. Both use the
+same KL-16 decoder, so the comparison is of the generators.
+
 Prints tables; writes benchmarks/results/flops_compare.json.
 
-    python benchmarks/flops_compare.py [--pairs digits,b]
+    python benchmarks/flops_compare.py [--pairs digits,b] [--families ecar-b,flowar-s,flowar-l]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 
 from _common import CACHE, RESULTS, benchmark_model, load_average, machine, write_json
 
-from ecar_export import flops, presets
+from ecar_export import families, flops
 from ecar_export.build import build_engines
 
 PAIRS = {"digits": ("ecar-digits", "ecar-digits-s1"), "b": ("ecar-b", "ecar-b-s1")}
@@ -54,10 +59,12 @@ def count(preset: str) -> dict[str, Any]:
     """FLOPs of one image of ``preset`` from its exported fp32 graphs."""
     out = CACHE / "engines" / preset / "fp32"
     start = time.perf_counter()
-    build_engines(benchmark_model(preset)[0], out, max_batch=8)
+    model = benchmark_model(preset)[0]
+    config = families.config_of(model)
+    build_engines(model, out, max_batch=8)
+    del model
     built = time.perf_counter() - start
     counted = flops.build_flops(out, batch=1)
-    config = presets.architecture(preset)
     stages = [
         {
             "stage": s["stage"],
@@ -75,9 +82,10 @@ def count(preset: str) -> dict[str, Any]:
     flow = sum(s["flow"] for s in stages)
     return {
         "preset": preset,
+        "family": manifest_family(out),
         "scales": list(config.scales),
-        "steps": list(config.steps),
-        "total_flow_steps": sum(config.steps),
+        "steps": [s["steps"] for s in stages],
+        "total_flow_steps": sum(s["steps"] for s in stages),
         "build_or_reuse_s": built,
         "stages": stages,
         "per_image": {
@@ -92,9 +100,20 @@ def count(preset: str) -> dict[str, Any]:
     }
 
 
+def manifest_family(engine_dir: Path) -> str:
+    from runtime import manifest as manifest_io
+
+    return manifest_io.load(engine_dir, verify_files=False).model.family
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="digits,b", help=f"comma-separated subset of {', '.join(PAIRS)}")
+    parser.add_argument(
+        "--families",
+        default="ecar-b,flowar-s,flowar-l",
+        help="presets of any family counted side by side ('' for none); ratios are to the first",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "flops_compare.json")
     args = parser.parse_args()
     load_start = load_average()
@@ -143,6 +162,9 @@ def main() -> None:
             f"  DiT-XL/2 per image at {DIT_SAMPLING_STEPS} steps with guidance: "
             f"{dit['flops_per_image_with_cfg'] / 1e12:.1f} TFLOP = {dit['dit_image_over_ecar_b_image']:.0f} x ecar-b"
         )
+    side_by_side = [count(p) for p in args.families.split(",") if p]
+    if side_by_side:
+        print_side_by_side(side_by_side)
     write_json(
         args.out,
         {
@@ -151,6 +173,13 @@ def main() -> None:
             "(backbone over all tokens + one flow-head call per stage) / 2, one guidance branch",
             "machine": {**machine(), "load_average_at_start": load_start, "load_average_at_end": load_average()},
             "pairs": results,
+            "families": {
+                "presets": side_by_side,
+                "generator_per_image_over_first": {
+                    item["preset"]: item["per_image"]["generator"] / side_by_side[0]["per_image"]["generator"]
+                    for item in side_by_side
+                },
+            },
         },
     )
 
@@ -170,6 +199,22 @@ def print_pair(a: dict[str, Any], b: dict[str, Any]) -> None:
         )
     ratio = b["per_image"]["generator"] / a["per_image"]["generator"]
     print(f"{b['preset']} / {a['preset']}: {ratio:.2f}x the FLOPs per image (decoder excluded)")
+
+
+def print_side_by_side(items: list[dict[str, Any]]) -> None:
+    first = items[0]["per_image"]["generator"]
+    ratio = "x " + items[0]["preset"]
+    print(
+        f"\n{'preset':10} {'family':7} {'steps':>6} {'backbone GF':>12} {'flow GF':>10} {'generator GF':>13} "
+        f"{ratio:>10} {'decoder GF':>11}"
+    )
+    for item in items:
+        image = item["per_image"]
+        print(
+            f"{item['preset']:10} {item['family']:7} {item['total_flow_steps']:6d} {image['backbone'] / 1e9:12.1f} "
+            f"{image['flow'] / 1e9:10.1f} {image['generator'] / 1e9:13.1f} {image['generator'] / first:10.2f} "
+            f"{image['decoder'] / 1e9:11.1f}"
+        )
 
 
 if __name__ == "__main__":

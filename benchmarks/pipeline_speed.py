@@ -1,13 +1,14 @@
 """How fast is the runtime? Torch (eager and torch.compile, fp32 and bf16 autocast) against ONNX Runtime and OpenVINO.
 
-Builds the preset (default the bundled ``ecar-digits``; presets without trained weights, such
-as ``ecar-b``, are seeded random inits with every all-zero tensor re-drawn at a trained model's
-scale, ``_common.benchmark_weights``: an engine would fold zero products away) as fp32 (step
-graph), fp32 with the fused flow loop, fp16 and int8 (with and without the fused loop) into
-``benchmarks/.cache/engines/`` (gitignored; a rerun reuses every graph whose build key is
-unchanged), then times, for every batch size, the torch reference (``model.sample``: float32,
-and under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the half precision a CPU user would
-try first), the same model with its three graph functions (backbone, flow step, decoder) under
+Builds the preset of any model family (default the bundled ``ecar-digits``; presets without
+trained weights, such as ``ecar-b`` or ``flowar-s``, are seeded random inits with every all-zero
+tensor re-drawn at a trained model's scale, ``_common.benchmark_weights``: an engine would fold
+zero products away) as fp32 (step graph), fp32 with the fused flow loop, fp16 and int8 (with and
+without the fused loop) into ``benchmarks/.cache/engines/`` (gitignored; a rerun reuses every graph whose build key is
+unchanged), then times, for every batch size, the torch reference (the runtime's request walk over
+the model's graph functions, ``ecar_export.torch_walk``: float32, and under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, the half precision a CPU user would try first), the
+same model with its three graph functions (backbone, flow step, decoder) under
 ``torch.compile`` (inductor, ``freezing = True``, static shapes unless ``--compile-dynamic``; at
 fp32 and under bf16 autocast; the first call, which compiles, is reported apart), the same
 functions compiled ahead of time by AOTInductor (``torch-aoti``: fp32, one package per call
@@ -45,8 +46,6 @@ for other presets) and the per-stage chart next to it (``benchmarks/charts.py``)
 from __future__ import annotations
 
 import argparse
-import copy
-import inspect
 import math
 import shutil
 import statistics
@@ -61,10 +60,12 @@ import peak
 import torch
 from _common import CACHE, RESULTS, begin_run, benchmark_model, machine, write_json
 
-from ecar_export import flops, presets
+from ecar_export import families, flops, presets
 from ecar_export.build import build_engines
+from ecar_export.torch_walk import GraphFunction, TorchWalk
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.graphs import Kind
 from runtime.pipeline import Pipeline, Timings
 
 TORCH = "torch eager"
@@ -72,8 +73,8 @@ TORCH_BF16 = "torch eager bf16 autocast"
 TORCH_COMPILE = "torch compile fp32"
 TORCH_COMPILE_BF16 = "torch compile bf16 autocast"
 TORCH_AOTI = "torch aotinductor fp32"
-# the model's functions that are the exported graphs: torch.compile compiles these
-GRAPH_FUNCTIONS = ("backbone_graph", "flow_step", "decode_tokens")
+# the graphs whose torch functions torch.compile compiles: every graph of a step build
+GRAPH_KINDS = (Kind.BACKBONE, Kind.FLOW_STEP, Kind.DECODER)
 # --variants key -> (variant name, build_engines options, engine); the torch variants are the references.
 # ORT and OpenVINO variants of the same build options share one build.
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
@@ -110,12 +111,12 @@ def autocast_bf16(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def compiled_model(model: Any, bf16: bool, dynamic: bool) -> Any:
-    """A twin of ``model`` (same parameters) whose graph functions run under ``torch.compile``.
+def compiled_walk(model: Any, bf16: bool, dynamic: bool) -> TorchWalk:
+    """The model's request walk with each graph function under ``torch.compile``.
 
     Inductor with ``freezing`` (weights folded in as constants; it needs ``torch.no_grad()``, which
-    ``model.sample`` is under). The twin's ``sample`` is the eager walk over the compiled functions,
-    as the runtime walks its graphs; with ``bf16`` each function runs under bf16 autocast.
+    the walk is under): the eager walk over the compiled functions, as the runtime walks its graphs;
+    with ``bf16`` each function runs under bf16 autocast.
     """
     import torch._dynamo.config
     import torch._inductor.config
@@ -124,33 +125,34 @@ def compiled_model(model: Any, bf16: bool, dynamic: bool) -> Any:
     # static shapes: one compile per stage shape and batch (5 stages x 3 functions x batches x 2 precisions)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    twin = copy.copy(model)
-    for name in GRAPH_FUNCTIONS:
-        function = getattr(model, name)
-        # the twin's own attribute shadows the method (model itself stays eager)
-        object.__setattr__(
-            twin, name, torch.compile(autocast_bf16(function) if bf16 else function, dynamic=None if dynamic else False)
-        )
-    return twin
+    eager = TorchWalk.eager_functions(model)
+    functions = {
+        kind: torch.compile(autocast_bf16(eager[kind]) if bf16 else eager[kind], dynamic=None if dynamic else False)
+        for kind in GRAPH_KINDS
+    }
+    return TorchWalk(model, functions)
 
 
 class _GraphFunction(torch.nn.Module):
-    """One of the model's graph functions as a module, for ``torch.export``."""
+    """One graph function as a module, for ``torch.export`` (positional inputs in the graph's order)."""
 
-    def __init__(self, model: Any, name: str) -> None:
+    def __init__(self, function: GraphFunction) -> None:
         super().__init__()
-        self.model, self.name = model, name
+        self.function = function
 
-    def forward(self, **feeds: torch.Tensor) -> Any:
-        return getattr(self.model, self.name)(**feeds)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.function(*inputs)
 
 
-class AotInductorModel:
-    """``model.sample`` over AOTInductor packages of its graph functions, one package per call shape.
+Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+class AotInductorWalk:
+    """The request walk over AOTInductor packages of the graph functions, one package per call shape.
 
     :meth:`prepare` records the calls of one request (eager), exports each new shape with
     ``torch.export`` and compiles it with ``torch._inductor.aoti_compile_and_package`` (weights
-    embedded; inductor's ``freezing`` as for torch.compile); :meth:`sample` dispatches every call to
+    embedded; inductor's ``freezing`` as for torch.compile); :meth:`generate` dispatches every call to
     the package of its shape. Each package holds its own copy of the weights, so this suits the
     small presets (the demo: 9 packages per batch size), not ecar-b.
     """
@@ -160,21 +162,19 @@ class AotInductorModel:
 
         torch._inductor.config.freezing = True
         self.model, self.directory = model, directory
-        self.loaded: dict[tuple[str, tuple[Any, ...]], Any] = {}
-        self.returns_tuple: dict[str, bool] = {}
-        self.twin = copy.copy(model)
-        for name in GRAPH_FUNCTIONS:
-            object.__setattr__(self.twin, name, self._dispatch(name))
+        self.eager = TorchWalk.eager_functions(model)
+        self.loaded: dict[tuple[Kind, Signature], Any] = {}
+        self.returns_tuple: dict[Kind, bool] = {}
+        self.walk = TorchWalk(model, {kind: self._dispatch(kind) for kind in GRAPH_KINDS})
 
-    def _feeds(self, name: str, args: Any, kwargs: Any) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
-        feeds = dict(inspect.signature(getattr(self.model, name)).bind(*args, **kwargs).arguments)
-        return feeds, tuple((key, tuple(value.shape), value.dtype) for key, value in feeds.items())
+    @staticmethod
+    def _signature(inputs: tuple[torch.Tensor, ...]) -> Signature:
+        return tuple((tuple(value.shape), value.dtype) for value in inputs)
 
-    def _dispatch(self, name: str) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            feeds, signature = self._feeds(name, args, kwargs)
-            outputs = self.loaded[name, signature](**feeds)
-            if self.returns_tuple[name]:
+    def _dispatch(self, kind: Kind) -> GraphFunction:
+        def run(*inputs: torch.Tensor) -> Any:
+            outputs = self.loaded[kind, self._signature(inputs)](*inputs)
+            if self.returns_tuple[kind]:
                 return tuple(outputs)
             return outputs if isinstance(outputs, torch.Tensor) else outputs[0]  # one output: a tensor or a list
 
@@ -183,36 +183,30 @@ class AotInductorModel:
     def prepare(self, labels: list[int], seed: int) -> float:
         """Export and compile every call shape of a request of ``labels`` not compiled yet; the seconds it took."""
         start = time.perf_counter()
-        found: dict[tuple[str, tuple[Any, ...]], dict[str, torch.Tensor]] = {}
-        recorder = copy.copy(self.model)
+        found: dict[tuple[Kind, Signature], tuple[torch.Tensor, ...]] = {}
 
-        def record(name: str) -> Callable[..., Any]:
-            function = getattr(self.model, name)
-
-            def run(*args: Any, **kwargs: Any) -> Any:
-                feeds, signature = self._feeds(name, args, kwargs)
-                found.setdefault((name, signature), {k: v.clone() for k, v in feeds.items()})
-                result = function(**feeds)
-                self.returns_tuple[name] = isinstance(result, tuple)
+        def record(kind: Kind) -> GraphFunction:
+            def run(*inputs: torch.Tensor) -> Any:
+                found.setdefault((kind, self._signature(inputs)), tuple(v.clone() for v in inputs))
+                result = self.eager[kind](*inputs)
+                self.returns_tuple[kind] = isinstance(result, tuple)
                 return result
 
             return run
 
-        for name in GRAPH_FUNCTIONS:
-            object.__setattr__(recorder, name, record(name))
-        recorder.sample(labels, seed=seed)
+        TorchWalk(self.model, {kind: record(kind) for kind in GRAPH_KINDS}).generate(labels, seed=seed)
         with torch.no_grad():
-            for (name, signature), feeds in found.items():
-                if (name, signature) in self.loaded:
+            for (kind, signature), inputs in found.items():
+                if (kind, signature) in self.loaded:
                     continue
-                program = torch.export.export(_GraphFunction(self.model, name), (), feeds, strict=False)
-                path = self.directory / f"{name}-{len(self.loaded)}.pt2"
+                program = torch.export.export(_GraphFunction(self.eager[kind]), inputs, strict=False)
+                path = self.directory / f"{kind}-{len(self.loaded)}.pt2"
                 torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-                self.loaded[name, signature] = torch._inductor.aoti_load_package(str(path))
+                self.loaded[kind, signature] = torch._inductor.aoti_load_package(str(path))
         return time.perf_counter() - start
 
-    def sample(self, labels: list[int], seed: int) -> Any:
-        return self.twin.sample(labels, seed=seed)
+    def generate(self, labels: list[int], seed: int) -> Any:
+        return self.walk.generate(labels, seed=seed)
 
 
 def compare(latents: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -391,7 +385,8 @@ def main() -> None:
     started = time.time()
 
     model, weights = benchmark_model(args.preset, seed=0)
-    config = model.config
+    config = families.config_of(model)
+    eager_walk = TorchWalk(model)
     executions: dict[str, dict[str, Any]] = {}
     build_seconds: dict[str, float] = {}
     pipes: dict[str, Pipeline] = {}
@@ -412,15 +407,15 @@ def main() -> None:
         print(f"built {len(pipes)} variant(s) under {CACHE / 'engines' / args.preset}; nothing timed")
         return
     twins = {
-        TORCH_COMPILE: compiled_model(model, bf16=False, dynamic=args.compile_dynamic)
+        TORCH_COMPILE: compiled_walk(model, bf16=False, dynamic=args.compile_dynamic)
         if "torch-compile" in keys
         else None,
-        TORCH_COMPILE_BF16: compiled_model(model, bf16=True, dynamic=args.compile_dynamic)
+        TORCH_COMPILE_BF16: compiled_walk(model, bf16=True, dynamic=args.compile_dynamic)
         if "torch-compile-bf16" in keys
         else None,
     }
     aoti_directory = tempfile.TemporaryDirectory(prefix="ecar-aoti-") if "torch-aoti" in keys else None
-    aoti = AotInductorModel(model, Path(aoti_directory.name)) if aoti_directory else None
+    aoti = AotInductorWalk(model, Path(aoti_directory.name)) if aoti_directory else None
     compiles: dict[tuple[str, int], float] = {}
 
     peak_before = measure_peak(args.gemm_size, args.peak_threads or 0, args.gemm_repeats, "before")
@@ -433,21 +428,21 @@ def main() -> None:
         labels = [i % config.num_classes for i in range(batch)]
         runners: dict[str, Callable[[], Timings | None]] = {}
         if "torch" in keys:
-            runners[TORCH] = lambda labels=labels: (model.sample(labels, seed=args.seed), None)[1]
+            runners[TORCH] = lambda labels=labels: (eager_walk.generate(labels, seed=args.seed), None)[1]
         if "torch-bf16" in keys:
 
             def bf16(labels: list[int] = labels) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    model.sample(labels, seed=args.seed)
+                    eager_walk.generate(labels, seed=args.seed)
 
             runners[TORCH_BF16] = bf16
         for twin_name, twin in twins.items():
             if twin is not None:
-                runners[twin_name] = lambda twin=twin, labels=labels: (twin.sample(labels, seed=args.seed), None)[1]
+                runners[twin_name] = lambda twin=twin, labels=labels: (twin.generate(labels, seed=args.seed), None)[1]
         if aoti is not None:
             compiles[TORCH_AOTI, batch] = aoti.prepare(labels, args.seed)
             print(f"  B={batch} {TORCH_AOTI}: exported and compiled in {compiles[TORCH_AOTI, batch]:.1f} s", flush=True)
-            runners[TORCH_AOTI] = lambda labels=labels: (aoti.sample(labels, seed=args.seed), None)[1]
+            runners[TORCH_AOTI] = lambda labels=labels: (aoti.generate(labels, seed=args.seed), None)[1]
         for name, pipe in pipes.items():
             runners[name] = lambda pipe=pipe, labels=labels: pipe.generate(labels, seed=args.seed).timings
 
@@ -458,9 +453,9 @@ def main() -> None:
                 return np.asarray(pipes[name].generate(labels, seed=args.seed).latents)
             if name == TORCH_BF16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return model.sample(labels, seed=args.seed).latents.float().numpy()
-            sampler: Any = aoti if name == TORCH_AOTI else twins.get(name) or model
-            return sampler.sample(labels, seed=args.seed).latents.float().numpy()
+                    return eager_walk.generate(labels, seed=args.seed).latents.float().numpy()
+            sampler: Any = aoti if name == TORCH_AOTI else twins.get(name) or eager_walk
+            return sampler.generate(labels, seed=args.seed).latents.float().numpy()
 
         reference_latents = latents_of(TORCH)
         for name in runners:
@@ -561,16 +556,17 @@ def main() -> None:
             "backend": "inductor",
             "freezing": True,
             "dynamic": args.compile_dynamic,
-            "compiled": list(GRAPH_FUNCTIONS),
-            "note": "model.sample's walk over the compiled graph functions; first_call_s of each batch includes "
-            "compiling its shapes, compile_s = first_call_s - median_s",
+            "compiled": [str(kind) for kind in GRAPH_KINDS],
+            "note": "the request walk (ecar_export.torch_walk) over the compiled graph functions; first_call_s "
+            "of each batch includes compiling its shapes, compile_s = first_call_s - median_s",
         },
         "aot_inductor": {
             "run": "torch-aoti" in keys,
             "note": "torch.export + torch._inductor.aoti_compile_and_package of each graph function, one package "
-            "per call shape (static shapes, freezing on), loaded with aoti_load_package and walked by model.sample; "
-            "compile_s is the export and compile of a batch's shapes. Each package embeds the weights: not run "
-            "on the paper-scale presets (ecar-b: ~10 packages of up to 0.5 GB per batch size)",
+            "per call shape (static shapes, freezing on), loaded with aoti_load_package and walked by "
+            "ecar_export.torch_walk; compile_s is the export and compile of a batch's shapes. Each package "
+            "embeds the weights: not run on the paper-scale presets (ecar-b: ~10 packages of up to 0.5 GB per "
+            "batch size)",
         },
         "flops_note": "multiply-add FLOPs (2 per MAC) of MatMul/Gemm/Conv from ecar_export.flops; "
         "torch eager uses the step-graph build's count",
