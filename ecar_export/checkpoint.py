@@ -37,27 +37,25 @@ def save(model: ECAR, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, without loading a tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
+
+
 def read_config(path: str | os.PathLike[str]) -> ECARConfig:
     """The config stored in a checkpoint, without loading its tensors."""
     path = _existing(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
-    return _config_from(path, metadata)
+    return _config_from(path, _metadata(path))
 
 
 def family_of(path: str | os.PathLike[str]) -> str:
     """The model family a safetensors checkpoint names in its metadata (``ecar`` where it names none), read
     without loading a tensor; pickles and missing or unreadable files are refused as :func:`load` refuses them."""
-    path = _existing(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint: {exc}") from None
-    return str(metadata.get("family", "ecar"))
+    return str(_metadata(_existing(path)).get("family", "ecar"))
 
 
 def load(path: str | os.PathLike[str]) -> ECAR:
