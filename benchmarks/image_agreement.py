@@ -77,7 +77,7 @@ def main() -> None:
         default="fp16,int8,ov-fp32,ov-fp16,ov-int8",
         help="pipeline_speed.py build variants compared with ONNX Runtime fp32",
     )
-    parser.add_argument("--calibration-requests", type=int, default=245, help="as pipeline_speed.py's")
+    parser.add_argument("--calibration-requests", type=int, default=None, help="as pipeline_speed.py's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/image_agreement_<preset>.json)")
     args = parser.parse_args()

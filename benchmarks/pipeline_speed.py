@@ -354,9 +354,9 @@ def main() -> None:
     parser.add_argument(
         "--calibration-requests",
         type=int,
-        default=64,
-        help="int8 calibration requests of 8 samples (their calibration part must cover every class: "
-        ">= 245 for 1000 classes, as every 8th request is held out)",
+        default=None,
+        help="int8 calibration requests of 8 samples (default: the build's, the fewest whose calibration part "
+        "covers every class and at least 64: 245 for 1000 classes, as every 8th request is held out)",
     )
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/pipeline_speed*.json)")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the per-stage PNG chart")
@@ -538,7 +538,9 @@ def main() -> None:
         "repeats": args.repeats,
         "variants": [VARIANTS[k][0] for k in keys],
         "threads": args.threads,
-        "int8_calibration_requests": args.calibration_requests if any("int8" in k for k in keys) else None,
+        "int8_calibration_requests": next(
+            (p.manifest.calibration.requests for p in pipes.values() if p.manifest.calibration is not None), None
+        ),
         "seed": args.seed,
         "labels": "class i % num_classes for sample i",
         "machine": machine(),

@@ -11,12 +11,16 @@ What is stored (see :mod:`calibration.dataset` for the file layout):
 * batch graphs (the backbone per stage, the decoder) keep whole samples, one row per sample
   (with its ``past_kv`` rows and both guidance rows); at most ``plan.max_samples`` per group
   and split, drawn evenly across the split's requests and balanced across classes;
-* ``flow_step`` keeps token rows (``x``, the token's conditional and unconditional ``z``,
-  ``t``, ``dt``, ``cfg``, and its stage and step): per (stage, step) at most
-  ``plan.max_rows`` rows per split, again spread evenly across requests. Tokens are
-  independent along M, so a reader concatenates rows of the same (stage, step) from
-  different requests into batches of a fixed row count;
-* both caps shrink until no group's split exceeds ``plan.max_mib`` MiB.
+* ``flow_step`` of a per-token head (ECAR's; ``token_rows``) keeps token rows (``x``, the
+  token's conditional and unconditional ``z``, ``t``, ``dt``, ``cfg``, and its stage and
+  step): per (stage, step) at most ``plan.max_rows`` rows per split, again spread evenly
+  across requests. Tokens are independent along M, so a reader concatenates rows of the
+  same (stage, step) from different requests into batches of a fixed row count;
+* ``flow_step`` of a head that attends across a stage's tokens (FlowAR's) keeps whole
+  samples of one call, one group per stage: per (stage, step) at most ``plan.max_samples``
+  per split;
+* both caps shrink until no group's split exceeds ``plan.max_mib`` MiB (a per-stage flow
+  graph: its share, ``max_mib`` over the stages).
 
 Subsets are drawn with ``numpy.random.default_rng([plan.seed, request, crc32(graph/group)])``,
 so a capture is deterministic (and its files, named by content, are the same every time).
@@ -36,23 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from calibration import layout
-from calibration.dataset import (
-    ALL,
-    CalibrationSet,
-    group_dims,
-    groups,
-    load_calibration,
-    meta_fields,
-    stored_specs,
-    write_calibration,
-)
+from calibration.dataset import CalibrationSet, load_calibration, meta_fields, stored_specs, write_calibration
 from calibration.errors import CalibrationError
+from calibration.model import CapturedModel
 from calibration.plan import SPLITS, CalibrationPlan
-from runtime import ecar_contract
 from runtime.backends import Backend
-from runtime.config import ECARConfig
 from runtime.errors import InvalidRequestError
-from runtime.graphs import Call, GraphSpec, Kind
+from runtime.graphs import Call, GraphSpec, Kind, constant_inputs
 from runtime.pipeline import Pipeline
 
 __all__ = ["CalibrationPlan", "CalibrationSet", "RecordedCall", "RecordingBackend", "capture", "load_calibration"]
@@ -134,10 +128,15 @@ def capture(
     plan: CalibrationPlan,
     out_dir: str | Path,
     progress: Progress | None = None,
+    *,
+    token_rows: bool = True,
 ) -> CalibrationSet:
-    """Run the fp32 ``pipeline`` over ``plan``, store every graph's inputs in ``out_dir``, load them back."""
+    """Run the fp32 ``pipeline`` over ``plan``, store every graph's inputs in ``out_dir``, load them back.
+
+    ``token_rows``: the model's flow head treats every token alone, so its inputs are kept as token
+    rows (the model family says; :class:`calibration.model.CapturedModel`).
+    """
     manifest = pipeline.manifest
-    config = ecar_contract.config_of(manifest)
     if manifest.precision != "fp32":
         raise InvalidRequestError(
             f"calibration needs the fp32 pipeline; '{manifest.root}' is a {manifest.precision} build"
@@ -147,20 +146,27 @@ def capture(
             f"calibration needs a build without --fuse-flow-loop ('{manifest.root}' is fused): flow_step must "
             "run once per Euler step; a fused build's flow_loop is calibrated from flow_step's rows"
         )
-    if plan.num_classes != config.num_classes:
+    model = CapturedModel.of_build(manifest, token_rows)
+    if plan.num_classes != model.card.num_classes:
         raise InvalidRequestError(
-            f"calibration plan covers {plan.num_classes} classes, the model has {config.num_classes}"
+            f"calibration plan covers {plan.num_classes} classes, the model has {model.card.num_classes}"
+        )
+    specs = stored_specs(model)
+    step_spec = model.spec(Kind.FLOW_STEP)
+    if token_rows and constant_inputs(step_spec):
+        raise InvalidRequestError(
+            f"'{manifest.root}': flow_step takes stage constants "
+            f"({', '.join(t.name for t in constant_inputs(step_spec))}), so its tokens cannot be stored as rows "
+            "that mix stages; capture with token_rows=False"
         )
     begin = time.perf_counter()
     recorder = RecordingBackend(pipeline.backend)
     recording = Pipeline(manifest, recorder)
-    specs = stored_specs(config)
-    steps = sum(config.steps)
     per_split = {split: len(plan.indices(split)) for split in SPLITS}
     keep = {
-        (name, group, split): _quota(config, spec, group, plan, per_split[split], steps)
+        (name, group, split): _quota(model, spec, group, plan, per_split[split])
         for name, spec in specs.items()
-        for group in groups(config, spec)
+        for group in model.groups(spec)
         for split in SPLITS
     }
     collected = {key: _Collector() for key in keep}
@@ -170,9 +176,9 @@ def capture(
         calls = recorder.take()
         split = plan.split(index)
         for name, spec in specs.items():
-            for group, rows in _request_rows(spec, [c for c in calls if c.graph == name], config, index).items():
+            for group, rows in _request_rows(spec, [c for c in calls if c.graph == name], model, index).items():
                 rng = np.random.default_rng([plan.seed, index, zlib.crc32(f"{name}/{group}".encode())])
-                row_labels = np.asarray(request_labels)[rows["meta.sample"]] if spec.kind != Kind.FLOW_STEP else None
+                row_labels = np.asarray(request_labels)[rows["meta.sample"]]
                 collector = collected[name, group, split]
                 collector.add(_subsample(spec, rows, keep[name, group, split], rng, row_labels, collector.class_counts))
         if progress:
@@ -180,7 +186,7 @@ def capture(
     data = {
         name: {
             group: {split: collected[name, group, split].result(f"{name} {group}") for split in SPLITS}
-            for group in groups(config, spec)
+            for group in model.groups(spec)
         }
         for name, spec in specs.items()
     }
@@ -190,28 +196,33 @@ def capture(
             "seconds": round(time.perf_counter() - begin, 3),
             "backend": pipeline.backend.describe(),
             "engine_precision": manifest.precision,
-            "flow_step_rows": "token rows; per (stage, step) at most plan.max_rows per split",
+            "flow_step_rows": "token rows; per (stage, step) at most plan.max_rows per split"
+            if token_rows
+            else "whole samples; per (stage, step) at most plan.max_samples per split",
         },
     }
-    write_calibration(out_dir, config, manifest.checkpoint_sha256, plan, data, extra)
+    write_calibration(out_dir, model, manifest.checkpoint_sha256, plan, data, extra)
     return load_calibration(out_dir)
 
 
-def _quota(config: ECARConfig, spec: GraphSpec, group: str, plan: CalibrationPlan, requests: int, steps: int) -> int:
+def _quota(model: CapturedModel, spec: GraphSpec, group: str, plan: CalibrationPlan, requests: int) -> int:
     """Rows kept per request (per stage and step for flow_step) of one group in a split of ``requests`` requests.
 
     The split's total stays within its cap, except that every request keeps at least one row.
     """
-    row = layout.row_bytes(spec, group_dims(config, group)) + 4 * len(meta_fields(spec))
-    if spec.kind == Kind.FLOW_STEP:
-        cap = min(plan.max_rows, plan.max_bytes // (steps * row))
-    else:
+    row = layout.row_bytes(spec, model.group_dims(group), model.token_rows) + 4 * len(meta_fields(model, spec))
+    if spec.kind != Kind.FLOW_STEP:
         cap = min(plan.max_samples, plan.max_bytes // row)
+    elif model.token_rows:  # every stage's steps share the group
+        cap = min(plan.max_rows, plan.max_bytes // (sum(s.steps for s in model.plan.stages) * row))
+    else:  # a stage's group: its share of the budget over its steps
+        steps = model.plan.stage(model.group_stage(group)).steps
+        cap = min(plan.max_samples, plan.max_bytes // (model.plan.num_stages * steps * row))
     return max(1, cap // requests)
 
 
 def _request_rows(
-    spec: GraphSpec, calls: list[RecordedCall], config: ECARConfig, request: int
+    spec: GraphSpec, calls: list[RecordedCall], model: CapturedModel, request: int
 ) -> dict[str, dict[str, np.ndarray]]:
     """All rows one request fed a graph (across the batches generate_many split it into), per group."""
     if not calls:
@@ -221,7 +232,7 @@ def _request_rows(
     for call in calls:
         if call.stage is None:
             raise CalibrationError(f"a call of graph '{spec.name}' has no place in the request plan")
-        rows = layout.to_rows(spec, call.feeds)
+        rows = layout.to_rows(spec, call.feeds, model.token_rows)
         count = layout.row_count(rows)
         key = (call.stage, call.step)
         position = np.arange(offsets[key], offsets[key] + count, dtype=np.int32)  # row within the request
@@ -230,11 +241,11 @@ def _request_rows(
         rows["meta.sample"] = position
         rows["meta.stage"] = np.full(count, call.stage, np.int32)
         if spec.kind == Kind.FLOW_STEP:
-            tokens = config.tokens_per_stage[call.stage - 1]
-            rows["meta.sample"], rows["meta.token"] = position // tokens, position % tokens
+            if model.token_rows:
+                tokens = model.plan.tokens[call.stage - 1]
+                rows["meta.sample"], rows["meta.token"] = position // tokens, position % tokens
             rows["meta.step"] = np.full(count, call.step, np.int32)
-        group = f"stage{call.stage}" if spec.kind == Kind.BACKBONE else ALL
-        parts[group].append(rows)
+        parts[model.group_of(spec, call.stage)].append(rows)
     return {group: layout.concatenate(found) for group, found in parts.items()}
 
 

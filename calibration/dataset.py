@@ -2,23 +2,33 @@
 
 Layout (written by :func:`calibration.capture.capture`)::
 
-    calibration.json            format, plan, model config, checkpoint sha256, per-graph entries
+    calibration.json            format, plan, the model (family, config, request plan, flow row unit),
+                                checkpoint sha256, per-graph entries (their contract and files)
     backbone-<sha12>.npz        one file per stored graph (backbone, flow_step, decoder),
     flow_step-<sha12>.npz       named by content
     decoder-<sha12>.npz
+    stages-<sha12>.npz          the fp32 build's stage constants (:mod:`runtime.stage_constants`)
 
-A graph's rows are kept in *groups* (:func:`groups`): the backbone one per stage (its rows'
-shapes differ by stage), every other graph one group, ``all``. Each ``.npz`` holds, for every
+Everything a reader needs of the model comes from these files (:class:`calibration.model.CapturedModel`),
+so a set serves any model family.
+
+A graph's rows are kept in *groups* (:meth:`CapturedModel.groups`): the backbone one per stage
+(its rows' shapes differ by stage), a flow head stored as token grids too, every other graph one
+group, ``all``. Each ``.npz`` holds, for every
 group and both splits ("calibration", "held_out"), the graph's stored inputs in the row layout
 of :mod:`calibration.layout` under ``<group>.<split>.<input>``, plus int32 provenance under
 ``<group>.<split>.meta.<field>``: ``request`` (the plan's request index), ``sample`` (the
-sample within it) and ``stage`` for every row, and for ``flow_step`` also ``token`` (the
-token within the sample's stage grid) and ``step`` (0-based Euler step inside the stage).
+sample within it) and ``stage`` for every row, and for ``flow_step`` also ``step`` (0-based
+Euler step inside the stage) and, stored as token rows, ``token`` (the token within the
+sample's stage grid).
 ``calibration.json`` is written last and atomically: a capture interrupted half-way never
 leaves a directory that loads.
 
 A fused build's ``flow_loop`` reads each stage's first Euler step, so its rows are derived from
 the ``flow_step`` rows with ``step == 0``, one group per stage.
+
+Format version 3 (this one) stores the model as its build describes it; version 2 sets (an ECAR
+config only) are refused with "capture again", as a rebuild of an INT8 build does by itself.
 """
 
 from __future__ import annotations
@@ -37,68 +47,51 @@ import numpy as np
 
 from calibration import layout
 from calibration.errors import CalibrationError
+from calibration.model import CapturedModel
 from calibration.plan import SPLITS, CalibrationPlan
-from runtime import ecar_contract
-from runtime.config import ECARConfig
-from runtime.errors import ConfigError, InvalidRequestError
+from runtime import stage_constants as constants_io
+from runtime.errors import ECARError, InvalidRequestError
 from runtime.fileio import npz_bytes, write_bytes_atomic
 from runtime.formats import Format
 from runtime.graphs import FLOW_KINDS, GraphSpec, Kind
+from runtime.manifest import ModelCard
+from runtime.plan import RequestPlan
 
 FORMAT = "ecar-calibration"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_NAME = "calibration.json"
 CALIBRATION_FORMAT = Format(
     FORMAT, FORMAT_VERSION, "calibration", "an ECAR calibration manifest", CalibrationError, "capture again"
 )
 META_FIELDS = ("request", "sample", "stage")
-FLOW_META_FIELDS = ("request", "sample", "stage", "token", "step")
-ALL = "all"
+FLOW_META_FIELDS = ("request", "sample", "stage", "step")
+TOKEN_META_FIELDS = ("request", "sample", "stage", "token", "step")
+ROW_UNITS = {"token": True, "grid": False}  # calibration.json's flow_rows -> CapturedModel.token_rows
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}\.npz$")
 
 
-def stored_specs(config: ECARConfig) -> dict[str, GraphSpec]:
+def stored_specs(model: CapturedModel) -> dict[str, GraphSpec]:
     """The graphs a calibration set stores rows of: those of an unfused build."""
-    return {spec.name: spec for spec in ecar_contract.graph_specs(config, fuse_flow_loop=False)}
+    return dict(model.specs)
 
 
-def meta_fields(spec: GraphSpec) -> tuple[str, ...]:
-    return FLOW_META_FIELDS if spec.kind in FLOW_KINDS else META_FIELDS
+def meta_fields(model: CapturedModel, spec: GraphSpec) -> tuple[str, ...]:
+    if spec.kind not in FLOW_KINDS:
+        return META_FIELDS
+    return TOKEN_META_FIELDS if model.token_rows else FLOW_META_FIELDS
 
 
-def groups(config: ECARConfig, spec: GraphSpec) -> list[str]:
-    """Group names of a graph's rows: ``stage1``.. for graphs whose row shapes differ by stage, else ``all``."""
-    if spec.kind in (Kind.BACKBONE, Kind.FLOW_LOOP):
-        return [f"stage{s}" for s in range(1, config.num_stages + 1)]
-    return [ALL]
-
-
-def group_stage(config: ECARConfig, group: str) -> int:
-    """The stage whose dims a group's rows have (``all``: the last stage; only stage-free shapes)."""
-    return int(group[len("stage") :]) if group != ALL else config.num_stages
-
-
-def group_dims(config: ECARConfig, group: str) -> dict[str, int]:
-    return ecar_contract.request_plan(config).dims(group_stage(config, group), 1)
-
-
-def array_layout(config: ECARConfig, spec: GraphSpec, group: str, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def array_layout(
+    model: CapturedModel, spec: GraphSpec, group: str, rows: int
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every array key of one group and split of a graph's file: (shape, dtype)."""
-    dims = group_dims(config, group)
+    dims = model.group_dims(group)
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
-    for tensor in layout.stored_inputs(spec):
+    for tensor in layout.stored_inputs(spec, model.token_rows):
         arrays[tensor.name] = ((rows, *layout.row_shape(tensor, dims)), tensor.dtype)
-    for name in meta_fields(spec):
+    for name in meta_fields(model, spec):
         arrays[f"meta.{name}"] = ((rows,), "int32")
     return arrays
-
-
-def stage_constants(config: ECARConfig, spec: GraphSpec, group: str) -> dict[str, np.ndarray]:
-    """The stage inputs (not stored) a group's feeds take: see :func:`calibration.layout.is_stage_input`."""
-    if spec.kind == Kind.FLOW_LOOP:
-        times = ecar_contract.request_plan(config).stage(group_stage(config, group)).step_times()
-        return {"t": np.array([t for t, _ in times], np.float32), "dt": np.array([d for _, d in times], np.float32)}
-    return dict(ecar_contract.constants(config).get(spec.name, group_stage(config, group)))
 
 
 @dataclass(frozen=True)
@@ -121,20 +114,20 @@ class CalibrationSet:
     def __init__(
         self,
         root: Path,
-        config: ECARConfig,
+        model: CapturedModel,
         plan: CalibrationPlan,
         checkpoint_sha256: str,
         graphs_data: dict[str, GraphData],
         raw: dict[str, Any],
     ) -> None:
         self.root = root
-        self.config = config
+        self.model = model
         self.plan = plan
         self.checkpoint_sha256 = checkpoint_sha256
         self.graphs = graphs_data
         self.raw = raw
-        self._specs = {spec.name: spec for spec in ecar_contract.graph_specs(config)}
-        self._specs[Kind.FLOW_LOOP] = ecar_contract.flow_loop_spec(config)
+        self._specs = dict(model.specs)
+        self._specs[Kind.FLOW_LOOP] = model.loop_spec()
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -142,6 +135,10 @@ class CalibrationSet:
     def graph_names(self) -> list[str]:
         """Every graph this set can feed: the stored ones and the derived ``flow_loop``."""
         return list(self._specs)
+
+    def files(self) -> set[str]:
+        """Every file of the set but its manifest: the graphs' rows and the stage constants."""
+        return {entry.file for entry in self.graphs.values()} | {self.raw["stage_constants"]["file"]}
 
     def spec(self, graph: str) -> GraphSpec:
         try:
@@ -152,7 +149,7 @@ class CalibrationSet:
             ) from None
 
     def groups(self, graph: str) -> list[str]:
-        return groups(self.config, self.spec(graph))
+        return self.model.groups(self.spec(graph))
 
     def rows(self, graph: str, split: str = "calibration", group: str | None = None) -> dict[str, np.ndarray]:
         """One group's stored inputs of one split, in the row layout of :mod:`calibration.layout`.
@@ -160,7 +157,7 @@ class CalibrationSet:
         ``group`` may be omitted for graphs with one group.
         """
         data = self._group(graph, split, group)
-        return {t.name: data[t.name] for t in layout.stored_inputs(self.spec(graph))}
+        return {t.name: data[t.name] for t in layout.stored_inputs(self.spec(graph), self.model.token_rows)}
 
     def meta(self, graph: str, split: str = "calibration", group: str | None = None) -> dict[str, np.ndarray]:
         """Provenance of each row: ``request``, ``sample``, ``stage`` (and ``token``, ``step`` for flow graphs)."""
@@ -172,13 +169,13 @@ class CalibrationSet:
         return sum(layout.row_count(self.rows(graph, split, group)) for group in self.groups(graph))
 
     def constants(self, graph: str, group: str) -> dict[str, np.ndarray]:
-        return stage_constants(self.config, self.spec(graph), group)
+        return self.model.stage_inputs(self.spec(graph), group)
 
     def default_batch_rows(self, graph: str) -> int:
-        """Rows per batch: the plan's batch of samples, or of tokens at the largest stage."""
+        """Rows per batch: the plan's batch of samples, or of tokens at the largest stage (token rows)."""
         spec = self.spec(graph)
-        if spec.kind in FLOW_KINDS:
-            return self.plan.batch * max(self.config.tokens_per_stage)
+        if spec.kind in FLOW_KINDS and self.model.token_rows:
+            return self.plan.batch * max(self.model.plan.tokens)
         return self.plan.batch
 
     def feeds(
@@ -198,27 +195,28 @@ class CalibrationSet:
         size = batch_rows or self.default_batch_rows(graph)
         for name in [group] if group is not None else self.groups(graph):
             rows = self.rows(graph, split, name)
-            yield from layout.batches(spec, rows, size, fixed, self.constants(graph, name))
+            yield from layout.batches(spec, rows, size, fixed, self.constants(graph, name), self.model.token_rows)
 
     def stage_feeds(
         self, graph: str, stage: int, split: str = "held_out", batch_rows: int | None = None
     ) -> Iterator[dict[str, Any]]:
         """Feeds of the rows a request fed ``graph`` at ``stage`` (the decoder: the last stage's)."""
         spec = self.spec(graph)
-        group = f"stage{stage}" if spec.kind in (Kind.BACKBONE, Kind.FLOW_LOOP) else ALL
+        group = self.model.group_of(spec, stage)
         rows, meta = self.rows(graph, split, group), self.meta(graph, split, group)
         index = np.flatnonzero(meta["stage"] == stage)
         picked = layout.select(rows, index)
         if len(index):
             size = batch_rows or self.default_batch_rows(graph)
-            yield from layout.batches(spec, picked, size, False, self.constants(graph, group))
+            yield from layout.batches(spec, picked, size, False, self.constants(graph, group), self.model.token_rows)
 
-    def check_compatible(self, config: ECARConfig, checkpoint_sha256: str) -> None:
-        """Refuse a calibration set captured from another model or checkpoint."""
-        if config != self.config:
+    def check_compatible(self, model: ModelCard, checkpoint_sha256: str) -> None:
+        """Refuse a calibration set captured from another model (family or config) or checkpoint."""
+        if not self.model.same_model(model.family, model.settings):
             raise CalibrationError(
-                f"calibration set '{self.root}' was captured from model '{self.config.name}' with another "
-                "config; capture again from the model being built"
+                f"calibration set '{self.root}' was captured from {self.model.card.family} model "
+                f"'{self.model.card.name}' with another config than {model.family} model '{model.name}'; "
+                "capture again from the model being built"
             )
         if checkpoint_sha256 != self.checkpoint_sha256:
             raise CalibrationError(
@@ -231,7 +229,7 @@ class CalibrationSet:
         if split not in SPLITS:
             raise InvalidRequestError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         spec = self.spec(graph)
-        names = groups(self.config, spec)
+        names = self.model.groups(spec)
         if group is None:
             if len(names) != 1:
                 raise InvalidRequestError(f"graph '{graph}' keeps its rows per stage: name a group ({names[0]}, ...)")
@@ -245,11 +243,12 @@ class CalibrationSet:
         return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
 
     def _flow_loop_group(self, spec: GraphSpec, split: str, group: str) -> dict[str, np.ndarray]:
-        data = self._group(Kind.FLOW_STEP, split, ALL)
-        stage = group_stage(self.config, group)
+        step = self.model.spec(Kind.FLOW_STEP)
+        stage = self.model.group_stage(group)
+        data = self._group(step.name, split, self.model.group_of(step, stage))
         first = np.flatnonzero((data["meta.stage"] == stage) & (data["meta.step"] == 0))
-        picked = {t.name: data[t.name][first] for t in layout.stored_inputs(spec)}
-        picked.update({f"meta.{name}": data[f"meta.{name}"][first] for name in FLOW_META_FIELDS})
+        picked = {t.name: data[t.name][first] for t in layout.stored_inputs(spec, self.model.token_rows)}
+        picked.update({f"meta.{name}": data[f"meta.{name}"][first] for name in meta_fields(self.model, spec)})
         return picked
 
     def _load(self, graph: str) -> dict[str, np.ndarray]:
@@ -264,7 +263,7 @@ class CalibrationSet:
         expected: dict[str, tuple[tuple[int, ...], str]] = {}
         for group, counts in entry.rows.items():
             for split in SPLITS:
-                for key, value in array_layout(self.config, entry.spec, group, counts[split]).items():
+                for key, value in array_layout(self.model, entry.spec, group, counts[split]).items():
                     expected[f"{group}.{split}.{key}"] = value
         return expected
 
@@ -278,7 +277,7 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 def write_calibration(
     out_dir: str | os.PathLike[str],
-    config: ECARConfig,
+    model: CapturedModel,
     checkpoint_sha256: str,
     plan: CalibrationPlan,
     data: dict[str, dict[str, dict[str, dict[str, np.ndarray]]]],
@@ -293,15 +292,15 @@ def write_calibration(
     root = Path(out_dir)
     previous = _previous_files(root)
     entries: dict[str, Any] = {}
-    for name, spec in stored_specs(config).items():
+    for name, spec in stored_specs(model).items():
         arrays: dict[str, np.ndarray] = {}
         counts: dict[str, dict[str, int]] = {}
-        for group in groups(config, spec):
+        for group in model.groups(spec):
             counts[group] = {}
             for split in SPLITS:
                 part = data[name][group][split]
                 counts[group][split] = layout.row_count(part)
-                for key, (shape, dtype) in array_layout(config, spec, group, counts[group][split]).items():
+                for key, (shape, dtype) in array_layout(model, spec, group, counts[group][split]).items():
                     value = np.ascontiguousarray(part[key], dtype=dtype)
                     if value.shape != shape:
                         raise ValueError(f"graph '{name}' {group}.{split}.{key}: shape {value.shape}, expected {shape}")
@@ -311,24 +310,31 @@ def write_calibration(
         file = f"{name}-{digest[:12]}.npz"
         write_bytes_atomic(root / file, blob)
         entry: dict[str, Any] = {
-            "kind": spec.kind,
-            "inputs": [t.to_dict() for t in spec.inputs],
+            **spec.to_dict(),
             "file": file,
             "sha256": digest,
             "bytes": len(blob),
             "rows": counts,
-            "row_unit": "token" if spec.kind == Kind.FLOW_STEP else "sample",
+            "row_unit": "token" if spec.kind == Kind.FLOW_STEP and model.token_rows else "sample",
         }
         if spec.kind == Kind.FLOW_STEP:
             entry["rows_per_step"] = {
-                split: _per_step(data[name][ALL][split]["meta.stage"], data[name][ALL][split]["meta.step"])
+                split: _per_step(
+                    np.concatenate([data[name][g][split]["meta.stage"] for g in model.groups(spec)]),
+                    np.concatenate([data[name][g][split]["meta.step"] for g in model.groups(spec)]),
+                )
                 for split in SPLITS
             }
         entries[name] = entry
+    stages_blob = constants_io.encode(model.constants.arrays())
+    stages_digest = _sha256(stages_blob)
+    stages_file = f"stages-{stages_digest[:12]}.npz"
+    write_bytes_atomic(root / stages_file, stages_blob)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": config.to_dict(),
+        **model.to_dict(),
+        "stage_constants": {"file": stages_file, "sha256": stages_digest},
         "checkpoint_sha256": checkpoint_sha256,
         "plan": plan.to_dict(),
         "graphs": entries,
@@ -336,7 +342,7 @@ def write_calibration(
     }
     path = root / MANIFEST_NAME
     write_bytes_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    current = {entry["file"] for entry in entries.values()}
+    current = {entry["file"] for entry in entries.values()} | {stages_file}
     for stale in previous - current:
         (root / stale).unlink(missing_ok=True)
     return path
@@ -356,11 +362,10 @@ def _sha256(blob: bytes) -> str:
 def _previous_files(root: Path) -> set[str]:
     try:
         data = json.loads((root / MANIFEST_NAME).read_bytes())
-        return {
-            entry["file"]
-            for entry in data["graphs"].values()
-            if isinstance(entry.get("file"), str) and _FILE_NAME.match(entry["file"])
-        }
+        named = [entry.get("file") for entry in data["graphs"].values()]
+        if isinstance(data.get("stage_constants"), dict):
+            named.append(data["stage_constants"].get("file"))
+        return {file for file in named if isinstance(file, str) and _FILE_NAME.match(file)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
 
@@ -388,10 +393,6 @@ def load_calibration(path: str | os.PathLike[str], verify: bool = True) -> Calib
 def _parse(root: Path, manifest: Path, data: dict[str, Any], verify: bool) -> CalibrationSet:
     where = str(manifest)
     CALIBRATION_FORMAT.check(data, where)
-    try:
-        config = ECARConfig.from_dict(data.get("model"))
-    except ConfigError as exc:
-        raise CalibrationError(f"{where}: invalid model config: {exc}") from None
     plan = CalibrationPlan.from_dict(data.get("plan"))
     checkpoint = data.get("checkpoint_sha256")
     if not isinstance(checkpoint, str):
@@ -399,26 +400,49 @@ def _parse(root: Path, manifest: Path, data: dict[str, Any], verify: bool) -> Ca
     raw_graphs = data.get("graphs")
     if not isinstance(raw_graphs, dict):
         raise CalibrationError(f"{where}: missing field 'graphs'")
-    specs = stored_specs(config)
-    if set(raw_graphs) != set(specs):
-        missing, extra = sorted(set(specs) - set(raw_graphs)), sorted(set(raw_graphs) - set(specs))
-        raise CalibrationError(f"{where}: graphs do not match the model (missing {missing}, unexpected {extra})")
-    entries = {name: _graph_entry(config, where, spec, raw_graphs[name]) for name, spec in specs.items()}
-    result = CalibrationSet(root, config, plan, checkpoint, entries, data)
+    model = _captured_model(root, where, data, raw_graphs, verify)
+    if plan.num_classes != model.card.num_classes:
+        raise CalibrationError(
+            f"{where}: the plan covers {plan.num_classes} classes, the model has {model.card.num_classes}; "
+            "capture again"
+        )
+    entries = {name: _graph_entry(model, where, spec, raw_graphs[name]) for name, spec in model.specs.items()}
+    result = CalibrationSet(root, model, plan, checkpoint, entries, data)
     if verify:
         for name, entry in entries.items():
             _verify_file(root / entry.file, entry, result.raw_arrays(name))
     return result
 
 
-def _graph_entry(config: ECARConfig, where: str, spec: GraphSpec, raw: Any) -> GraphData:
+def _captured_model(
+    root: Path, where: str, data: dict[str, Any], raw_graphs: dict[str, Any], verify: bool
+) -> CapturedModel:
+    """The model a set describes: its card, request plan, graph contract, stage constants and flow row unit."""
+    card = ModelCard.from_manifest(data.get("family"), data.get("model"), where)
+    request_plan = RequestPlan.from_dict(data.get("request_plan"))
+    unit = data.get("flow_rows")
+    if unit not in ROW_UNITS:
+        raise CalibrationError(f"{where}: field 'flow_rows' must be one of {sorted(ROW_UNITS)}, got {unit!r}")
+    specs = {name: GraphSpec.from_dict(name, entry) for name, entry in raw_graphs.items()}
+    kinds = sorted(spec.kind for spec in specs.values())
+    if kinds != sorted((Kind.BACKBONE, Kind.FLOW_STEP, Kind.DECODER)):
+        raise CalibrationError(f"{where}: graphs must be one backbone, one flow_step and one decoder, got {kinds}")
+    stages = data.get("stage_constants")
+    file = stages.get("file") if isinstance(stages, dict) else None
+    digest = stages.get("sha256") if isinstance(stages, dict) else None
+    if not isinstance(file, str) or not _FILE_NAME.match(file) or not isinstance(digest, str):
+        raise CalibrationError(f"{where}: field 'stage_constants' must name the stages file and its sha256")
+    if verify:
+        CALIBRATION_FORMAT.verify_file(root / file, digest, "stage constants")
+    try:
+        constants = constants_io.StageConstants.read(root / file)
+    except ECARError as exc:
+        raise CalibrationError(f"{where}: {exc}") from None
+    return CapturedModel(card, request_plan, specs, constants, ROW_UNITS[unit])
+
+
+def _graph_entry(model: CapturedModel, where: str, spec: GraphSpec, raw: Any) -> GraphData:
     here = f"{where} graph '{spec.name}'"
-    if not isinstance(raw, dict):
-        raise CalibrationError(f"{here}: must be a JSON object")
-    contract = spec.to_dict()
-    for key in ("kind", "inputs"):
-        if raw.get(key) != contract[key]:
-            raise CalibrationError(f"{here}: '{key}' does not match the model's graph contract; capture again")
     file = raw.get("file")
     if not isinstance(file, str) or not _FILE_NAME.match(file):
         raise CalibrationError(f"{here}: bad file name {file!r}")
@@ -426,7 +450,7 @@ def _graph_entry(config: ECARConfig, where: str, spec: GraphSpec, raw: Any) -> G
     if not isinstance(digest, str):
         raise CalibrationError(f"{here}: missing field 'sha256'")
     rows = raw.get("rows")
-    names = groups(config, spec)
+    names = model.groups(spec)
 
     def counts_ok(value: Any) -> bool:
         return (

@@ -6,7 +6,9 @@ guidance rows *i* and *B + i* of ``past_kv``. ECAR's flow head is also independe
 tokens, so a flow graph's feeds (``x`` [B, N, C], ``z`` [2B, N, D]) are kept as token rows —
 the grid cut into ``M = B·N`` rows, :func:`row_view` — and fed back as one grid of
 ``B = 1``, ``N = M`` tokens: token *m* reads ``x[m]`` and the guidance rows *m* and *M + m*
-of ``z``. So a calibration set stores rows, not calls, and rebuilds feeds of any batch size
+of ``z``. A flow head that attends across a stage's tokens (FlowAR's) is not: its grids stay
+whole, one sample of one call per row (``tokens=False`` in every function here), like a
+backbone's. So a calibration set stores rows, not calls, and rebuilds feeds of any batch size
 from any subset of rows:
 
 * an input whose row axis is ``B`` / ``M`` is stored with that axis first: ``[rows, ...]``;
@@ -21,8 +23,9 @@ from any subset of rows:
   ``positions``, ``level``, ``kv_tokens``; a fused loop's ``t`` / ``dt``) — is not stored:
   feeds take it from the build's data (``constants``).
 
-Rows of one graph whose shapes differ by stage (the backbone's ``prev``, ``noise`` and
-``past_kv``) are kept in one *group* per stage; a batch never mixes groups.
+Rows of one graph whose shapes or stage inputs differ by stage (the backbone's ``prev``, ``noise``
+and ``past_kv``; a grid-row flow head's token grids and rotary tables) are kept in one *group*
+per stage (:meth:`calibration.model.CapturedModel.groups`); a batch never mixes groups.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ def row_axis(tensor: TensorSpec) -> tuple[int, bool] | None:
 _GRID_ROWS = {"B": "M", "2B": "2M"}  # a flow graph's [B, N, ...] / [2B, N, ...] as token rows
 
 
-def row_view(spec: GraphSpec) -> GraphSpec:
-    """``spec`` with a flow graph's token grids as token rows: [B, N, ...] -> [M, ...], [2B, N, ...] -> [2M, ...]."""
-    if spec.kind not in FLOW_KINDS:
+def row_view(spec: GraphSpec, tokens: bool = True) -> GraphSpec:
+    """``spec`` with a flow graph's token grids as token rows: [B, N, ...] -> [M, ...], [2B, N, ...] -> [2M, ...]
+    (``tokens`` False: a flow head whose tokens are not independent keeps its grids, one sample per row)."""
+    if spec.kind not in FLOW_KINDS or not tokens:
         return spec
 
     def rows(tensor: TensorSpec) -> TensorSpec:
@@ -70,14 +74,14 @@ def is_stage_input(spec: GraphSpec, tensor: TensorSpec) -> bool:
     return spec.kind == Kind.FLOW_LOOP and tensor.name in ("t", "dt")
 
 
-def stored_inputs(spec: GraphSpec) -> list[TensorSpec]:
+def stored_inputs(spec: GraphSpec, tokens: bool = True) -> list[TensorSpec]:
     """The inputs a calibration set stores per row (in the row view): row inputs and per-call scalars."""
-    view = row_view(spec)
+    view = row_view(spec, tokens)
     return [t for t in view.inputs if not is_stage_input(view, t)]
 
 
-def scalar_inputs(spec: GraphSpec) -> list[str]:
-    return [t.name for t in stored_inputs(spec) if row_axis(t) is None]
+def scalar_inputs(spec: GraphSpec, tokens: bool = True) -> list[str]:
+    return [t.name for t in stored_inputs(spec, tokens) if row_axis(t) is None]
 
 
 def row_shape(tensor: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
@@ -90,21 +94,21 @@ def row_shape(tensor: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
     return (2, *rest) if paired else rest
 
 
-def row_bytes(spec: GraphSpec, dims: Mapping[str, int]) -> int:
+def row_bytes(spec: GraphSpec, dims: Mapping[str, int], tokens: bool = True) -> int:
     """Stored bytes per row of a graph (all stored inputs) at a stage's ``dims``."""
     total = 0
-    for tensor in stored_inputs(spec):
+    for tensor in stored_inputs(spec, tokens):
         total += int(np.prod(row_shape(tensor, dims), dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
     return total
 
 
-def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray], tokens: bool = True) -> dict[str, np.ndarray]:
     """One call's feeds as rows (see the module doc); every stored input gets the same row count."""
-    if spec.kind in FLOW_KINDS:  # token grids as token rows
+    if spec.kind in FLOW_KINDS and tokens:  # token grids as token rows
         feeds = {name: _grid_to_rows(spec, name, value) for name, value in feeds.items()}
     rows: dict[str, np.ndarray] = {}
     count: int | None = None
-    for tensor in stored_inputs(spec):
+    for tensor in stored_inputs(spec, tokens):
         found = row_axis(tensor)
         if found is None:
             continue
@@ -119,7 +123,7 @@ def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
         rows[tensor.name] = np.ascontiguousarray(moved)
     if count is None:
         raise ValueError(f"graph '{spec.name}' has no row axis")
-    for name in scalar_inputs(spec):
+    for name in scalar_inputs(spec, tokens):
         value = np.asarray(feeds[name]).reshape(-1)
         if value.size != 1:
             raise ValueError(f"graph '{spec.name}': scalar input '{name}' holds {value.size} values")
@@ -128,14 +132,17 @@ def to_rows(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
 
 
 def from_rows(
-    spec: GraphSpec, rows: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray] | None = None
+    spec: GraphSpec,
+    rows: Mapping[str, np.ndarray],
+    constants: Mapping[str, np.ndarray] | None = None,
+    tokens: bool = True,
 ) -> dict[str, np.ndarray]:
     """Feeds of one call from rows of one group; stage inputs from ``constants``.
 
     Scalar inputs must hold one value across the rows.
     """
     feeds: dict[str, np.ndarray] = {}
-    view = row_view(spec)
+    view = row_view(spec, tokens)
     for tensor in view.inputs:
         if is_stage_input(view, tensor):
             if constants is None or tensor.name not in constants:
@@ -153,9 +160,9 @@ def from_rows(
         if paired:
             value = np.concatenate([value[:, 0], value[:, 1]], axis=0)
         feeds[tensor.name] = np.ascontiguousarray(np.moveaxis(value, 0, axis))
-    if spec.kind in FLOW_KINDS:  # token rows as one grid: B = 1, N = M (2B = 2 guidance rows of M tokens)
+    if spec.kind in FLOW_KINDS and tokens:  # token rows as one grid: B = 1, N = M (2B = 2 guidance rows of M tokens)
         for tensor in spec.inputs:
-            if row_view(spec).tensor(tensor.name).shape != tensor.shape:
+            if view.tensor(tensor.name).shape != tensor.shape:
                 guidance = 2 if tensor.shape[0] == "2B" else 1
                 value = feeds[tensor.name]
                 feeds[tensor.name] = value.reshape(guidance, value.shape[0] // guidance, *value.shape[1:])
@@ -194,6 +201,7 @@ def batches(
     batch_rows: int,
     fixed: bool = False,
     constants: Mapping[str, np.ndarray] | None = None,
+    tokens: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of ``batch_rows`` rows each, from the rows of one group.
 
@@ -205,11 +213,11 @@ def batches(
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
-    inputs = {t.name: rows[t.name] for t in stored_inputs(spec)}
+    inputs = {t.name: rows[t.name] for t in stored_inputs(spec, tokens)}
     count = row_count(inputs)
     if count == 0:
         return
-    scalars = scalar_inputs(spec)
+    scalars = scalar_inputs(spec, tokens)
     if scalars:
         keys = np.stack([inputs[name].astype(np.float64) for name in scalars], axis=1)
         _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
@@ -223,4 +231,4 @@ def batches(
             index = group[start : start + batch_rows]
             if fixed and len(index) < batch_rows:
                 index = np.concatenate([index, group[: batch_rows - len(index)]])
-            yield from_rows(spec, select(inputs, index), constants)
+            yield from_rows(spec, select(inputs, index), constants, tokens)

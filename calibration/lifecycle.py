@@ -23,7 +23,6 @@ from calibration.dataset import CalibrationSet, load_calibration
 from calibration.plan import CalibrationPlan
 from runtime import manifest as manifest_io
 from runtime.backends import selection
-from runtime.config import ECARConfig
 from runtime.errors import ECARError
 from runtime.pipeline import Pipeline
 
@@ -33,17 +32,22 @@ RETIRED = ".calibration-old"  # a kept set being replaced
 
 @dataclass(frozen=True)
 class CaptureKey:
-    """Everything the captured inputs depend on: equal keys, equal captures."""
+    """Everything the captured inputs depend on: equal keys, equal captures.
 
-    config: ECARConfig
+    ``model``: the card a build of the model writes (:func:`calibration.model.card_of`);
+    ``token_rows``: how its flow head's inputs are stored (:class:`calibration.model.CapturedModel`).
+    """
+
+    model: manifest_io.ModelCard
     checkpoint_sha256: str
     requests: int
     opset: int
     export_version: int
     toolchain: Mapping[str, Any]
+    token_rows: bool = True
 
     def plan(self) -> CalibrationPlan:
-        return CalibrationPlan.for_config(self.config, num_requests=self.requests)
+        return CalibrationPlan(num_classes=self.model.num_classes, num_requests=self.requests)
 
 
 def previous(engine_dir: Path, key: CaptureKey) -> CalibrationSet | None:
@@ -67,10 +71,10 @@ def previous(engine_dir: Path, key: CaptureKey) -> CalibrationSet | None:
         return None
     try:
         kept = load_calibration(engine_dir / old.calibration.dir)
-        kept.check_compatible(key.config, key.checkpoint_sha256)
+        kept.check_compatible(key.model, key.checkpoint_sha256)
     except ECARError:
         return None
-    return kept if kept.plan == key.plan() else None
+    return kept if kept.plan == key.plan() and kept.model.token_rows == key.token_rows else None
 
 
 def capture_from(
@@ -85,7 +89,7 @@ def capture_from(
 
     manifest = manifest_io.load(fp32_build)
     pipe = Pipeline(manifest, selection.open_backend(manifest, "onnxruntime", "cpu"))
-    return calibration.capture(pipe, key.plan(), out_dir, progress=progress)
+    return calibration.capture(pipe, key.plan(), out_dir, progress=progress, token_rows=key.token_rows)
 
 
 def install(new_set: Path, engine_dir: Path) -> None:

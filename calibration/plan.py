@@ -66,6 +66,19 @@ class CalibrationPlan:
                 "use more requests or a larger batch"
             )
 
+    @staticmethod
+    def covering(num_classes: int, at_least: int = 64, batch: int = 8, holdout_every: int = 8) -> int:
+        """The fewest requests, at least ``at_least``, whose calibration requests hold every class (labels cycle
+        through the classes; every ``holdout_every``-th request is held out, so some classes come round again
+        only after a wrap: ECAR-b's 1000 classes need 245 requests of 8)."""
+        seen: set[int] = set()
+        requests = 0
+        while len(seen) < num_classes:
+            if requests % holdout_every != holdout_every - 1:
+                seen.update((requests * batch + j) % num_classes for j in range(batch))
+            requests += 1
+        return max(at_least, requests)
+
     @classmethod
     def for_config(cls, config: Any, **overrides: Any) -> CalibrationPlan:
         """The default plan for a model config (its class count), with ``overrides``."""

@@ -87,7 +87,7 @@ def build_engines(
     progress: Progress | None = None,
     force: bool = False,
     calibration_method: str = "minmax",
-    calibration_requests: int = CALIBRATION_REQUESTS,
+    calibration_requests: int | None = None,
     on_backend: Callable[[str], None] | None = None,
 ) -> Path:
     """Export (and, for TensorRT, compile) every graph of a model into an engine directory; returns the manifest's path.
@@ -109,7 +109,9 @@ def build_engines(
             ``out_dir`` (whose build key matches: weights, config, precision, opset, tool
             versions, builder options); int8: capture the calibration inputs again.
         calibration_method: int8 only: "minmax", "entropy" or "percentile".
-        calibration_requests: int8 only: requests of the calibration capture.
+        calibration_requests: int8 only: requests of 8 samples the calibration capture runs; None: the
+            fewest whose calibration part holds every class, at least :data:`CALIBRATION_REQUESTS`
+            (:meth:`calibration.plan.CalibrationPlan.covering`; 245 for 1000 classes).
         on_backend: called once with the backend the build writes for, before any export.
 
     Examples:
@@ -133,9 +135,10 @@ def build_engines(
     family = families.of(model)
     if recipe.calibrated and not family.calibrated:
         raise InvalidRequestError(
-            f"--precision {recipe.name}: the INT8 calibration capture serves ECAR builds only so far, not "
-            f"{family.name}; build {family.name} at fp32 or fp16"
+            f"--precision {recipe.name}: the INT8 calibration capture does not serve model family "
+            f"'{family.name}' yet; build it at fp32 or fp16"
         )
+    requests = requests_for(families.config_of(model).num_classes, calibration_requests) if recipe.calibrated else 0
     specs = family.graph_specs(model.config, fuse_flow_loop)  # refuses what the family cannot build, before output
     out = output_dir(out_dir, "--out")
     with _build_lock(out):
@@ -149,7 +152,7 @@ def build_engines(
             if recipe.calibrated:
                 options = {
                     "calibration_method": calibration_method,
-                    "calibration_requests": calibration_requests,
+                    "calibration_requests": requests,
                     "int8_op_types": list(op_types_for(chosen)),  # the recipe's coverage follows the target
                 }
             keys = {
@@ -157,7 +160,7 @@ def build_engines(
                 for spec in specs
             }
             reusable = {} if force else graph_keys.reusable_graphs(out, keys)
-            calibration = _Calibration(out, staging, model, weights_digest, toolchain, calibration_requests)
+            calibration = _Calibration(out, staging, model, weights_digest, toolchain, requests)
             if recipe.calibrated:
                 if not force:
                     calibration.kept = calibration.previous()
@@ -176,7 +179,7 @@ def build_engines(
 
                     lifecycle.install(calibration.captured.root, out)
                 reused = calibration.captured is None
-                document = manifest_io.with_calibration(document, calibration_method, calibration_requests, reused)
+                document = manifest_io.with_calibration(document, calibration_method, requests, reused)
             if chosen == "tensorrt":
                 document = _add_tensorrt_plans(out, document, specs, records, model, max_batch, progress)
             if chosen == "openvino":
@@ -235,13 +238,31 @@ def _document(
     )
 
 
-def precision_of(name: str, calibration_method: str, calibration_requests: int) -> Precision:
+def precision_of(name: str, calibration_method: str, calibration_requests: int | None) -> Precision:
     """The precision of a build, its calibration settings checked."""
     recipe = precision.get(name)
     precision.check_calibration_method(calibration_method)
-    if isinstance(calibration_requests, bool) or not isinstance(calibration_requests, int) or calibration_requests < 1:
-        raise InvalidRequestError(f"calibration_requests must be a positive integer, got {calibration_requests!r}")
+    if calibration_requests is not None and (
+        isinstance(calibration_requests, bool) or not isinstance(calibration_requests, int) or calibration_requests < 1
+    ):
+        raise InvalidRequestError(f"--calibration-requests must be a positive integer, got {calibration_requests!r}")
     return recipe
+
+
+def requests_for(num_classes: int, asked: int | None) -> int:
+    """The calibration capture's request count: ``asked``, or the default for ``num_classes`` classes; an
+    ``asked`` count whose calibration requests miss a class is refused naming the count that covers them."""
+    from calibration.plan import CalibrationPlan
+
+    needed = CalibrationPlan.covering(num_classes, at_least=1)
+    if asked is None:
+        return max(CALIBRATION_REQUESTS, needed)
+    if asked < needed:
+        raise InvalidRequestError(
+            f"--calibration-requests {asked}: the calibration requests of 8 samples must hold each of the model's "
+            f"{num_classes} classes at least once; use at least {needed} (or leave the option out)"
+        )
+    return asked
 
 
 def _backend_versions(backend: str) -> dict[str, str | None]:
@@ -325,10 +346,13 @@ class _Calibration:
         self, out: Path, staging: Path, model: nn.Module, weights: str, toolchain: dict[str, str | None], requests: int
     ) -> None:
         from calibration.lifecycle import CaptureKey
+        from calibration.model import card_of
 
         self.out, self.staging, self.model, self.weights, self.requests = out, staging, model, weights, requests
+        family = families.of(model)
+        card = card_of(family.name, families.config_of(model).to_dict())
         self.key = CaptureKey(
-            families.config_of(model), weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain
+            card, weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain, family.token_rows
         )
         self.kept: Any = None  # calibration.CalibrationSet, the previous build's
         self.captured: Any = None  # calibration.CalibrationSet, this build's new capture

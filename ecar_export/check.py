@@ -22,7 +22,6 @@ import numpy as np
 from torch import nn
 
 from ecar_export import export, precision, random_inputs
-from runtime import ecar_contract
 from runtime import manifest as manifest_io
 from runtime.fileio import sha256_file
 from runtime.graphs import GraphSpec
@@ -98,7 +97,7 @@ def _held_out_inputs(
 
     if calibration_dir is not None:  # asked for explicitly: errors are the user's to see
         calibration = load_calibration(calibration_dir)
-        calibration.check_compatible(ecar_contract.config_of(manifest), manifest.checkpoint_sha256)
+        calibration.check_compatible(manifest.model, manifest.checkpoint_sha256)
     elif manifest.calibration is not None:
         try:
             calibration = load_calibration(manifest.root / manifest.calibration.dir)

@@ -145,9 +145,21 @@ def build_cmd(
         typer.Option(
             "--calibration-method",
             help=f"INT8 only: {' | '.join(CALIBRATION_METHODS)}. Activations are calibrated on real stage inputs "
-            "captured from the fp32 pipeline (64 requests × 8 samples; every 8th request held out).",
+            "captured from the fp32 pipeline (--calibration-requests × 8 samples; every 8th request held out).",
         ),
     ] = "minmax",
+    calibration_requests: Annotated[
+        int | None,
+        typer.Option(
+            "--calibration-requests",
+            min=1,
+            max=1_000_000,
+            help="INT8 only: requests of 8 samples the calibration capture runs (labels cycle through the classes). "
+            "Default: the fewest whose calibration part holds every class, at least 64 (245 for 1000 classes; "
+            "on two CPU cores ecar-b captures about 6 requests a minute).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
     from ecar_export.build import build_engines
@@ -179,6 +191,7 @@ def build_cmd(
             progress=report,
             force=force,
             calibration_method=calibration_method,
+            calibration_requests=calibration_requests,
             on_backend=announce,
         )
     sys.stdout.write(f"{path.parent}\n")

@@ -29,7 +29,8 @@ from calibration import (
     layout,
     load_calibration,
 )
-from calibration.dataset import MANIFEST_NAME, group_stage
+from calibration.dataset import MANIFEST_NAME
+from calibration.model import card_of
 from calibration.readers import GraphReader, held_out_feeds
 from ecar_export import random_inputs
 from runtime import ecar_contract, schedule
@@ -100,6 +101,17 @@ def test_plan_rejects_bad_fields(changes: dict[str, object]) -> None:
         CalibrationPlan(num_classes=10, **changes)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("classes", [1, 7, 10, 100, 1000, 1001])
+def test_covering_is_the_fewest_requests_whose_calibration_part_holds_every_class(classes: int) -> None:
+    needed = CalibrationPlan.covering(classes, at_least=1)
+    if needed >= 8:  # a plan needs at least one held-out request
+        CalibrationPlan(num_classes=classes, num_requests=needed)
+        with pytest.raises(InvalidRequestError, match="cover"):
+            CalibrationPlan(num_classes=classes, num_requests=needed - 1)
+    assert CalibrationPlan.covering(classes) == max(64, needed)
+    assert CalibrationPlan.covering(1000) == 245  # ecar-b, FlowAR: held-out label blocks come round after a wrap
+
+
 # ---------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("fused", [False, True])
 def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.random.Generator, fused: bool) -> None:
@@ -166,7 +178,7 @@ def test_every_graph_has_samples_in_both_splits(captured: tuple[Pipeline, Calibr
     assert result.groups("backbone") == [f"stage{s}" for s in range(1, config.num_stages + 1)]
     for spec in graph_specs(config, fuse_flow_loop=True) + [ecar_contract.flow_step_spec(config)]:
         for group in result.groups(spec.name):
-            dims = ecar_contract.request_plan(config).dims(group_stage(config, group), 1)
+            dims = result.model.group_dims(group)
             for split in SPLITS:
                 rows = result.rows(spec.name, split, group)
                 assert layout.row_count(rows) > 0, f"{spec.name} {group} {split}"
@@ -290,19 +302,24 @@ def test_stored_feeds_reproduce_the_recorded_outputs(captured: tuple[Pipeline, C
 def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
     pipeline, result = captured
     loaded = load_calibration(result.root)
-    assert loaded.plan == result.plan and loaded.config == result.config
+    assert loaded.plan == result.plan and loaded.model == result.model and loaded.model.token_rows
+    assert loaded.model.constants.arrays().keys() == pipeline.manifest.constants.arrays().keys()
+    for key, value in pipeline.manifest.constants.arrays().items():
+        np.testing.assert_array_equal(loaded.model.constants.arrays()[key], value)
     for name in loaded.graph_names():
         for group in loaded.groups(name):
             for split in SPLITS:
                 for key, value in loaded.rows(name, split, group).items():
                     np.testing.assert_array_equal(value, result.rows(name, split, group)[key])
-    loaded.check_compatible(config_of(pipeline.manifest), pipeline.manifest.checkpoint_sha256)
+    card = pipeline.manifest.model
+    loaded.check_compatible(card, pipeline.manifest.checkpoint_sha256)
     with pytest.raises(CalibrationError, match="checkpoint"):
-        loaded.check_compatible(config_of(pipeline.manifest), "0" * 64)
+        loaded.check_compatible(card, "0" * 64)
+    other = dataclasses.replace(config_of(pipeline.manifest), cfg_scale=3.0)
     with pytest.raises(CalibrationError, match="config"):
-        loaded.check_compatible(
-            dataclasses.replace(config_of(pipeline.manifest), cfg_scale=3.0), pipeline.manifest.checkpoint_sha256
-        )
+        loaded.check_compatible(card_of("ecar", other.to_dict()), pipeline.manifest.checkpoint_sha256)
+    with pytest.raises(CalibrationError, match="flowar"):
+        loaded.check_compatible(dataclasses.replace(card, family="flowar"), pipeline.manifest.checkpoint_sha256)
 
 
 def as_rows(graph: str, array: np.ndarray) -> np.ndarray:
@@ -408,11 +425,11 @@ def test_recapture_replaces_the_previous_files(captured: tuple[Pipeline, Calibra
     old = {p.name for p in target.glob("*.npz")}
     # a capture is deterministic: the same plan gives the same content-addressed files
     repeated = capture(pipeline, result.plan, tmp_path / "repeated")
-    assert {e.file for e in repeated.graphs.values()} == {e.file for e in result.graphs.values()} == old
+    assert repeated.files() == result.files() == old
     plan = CalibrationPlan.for_config(config_of(pipeline.manifest), num_requests=8, batch=2, seed=99)
     again = capture(pipeline, plan, target)
     new = {p.name for p in target.glob("*.npz")}
-    assert new == {entry.file for entry in again.graphs.values()}
+    assert new == again.files()
     assert old != new
     assert not any(p.name.endswith(".tmp") for p in target.iterdir())
     assert load_calibration(target).plan.seed == 99
@@ -477,7 +494,12 @@ def test_missing_or_corrupt_files_raise_calibration_errors(
 
     for label, edit in {
         "not-json": lambda text: text[: len(text) // 2],
-        "version": lambda text: text.replace('"format_version": 2', '"format_version": 99'),
+        "version": lambda text: text.replace('"format_version": 3', '"format_version": 99'),
+        "version-2": lambda text: text.replace('"format_version": 3', '"format_version": 2'),
+        "no-family": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "family"}),
+        "bad-request-plan": lambda text: json.dumps({**json.loads(text), "request_plan": {"stages": []}}),
+        "bad-flow-rows": lambda text: json.dumps({**json.loads(text), "flow_rows": "pixels"}),
+        "stages-escaping": lambda text: text.replace(result.raw["stage_constants"]["file"], "../stages.npz"),
         "format": lambda text: text.replace('"ecar-calibration"', '"something-else"'),
         "graph-dropped": lambda text: json.dumps(
             {**json.loads(text), "graphs": {k: v for k, v in json.loads(text)["graphs"].items() if k != "decoder"}}

@@ -550,7 +550,7 @@ def test_flowar_presets_build_without_weights() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--precision", "int8"], "calibration capture serves ECAR builds only so far, not flowar"),
+        (["--precision", "int8", "--calibration-requests", "9"], "use at least 245"),
         (["--fuse-flow-loop"], "build FlowAR without --fuse-flow-loop"),
     ],
 )

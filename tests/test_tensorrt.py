@@ -893,3 +893,79 @@ def test_tensorrt_reduced_precision_demo_matches_onnxruntime(
     rows, summary = smoke.run_smoke(build.dir, tmp_path / "trt", requests=2)
     bad = [row for row in rows if not row.ok]
     assert not bad, f"{precision} ({summary['precision']}, {summary['tolerances']}): {bad}"
+
+
+# ============================================================ FlowAR through the same builder and backend
+@pytest.fixture(scope="module")
+def flowar_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 build of flowar-tiny-cross (cross-attention head, 50 steps, guidance only below t = 0.7; rotary
+    tables as stage constants of both graphs), every weight drawn at random, none zero."""
+    import torch
+
+    from ecar_export.build import build_engines
+    from ecar_export.families.flowar.config import FLOWAR_TINY_CROSS
+    from ecar_export.families.flowar.model import FlowAR
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    model = FlowAR(FLOWAR_TINY_CROSS).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    out = tmp_path_factory.mktemp("flowar-trt") / "fp32"
+    build_engines(model, out, max_batch=2)
+    return out
+
+
+def test_fake_build_gives_flowar_graphs_one_profile_per_stage(
+    flowar_build: Path, fake_builder: FakeBuilderState, tmp_path: Path
+) -> None:
+    """The TensorRT builder reads FlowAR's graphs as it reads ECAR's: one plan per graph kind, one profile per stage
+    the graph runs at, each at that stage's exact shapes (its token grid, cache rows, rotary tables)."""
+    target = tmp_path / "engines"
+    shutil.copytree(flowar_build, target)
+    path = tensorrt_build.build_plans_for_dir(target, PlanOptions(timing_cache_dir=str(tmp_path / "cache")))
+    manifest = manifest_io.load(path.parent)
+    assert manifest.backend == "tensorrt" and manifest.model.family == "flowar"
+    batches = (manifest.min_batch, manifest.opt_batch, manifest.max_batch)
+    seen = list(fake_builder.profiles)
+    for name, entry in manifest.graphs.items():
+        stages = manifest.plan.graph_stages(entry.spec.kind)
+        assert stages == ([manifest.plan.num_stages] if name == "decoder" else list(range(1, 6))), name
+        fixed = {t.name for t in entry.spec.inputs if all(isinstance(d, int) for d in t.shape)}
+        for stage in stages:
+            exact = profile_shapes(entry.spec, manifest.plan, stage, *batches)
+            assert seen.pop(0) == {k: v for k, v in exact.items() if k not in fixed}, (name, stage)
+        assert entry.tensorrt_builder is not None
+        assert [p["stage"] for p in entry.tensorrt_builder["profiles"]] == stages
+    assert not seen
+    assert fake_builder.network_flags == 1 << 1, "networks must be created strongly typed"
+
+
+def test_fake_backend_runs_flowar_like_onnxruntime(
+    flowar_build: Path, tmp_path: Path, rng: np.random.Generator, fresh_logger: None
+) -> None:
+    """FlowAR's requests through the TensorRT backend's own binding (host path and device-resident path) give
+    exactly ONNX Runtime's latents and images: its stage constants, its fresh noise per stage, its guidance
+    threshold (weight one above t = 0.7) are data the backend reads from the build, with no FlowAR code path."""
+    manifest = fake_tensorrt_build(flowar_build, tmp_path / "trt")
+    ort = reference(flowar_build)
+    backend, cuda = fake_backend(manifest)
+    host_pipeline = Pipeline(manifest, backend, device_resident=False)
+    device_pipeline = Pipeline(manifest, backend)
+    for batch in (1, 2):
+        labels, seed = request(rng, manifest.model.num_classes, batch)
+        where = f"labels={labels} seed={seed}"
+        ref = ort.generate(labels, seed=seed, cfg=3.0)
+        host = host_pipeline.generate(labels, seed=seed, cfg=3.0)
+        assert np.array_equal(host.latents, ref.latents), where
+        assert np.array_equal(host.images, ref.images), where
+        assert np.array_equal(device_pipeline.generate(labels, seed=seed, cfg=3.0).images, ref.images), where
+        device = on_device(backend, labels, seed, cfg=3.0)
+        assert np.array_equal(device.latents, ref.latents), where
+        assert device.graph_calls == dict(ref.timings.calls), where
+    engines = {Path(e.path).name.split("-")[0]: e for e in backend.trt.engines}
+    for index, tokens in enumerate(manifest.plan.tokens):  # each stage's profile at its own grid
+        assert engines["flow_step"].profiles[index]["head_rope_cos"][1][0] == tokens
+    assert cuda.pageable_copies == 0
+    backend.close()
+    assert not cuda.buffers and not cuda.pinned and cuda.streams == 0

@@ -12,7 +12,9 @@ A build needs five things from a model, whatever its family, and nothing else:
 
 and its ``presets`` (name -> config; ``create`` makes a random-init model of one, for builds and
 benchmarks without weights), plus what the family supports: ``fusable`` (its per-stage guidance fits a
-fused ``flow_loop``) and ``calibrated`` (the INT8 calibration capture serves it), and ``bf16_unsafe``:
+fused ``flow_loop``), ``calibrated`` (the INT8 calibration capture serves it), ``token_rows`` (its flow
+head treats every token alone, so calibration stores token rows; else whole token grids per stage,
+:class:`calibration.model.CapturedModel`) and ``bf16_unsafe``:
 the graph kinds whose half-precision builds must not run at bfloat16 (written into the build,
 :class:`runtime.manifest.GraphEntry`).
 The runtime sees none of this: it reads the plan, the specs and the constants from the build, and the
@@ -61,6 +63,7 @@ class Family:
     presets: Mapping[str, Any] = field(default_factory=dict)
     fusable: bool = True
     calibrated: bool = True
+    token_rows: bool = True
     bf16_unsafe: frozenset[Kind] = frozenset()
 
 

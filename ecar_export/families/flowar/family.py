@@ -2,8 +2,7 @@
 :mod:`ecar_export.families.flowar.graphs`', its checkpoints the ones ``ecar-export convert --flowar`` writes.
 
 Not supported yet, and refused at the start of a build: the fused ``flow_loop`` (FlowAR guides only
-the steps below its time threshold, so a stage's steps take two weights while a fused loop takes one)
-and INT8 (the calibration capture reads ECAR builds only so far).
+the steps below its time threshold, so a stage's steps take two weights while a fused loop takes one).
 """
 
 from __future__ import annotations
@@ -49,7 +48,8 @@ FAMILY = Family(
     # the authors' three models, random init (a converted checkpoint carries the trained weights)
     presets={config.name: config for config in (FLOWAR_S, FLOWAR_L, FLOWAR_H)},
     fusable=False,
-    calibrated=False,
+    # its flow head attends across a stage's tokens: calibration keeps whole grids, one group per stage
+    token_rows=False,
     # Measured on flowar-tiny (random weights) over a request's 5 stages x 24 steps, as the distance to the fp32
     # latents over what other labels change: OpenVINO at bf16 (which runs the recipe's fp32 islands at bf16
     # too) 35-48 %; with the flow head off bf16 still 11 % (the backbone's z, cosine 0.99998 per call, feeds
