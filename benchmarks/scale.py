@@ -100,8 +100,10 @@ TORCH = (
     TIMED_LOAD
     + """
 import numpy as np
+from ecar_export.torch_walk import TorchWalk
 labels, seed = json.loads(sys.argv[3])
-result = model.sample(labels, seed=seed)
+with torch.inference_mode():
+    result = TorchWalk(model).generate(labels, seed=seed)
 end = time.perf_counter()
 np.save(sys.argv[2], result.latents.numpy())
 print(json.dumps({"load_seconds": loaded - begin, "request_seconds": end - loaded}))
@@ -224,11 +226,16 @@ def _weights(preset: str) -> int:
     """fp32 weight bytes of a preset, counted from its config without building the model."""
     import torch
 
-    from ecar_export import presets
+    from ecar_export import families, presets
     from ecar_export.model import ECAR
 
+    others = {name: (f, c) for f in families.all_families() for name, c in f.presets.items()}
     with torch.device("meta"):
-        model = ECAR(presets.architecture(preset))
+        if preset in others:
+            family, config = others[preset]
+            model = family.create(config)
+        else:
+            model = ECAR(presets.architecture(preset))
     return sum(p.numel() * 4 for p in model.parameters())
 
 
