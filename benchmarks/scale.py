@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="fp32,fp16")
     parser.add_argument("--request", default="[[207], [0]]", help="JSON [labels, seeds] of the parity request")
     parser.add_argument("--reuse", action="store_true", help="keep existing builds (their build is not measured)")
+    parser.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="builds and sizes only: no torch reference, no runtime request (FlowAR-H's take 20 minutes each here)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     start_load = load_average()
@@ -163,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory(prefix=f"scale-{preset}-") as work:
             reference = Path(work) / "torch.npy"
-            torch_result, torch_peak = run_child(TORCH, preset, str(reference), args.request)
-            ref = np.load(reference)
-            seconds = torch_result["request_seconds"]
-            print(f"{preset}: torch reference {seconds:.1f} s, peak RSS {torch_peak / 2**30:.2f} GiB")
+            if not args.no_parity:
+                torch_result, torch_peak = run_child(TORCH, preset, str(reference), args.request)
+                ref = np.load(reference)
+                seconds = torch_result["request_seconds"]
+                print(f"{preset}: torch reference {seconds:.1f} s, peak RSS {torch_peak / 2**30:.2f} GiB")
             for precision in args.precisions.split(","):
                 out = CACHE / "scale" / f"{preset}-{precision}"
                 row: dict[str, Any] = {"preset": preset, "precision": precision, "engine_dir": str(out)}
@@ -179,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"  build {precision}: {build['seconds']:.0f} s, peak RSS {peak / 2**30:.2f} GiB "
                         f"= {peak / weights:.2f} x the fp32 weights ({weights / 2**30:.2f} GiB)"
                     )
+                size = engine_bytes(out)
+                weights = row.get("build", {}).get("fp32_weight_bytes") or _weights(preset)
+                row["size"] = {"engine_bytes": size, "fp32_weight_bytes": weights, "ratio": size / weights}
+                rows.append(row)
+                print(f"  {precision}: engines {size / 2**30:.2f} GiB = {size / weights:.2f} x the fp32 weights")
+                if args.no_parity:
+                    continue
                 latents = Path(work) / f"{precision}.npy"
                 runtime_result, runtime_peak = run_child(RUNTIME, str(out), str(latents), args.request)
                 got = np.load(latents)
@@ -194,16 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": {**torch_result, "peak_rss_bytes": torch_peak},
                     "runtime": {**runtime_result, "peak_rss_bytes": runtime_peak},
                 }
-                size = engine_bytes(out)
-                weights = row.get("build", {}).get("fp32_weight_bytes") or _weights(preset)
-                row["size"] = {"engine_bytes": size, "fp32_weight_bytes": weights, "ratio": size / weights}
                 load, request = runtime_result["load_seconds"], runtime_result["request_seconds"]
                 print(
-                    f"  {precision}: engines {size / 2**30:.2f} GiB = {size / weights:.2f} x; batch-1 latents "
+                    f"  {precision}: batch-1 latents "
                     f"max |diff| {diff:.2e} (bound {bound:.1e}), cosine {cosine:.6f}; runtime load {load:.1f} s, "
                     f"request {request:.1f} s, peak RSS {runtime_peak / 2**30:.2f} GiB"
                 )
-                rows.append(row)
     write_json(
         args.out,
         {
