@@ -322,6 +322,39 @@ def test_load_round_trip(captured: tuple[Pipeline, CalibrationSet]) -> None:
         loaded.check_compatible(dataclasses.replace(card, family="flowar"), pipeline.manifest.checkpoint_sha256)
 
 
+def test_a_format_2_set_is_read_as_the_ecar_set_it_is(
+    captured: tuple[Pipeline, CalibrationSet], tmp_path: Path
+) -> None:
+    """Sets written before the model was stored (format 2: an ECAR config, graph entries without outputs, no stages
+    file) keep serving ECAR builds: an ecar-b capture takes hours. Everything derived from the config must equal
+    what the build wrote."""
+    pipeline, result = captured
+    target = _copy(result, tmp_path)
+    data = json.loads((target / MANIFEST_NAME).read_text())
+    (target / data["stage_constants"]["file"]).unlink()
+    old = {k: v for k, v in data.items() if k not in ("family", "request_plan", "flow_rows", "stage_constants")}
+    old["format_version"], old["model"] = 2, config_of(pipeline.manifest).to_dict()
+    old["graphs"] = {name: {k: v for k, v in g.items() if k != "outputs"} for name, g in data["graphs"].items()}
+    (target / MANIFEST_NAME).write_text(json.dumps(old))
+    loaded = load_calibration(target)
+    assert (
+        loaded.model == result.model
+        and loaded.model.token_rows
+        and loaded.files() == result.files() - {data["stage_constants"]["file"]}
+    )
+    for key, value in result.model.constants.arrays().items():
+        np.testing.assert_array_equal(loaded.model.constants.arrays()[key], value)
+    for name in loaded.graph_names():
+        for group in loaded.groups(name):
+            for key, value in loaded.rows(name, "held_out", group).items():
+                np.testing.assert_array_equal(value, result.rows(name, "held_out", group)[key])
+    loaded.check_compatible(pipeline.manifest.model, pipeline.manifest.checkpoint_sha256)
+    old["graphs"]["flow_step"]["inputs"] = old["graphs"]["flow_step"]["inputs"][:-1]
+    (target / MANIFEST_NAME).write_text(json.dumps(old))
+    with pytest.raises(CalibrationError, match="capture again"):
+        load_calibration(target)
+
+
 def as_rows(graph: str, array: np.ndarray) -> np.ndarray:
     """A fed array as the rows it was made of: a flow graph's token grid [1, M, ...] as M token rows."""
     return array.reshape(-1, *array.shape[2:]) if graph.startswith("flow") else array
@@ -495,7 +528,7 @@ def test_missing_or_corrupt_files_raise_calibration_errors(
     for label, edit in {
         "not-json": lambda text: text[: len(text) // 2],
         "version": lambda text: text.replace('"format_version": 3', '"format_version": 99'),
-        "version-2": lambda text: text.replace('"format_version": 3', '"format_version": 2'),
+        "version-1": lambda text: text.replace('"format_version": 3', '"format_version": 1'),
         "no-family": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "family"}),
         "bad-request-plan": lambda text: json.dumps({**json.loads(text), "request_plan": {"stages": []}}),
         "bad-flow-rows": lambda text: json.dumps({**json.loads(text), "flow_rows": "pixels"}),
