@@ -1,6 +1,6 @@
 """An INT8 build's calibration set, from capture to the engine directory.
 
-The capture is the long part of an INT8 build (about an hour for ecar-b on two cores), so a
+The capture is the long part of an INT8 build (nearly two hours for ecar-b with its KL-16 decoder on two cores), so a
 build keeps its set in ``<engine dir>/calibration`` and the next build reuses it where a new
 capture would record the same inputs (:func:`previous`). A capture depends on the fp32
 pipeline (weights, config, opset, export version, the export tools' versions) and on the plan

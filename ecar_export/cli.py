@@ -156,7 +156,7 @@ def build_cmd(
             max=1_000_000,
             help="INT8 only: requests of 8 samples the calibration capture runs (labels cycle through the classes). "
             "Default: the fewest whose calibration part holds every class, at least 64 (245 for 1000 classes; "
-            "on two CPU cores ecar-b captures about 6 requests a minute).",
+            "on two CPU cores ecar-b with its KL-16 decoder captures about 2 requests a minute).",
             show_default=False,
         ),
     ] = None,
