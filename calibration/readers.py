@@ -96,10 +96,15 @@ class GraphReader(CalibrationDataReader):
 
 
 def held_out_feeds(
-    calibration: CalibrationSet, graph: str, batch_rows: int | None = None
+    calibration: CalibrationSet, graph: str, batch_rows: int | None = None, max_batches: int | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """Feeds of one graph's held-out split (never given to a quantizer), for validation."""
-    return list(calibration.feeds(graph, "held_out", batch_rows))
+    """Feeds of one graph's held-out split (never given to a quantizer), for validation; ``max_batches``: at most
+    that many per group, spread evenly over it (every stage keeps some)."""
+    feeds: list[dict[str, np.ndarray]] = []
+    for group in calibration.groups(graph):
+        part = list(calibration.feeds(graph, "held_out", batch_rows, group=group))
+        feeds += _spread(part, max_batches) if max_batches is not None else part
+    return feeds
 
 
 def _spread(feeds: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:

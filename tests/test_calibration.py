@@ -383,6 +383,9 @@ def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, Calibratio
         reader.set_range(1, 2)
         assert reader.get_next() is not None and reader.get_next() is None
         assert len(list(GraphReader(result, name, max_batches=2))) <= 2 * len(result.groups(name))
+        # validation reads a few held-out batches of every group (every stage of the backbone)
+        few = held_out_feeds(result, name, max_batches=1)
+        assert len(few) == len(result.groups(name)) and len(few) <= len(held_out_feeds(result, name))
         validation = held_out_feeds(result, name)
         assert sum(len(as_rows(name, f[first_input])) for f in validation) == result.count(name, "held_out")
 
