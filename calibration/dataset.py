@@ -48,7 +48,7 @@ import numpy as np
 
 from calibration import layout
 from calibration.errors import CalibrationError
-from calibration.model import CapturedModel, canonical
+from calibration.model import CapturedModel, card_of
 from calibration.plan import SPLITS, CalibrationPlan
 from runtime import stage_constants as constants_io
 from runtime.errors import ECARError, InvalidRequestError
@@ -466,7 +466,7 @@ def _version_2_model(where: str, data: dict[str, Any], raw_graphs: dict[str, Any
             raise CalibrationError(
                 f"{where} graph '{name}': 'inputs' do not match ECAR's graph contract; capture again"
             )
-    card = ModelCard(ecar_contract.FAMILY, config.name, config.num_classes, canonical(config.to_dict()))
+    card = card_of(ecar_contract.FAMILY, config.to_dict())
     constants = constants_io.StageConstants(ecar_contract.stage_constants(config))
     return CapturedModel(card, ecar_contract.request_plan(config), specs, constants, token_rows=True)
 

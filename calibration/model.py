@@ -59,9 +59,7 @@ class CapturedModel:
     @classmethod
     def of_build(cls, manifest: Manifest, token_rows: bool) -> CapturedModel:
         """The model of an unfused build (the capture's fp32 pipeline)."""
-        card = ModelCard(
-            manifest.model.family, manifest.model.name, manifest.model.num_classes, canonical(manifest.model.settings)
-        )
+        card = card_of(manifest.model.family, manifest.model.settings)
         return cls(card, manifest.plan, dict(manifest.specs), manifest.constants, token_rows)
 
     def same_model(self, family: str, settings: Mapping[str, Any]) -> bool:
