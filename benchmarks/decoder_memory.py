@@ -1,4 +1,5 @@
-"""Peak memory of the decoder at batch 8: one call vs the runtime's sub-batches (runtime.ecar_contract.decoder_batch).
+"""Peak memory of the decoder at batch 8: one call vs the runtime's sub-batches
+(``ecar_export.families.ecar.contract.decoder_batch``).
 
 Exports a preset's decoder graph (the benchmark weights of ``_common.benchmark_model``; default
 ecar-b's KL-16, 256² images) once into benchmarks/.cache/, then runs it in fresh processes on ONNX
@@ -45,7 +46,7 @@ def export_decoder(preset: str) -> tuple[Path, object]:
 
     from ecar_export import presets
     from ecar_export.export import export_graph
-    from runtime.ecar_contract import decoder_spec
+    from ecar_export.families.ecar.contract import decoder_spec
 
     config = presets.architecture(preset)
     path = CACHE / f"decoder-{preset}" / "decoder.onnx"
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from runtime.ecar_contract import decoder_batch
+    from ecar_export.families.ecar.contract import decoder_batch
 
     graph, config = export_decoder(args.preset)
     runs = []

@@ -34,7 +34,7 @@ from _common import CACHE, RESULTS, load_average, machine, write_json
 from ecar_export import checkpoint, flops, presets
 from ecar_export.build import build_engines
 from ecar_export.evaluate import evaluate, torch_sampler
-from ecar_export.model import ECAR
+from ecar_export.families.ecar.model import ECAR
 from ecar_export.train import TrainSettings, train_demo
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend

@@ -236,7 +236,7 @@ def _weights(preset: str) -> int:
     import torch
 
     from ecar_export import families, presets
-    from ecar_export.model import ECAR
+    from ecar_export.families.ecar.model import ECAR
 
     others = {name: (f, c) for f in families.all_families() for name, c in f.presets.items()}
     with torch.device("meta"):

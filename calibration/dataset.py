@@ -27,9 +27,9 @@ leaves a directory that loads.
 A fused build's ``flow_loop`` reads each stage's first Euler step, so its rows are derived from
 the ``flow_step`` rows with ``step == 0``, one group per stage.
 
-Format version 3 (this one) stores the model as its build describes it. Version 2 sets hold an ECAR
-config only; they are read as ECAR sets, their model derived from that config
-(:mod:`runtime.ecar_contract`), so a capture of hours is not thrown away by the format change.
+Format version 3 (this one) stores the model as its build describes it, so that this package reads a set
+of any model family without knowing the family. Version 2 sets held an ECAR config only and are refused
+(capture again: ``ecar-export build --precision int8`` does).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 
 from calibration import layout
 from calibration.errors import CalibrationError
-from calibration.model import CapturedModel, card_of
+from calibration.model import CapturedModel
 from calibration.plan import SPLITS, CalibrationPlan
 from runtime import stage_constants as constants_io
 from runtime.errors import ECARError, InvalidRequestError
@@ -139,8 +139,7 @@ class CalibrationSet:
 
     def files(self) -> set[str]:
         """Every file of the set but its manifest: the graphs' rows and the stage constants."""
-        stages = self.raw.get("stage_constants")  # format 2 sets have none: their model is an ECAR config
-        return {entry.file for entry in self.graphs.values()} | ({stages["file"]} if stages else set())
+        return {entry.file for entry in self.graphs.values()} | {self.raw["stage_constants"]["file"]}
 
     def spec(self, graph: str) -> GraphSpec:
         try:
@@ -395,10 +394,7 @@ def load_calibration(path: str | os.PathLike[str], verify: bool = True) -> Calib
 def _parse(root: Path, manifest: Path, data: dict[str, Any], verify: bool) -> CalibrationSet:
     where = str(manifest)
     CALIBRATION_FORMAT.check_name(data, where)
-    version = data.get("format_version")
-    version_2 = version == 2 and not isinstance(version, bool)
-    if not version_2:
-        CALIBRATION_FORMAT.check_version(data, where)
+    CALIBRATION_FORMAT.check_version(data, where, older="it stores an ECAR config, not the model its build describes")
     plan = CalibrationPlan.from_dict(data.get("plan"))
     checkpoint = data.get("checkpoint_sha256")
     if not isinstance(checkpoint, str):
@@ -406,10 +402,7 @@ def _parse(root: Path, manifest: Path, data: dict[str, Any], verify: bool) -> Ca
     raw_graphs = data.get("graphs")
     if not isinstance(raw_graphs, dict):
         raise CalibrationError(f"{where}: missing field 'graphs'")
-    if version_2:
-        model = _version_2_model(where, data, raw_graphs)
-    else:
-        model = _captured_model(root, where, data, raw_graphs, verify)
+    model = _captured_model(root, where, data, raw_graphs, verify)
     if plan.num_classes != model.card.num_classes:
         raise CalibrationError(
             f"{where}: the plan covers {plan.num_classes} classes, the model has {model.card.num_classes}; "
@@ -448,27 +441,6 @@ def _captured_model(
     except ECARError as exc:
         raise CalibrationError(f"{where}: {exc}") from None
     return CapturedModel(card, request_plan, specs, constants, ROW_UNITS[unit])
-
-
-def _version_2_model(where: str, data: dict[str, Any], raw_graphs: dict[str, Any]) -> CapturedModel:
-    """The model of a format-2 set: ECAR's, from the config it holds (its graphs, plan and constants as an ECAR
-    build of that config has them), its flow_step stored as token rows."""
-    from runtime import ecar_contract
-    from runtime.config import ECARConfig
-
-    config = ECARConfig.from_dict(data.get("model"))
-    specs = {spec.name: spec for spec in ecar_contract.graph_specs(config)}
-    if set(raw_graphs) != set(specs):
-        raise CalibrationError(f"{where}: graphs {sorted(raw_graphs)} are not those of an ECAR build {sorted(specs)}")
-    for name, spec in specs.items():
-        entry = raw_graphs[name]
-        if not isinstance(entry, dict) or entry.get("inputs") != spec.to_dict()["inputs"]:
-            raise CalibrationError(
-                f"{where} graph '{name}': 'inputs' do not match ECAR's graph contract; capture again"
-            )
-    card = card_of(ecar_contract.FAMILY, config.to_dict())
-    constants = constants_io.StageConstants(ecar_contract.stage_constants(config))
-    return CapturedModel(card, ecar_contract.request_plan(config), specs, constants, token_rows=True)
 
 
 def _graph_entry(model: CapturedModel, where: str, spec: GraphSpec, raw: Any) -> GraphData:

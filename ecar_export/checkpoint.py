@@ -14,8 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecar_export import torch_files
-from ecar_export.model import ECAR
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
 from runtime.errors import CheckpointError
 from runtime.fileio import atomic_path
 from runtime.formats import Format

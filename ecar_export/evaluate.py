@@ -24,7 +24,7 @@ import numpy as np
 from ecar_export.data import split
 
 if TYPE_CHECKING:
-    from ecar_export.model import ECAR
+    from ecar_export.families.ecar.model import ECAR
     from runtime.pipeline import Pipeline
 
 # (labels, per-sample seeds) -> uint8 images [B, H, W, ch]

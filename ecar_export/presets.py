@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
 from runtime.errors import ConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -122,7 +122,7 @@ def load(name: str):  # type: ignore[no-untyped-def]
     import torch
 
     from ecar_export import checkpoint
-    from ecar_export.model import ECAR
+    from ecar_export.families.ecar.model import ECAR
 
     if name in TRAINED:
         return checkpoint.load(checkpoint_path(name))

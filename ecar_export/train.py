@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ecar_export.data import split
-from ecar_export.model import ECAR
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
 
 Progress = Callable[[str, int, int, float], None]  # phase, step, total, loss
 

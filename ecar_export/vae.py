@@ -1,6 +1,6 @@
 """Published VAE weights into ECAR checkpoints: ``ecar-export convert``.
 
-A ``kl`` tokenizer (:class:`ecar_export.model.tokenizer.KLTokenizer`) is a diffusers ``AutoencoderKL``.
+A ``kl`` tokenizer (:class:`ecar_export.tokenizer.KLTokenizer`) is a diffusers ``AutoencoderKL``.
 Its weights are read from
 
 * the LDM / MAR checkpoint layout: ``{'model': state_dict}``, ``{'state_dict': ...}`` or a bare state
@@ -33,9 +33,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecar_export import checkpoint, torch_files
-from ecar_export.model import ECAR
-from ecar_export.model.tokenizer import KLLayoutConfig, autoencoder_kl_config
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
+from ecar_export.tokenizer import KLLayoutConfig, autoencoder_kl_config
 from runtime.errors import CheckpointError
 from runtime.fileio import atomic_path
 

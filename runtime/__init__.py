@@ -1,4 +1,4 @@
-"""Torch-free ECAR runtime: config and schedule math, engine manifests, backends, Pipeline.
+"""Torch-free runtime: engine manifests, the request walk, backends, Pipeline; no model family's code.
 
 ``from runtime import Pipeline`` is the entry point; it is imported on first use so that
 ``import runtime`` stays light.
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.config import ECARConfig
 from runtime.errors import ECARError
 from runtime.version import __version__
 
 if TYPE_CHECKING:
     from runtime.pipeline import GenerateResult, Pipeline
 
-__all__ = ["ECARConfig", "ECARError", "GenerateResult", "Pipeline", "__version__"]
+__all__ = ["ECARError", "GenerateResult", "Pipeline", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

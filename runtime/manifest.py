@@ -34,11 +34,11 @@ from packaging.version import InvalidVersion, Version
 
 from runtime import graphs as contract
 from runtime.backends import selection
-from runtime.config import INT_LIMITS
 from runtime.errors import ManifestError
 from runtime.fileio import write_bytes_atomic
 from runtime.formats import Format
 from runtime.graphs import CONTRACT_VERSION, GraphSpec, Kind
+from runtime.limits import MAX_CLASSES
 from runtime.plan import RequestPlan
 from runtime.stage_constants import StageConstants
 from runtime.version import MIN_RUNTIME_FOR_CONTRACT, __version__
@@ -82,7 +82,7 @@ class ModelCard:
         name, classes = model.get("name"), model.get("num_classes")
         if not isinstance(name, str) or not name:
             raise ManifestError(f"{where}: invalid model config: field 'name' must be a non-empty string")
-        limit = INT_LIMITS["num_classes"]
+        limit = MAX_CLASSES
         if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= limit:
             raise ManifestError(
                 f"{where}: invalid model config: field 'num_classes' must be an integer in [1, {limit:,}], "

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.config import CFG_LIMIT
 from runtime.errors import InvalidRequestError, ManifestError, shown
 from runtime.graphs import Call, Kind
+from runtime.limits import CFG_LIMIT
 
 
 def check_cfg(cfg: object, name: str = "cfg") -> float:

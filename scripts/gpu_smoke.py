@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ecar_export.families.ecar import contract as ecar_contract  # noqa: E402
+from ecar_export.families.ecar import schedule  # noqa: E402
 from ecar_export.precision import PRECISIONS  # noqa: E402
-from runtime import ecar_contract, schedule  # noqa: E402
 from runtime import manifest as manifest_io  # noqa: E402
 from runtime.backends.tensorrt import gpu  # noqa: E402
 from runtime.errors import ECARError  # noqa: E402

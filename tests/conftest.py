@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
 
 # Tests share the machine with other work; one intra-op thread keeps runs light and deterministic.
 torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def make_perturbed_model(config: ECARConfig, seed: int = 0, scale: float = 0.1) 
     predicts u = 0), which would make sampler comparisons vacuous; the perturbation
     makes every sub-network contribute. Returned in eval mode.
     """
-    from ecar_export.model import ECAR
+    from ecar_export.families.ecar.model import ECAR
 
     torch.manual_seed(seed)
     model = ECAR(config)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from ecar_export import check, checkpoint, random_inputs
 from ecar_export.check import check_build
 from ecar_export.cli import app
+from ecar_export.families.ecar.contract import backbone_spec
 from runtime import manifest as manifest_io
-from runtime.ecar_contract import backbone_spec
 
 TINY = "tiny-1-2-4"
 MIN_COSINE = 0.99999

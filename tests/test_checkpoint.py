@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from ecar_export import checkpoint, torch_files
-from ecar_export.model import ECAR
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
 from runtime.errors import CheckpointError, ECARError
 
 

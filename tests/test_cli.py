@@ -23,8 +23,8 @@ from PIL import Image
 
 from ecar_export import checkpoint
 from ecar_export.backends.tensorrt import tensorrt_version
+from ecar_export.families.ecar.contract import config_of
 from runtime import manifest as manifest_io
-from runtime.ecar_contract import config_of
 from runtime.images import grid_image, to_uint8
 from runtime.pipeline import Pipeline
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
 from runtime.errors import ConfigError, ECARError
 
 # A valid small config; every bad case below changes only the fields it names.

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ecar_export import flops, inspect_report
+from ecar_export.families.ecar.contract import config_of
 from runtime import manifest as manifest_io
-from runtime.ecar_contract import config_of
 
 
 def _model(nodes, inputs, outputs, initializers=()):  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ from ecar_export.families.flowar.config import (
     FlowARConfig,
 )
 from ecar_export.families.flowar.model import FlowAR
-from ecar_export.model.tokenizer import autoencoder_kl_config
+from ecar_export.tokenizer import autoencoder_kl_config
 from runtime.errors import CheckpointError, ConfigError, ECARError
 
 SEED = int(os.environ.get("ECAR_TEST_SEED", secrets.randbelow(2**31)))
@@ -312,8 +312,8 @@ def test_decode_tokens_matches_diffusers_decode(converted: dict[str, Any]) -> No
 def test_decoder_graph_spec_and_real_sizes() -> None:
     """FlowAR-S/L/H decode with MAR's real KL-16 (ECAR's ecar-b decoder, tensor for tensor) to [B, 3, 256, 256]."""
     from ecar_export import presets
+    from ecar_export.families.ecar.model import ECAR
     from ecar_export.families.flowar import graphs
-    from ecar_export.model import ECAR
 
     with torch.device("meta"):
         kl16 = {k: v.shape for k, v in ECAR(presets.architecture("ecar-b")).state_dict().items() if "tokenizer." in k}
@@ -456,7 +456,7 @@ def test_converted_flowar_builds_and_generates_like_the_torch_model(
     contributes (the change other labels make at the same seed), the bound test_openvino sets for ECAR's
     reduced-precision requests. Measured: ONNX Runtime fp16 0.3 %; OpenVINO, whose bf16 the build keeps off
     the backbone and the flow head (family.bf16_unsafe: at bf16 they came to 35-48 %), 0.4 %."""
-    from runtime import ecar_contract
+    from ecar_export.families.ecar import contract as ecar_contract
     from runtime.pipeline import Pipeline
 
     model = convert.load(converted["out"])

@@ -22,10 +22,10 @@ from onnx import TensorProto, numpy_helper
 
 from calibration import CalibrationPlan, CalibrationSet, capture
 from calibration.readers import FeedList, GraphReader, held_out_feeds
+from ecar_export.families.ecar.contract import config_of
 from ecar_export.precision import fp16, int8, qdq
 from runtime import manifest as manifest_io
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, disabled_optimizers, session_options
-from runtime.ecar_contract import config_of
 from runtime.fileio import sha256_file
 from runtime.pipeline import Pipeline
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ecar_export.model import ECAR
-from runtime import ecar_contract, schedule
-from runtime.config import ECARConfig
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar import schedule
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
 from runtime.errors import ECARError, InvalidRequestError
 from runtime.request import first_prev, new_cache
 

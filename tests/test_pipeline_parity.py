@@ -35,9 +35,10 @@ from conftest import (
 )
 
 from ecar_export.build import load_model
-from runtime import ecar_contract, graphs
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar.contract import graph_specs
+from runtime import graphs
 from runtime import manifest as manifest_io
-from runtime.ecar_contract import graph_specs
 from runtime.errors import ECARError, InvalidRequestError, ManifestError
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
@@ -270,7 +271,7 @@ def test_backbone_gelu_runs_as_one_fused_kernel_in_ort(build_cache: BuildCache, 
 def test_tanh_gelu_export_form_equals_torch_gelu(rng: np.random.Generator):
     import torch
 
-    from ecar_export.model.layers import TanhGELU
+    from ecar_export.families.ecar.layers import TanhGELU
 
     x = torch.from_numpy(rng.standard_normal((64, 96)).astype(np.float32) * 4)
     eager = TanhGELU()(x)
@@ -320,7 +321,6 @@ TORCH_BLOCKED_RUN = (
     + """
 import numpy as np
 from runtime.pipeline import Pipeline
-from runtime.ecar_contract import config_of
 
 result = Pipeline.from_dir(sys.argv[1]).generate([1, 2], seed=3)
 np.save(sys.argv[2], result.latents)

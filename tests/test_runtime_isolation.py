@@ -26,9 +26,9 @@ def test_importing_runtime_does_not_import_torch() -> None:
     result = run_python(
         """
         import sys
-        import runtime, runtime.schedule, runtime.config, runtime.errors
-        import runtime.plan, runtime.noise, runtime.stage_constants, runtime.ecar_contract, runtime.request
-        assert runtime.schedule.draw_noise is not None
+        import runtime, runtime.limits, runtime.errors, runtime.graphs, runtime.manifest, runtime.pipeline
+        import runtime.plan, runtime.noise, runtime.stage_constants, runtime.request, runtime.cli
+        assert runtime.noise.draw is not None
         loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
         print("TORCH_MODULES", loaded)
         print("DIFFUSERS_MODULES", sorted(name for name in sys.modules if name.split(".")[0] == "diffusers"))
@@ -44,7 +44,7 @@ def test_check_detects_torch_when_it_is_imported() -> None:
     result = run_python(
         """
         import sys
-        import runtime, ecar_export.model
+        import runtime, ecar_export.families.ecar.model
         print("TORCH_MODULES", "torch" in sys.modules)
         """
     )
@@ -58,17 +58,12 @@ def test_runtime_works_with_torch_blocked() -> None:
         + textwrap.dedent(
             """
         import numpy as np
-        import runtime
-        from runtime import schedule
-        from runtime.config import ECARConfig
+        from runtime import noise
 
-        config = ECARConfig(image_size=8, latent_size=4, scales=(1, 2, 4), steps=(2, 2, 2))
-        noise = schedule.draw_noise(config, schedule.noise_keys(7, 2))
-        assert [n.shape for n in noise] == [(2, 1, 4), (2, 4, 4), (2, 16, 4)], [n.shape for n in noise]
-        assert all(n.dtype == np.float32 for n in noise)
-        assert float(np.std(noise[2])) > 0.5
-        assert len(schedule.stages(config)) == 3
-        assert runtime.ECARConfig is ECARConfig
+        drawn = noise.draw([1, 4, 16], 4, noise.noise_keys(7, 2))
+        assert [n.shape for n in drawn] == [(2, 1, 4), (2, 4, 4), (2, 16, 4)], [n.shape for n in drawn]
+        assert all(n.dtype == np.float32 for n in drawn)
+        assert float(np.std(drawn[2])) > 0.5
         print("RUNTIME_OK")
         """
         )

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from runtime import ecar_contract, schedule
-from runtime.config import ECARConfig
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar import schedule
+from ecar_export.families.ecar.config import ECARConfig
 from runtime.errors import ECARError, InvalidRequestError
 
 ConfigFactory = Callable[..., ECARConfig]

@@ -44,12 +44,14 @@ from fake_tensorrt import FAKE_GPU, FAKE_VERSION, DeviceIO, FakeBuilderState, Fa
 
 from ecar_export.backends import tensorrt as tensorrt_build
 from ecar_export.backends.tensorrt import PlanOptions, PlanRecord, apply_plans, build_plan, timing_cache_file
-from runtime import ecar_contract, graphs, schedule
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar import schedule
+from ecar_export.families.ecar.contract import config_of, graph_specs
+from runtime import graphs
 from runtime import manifest as manifest_io
 from runtime.backends.tensorrt import TensorRTBackend, gpu, loader, probe
 from runtime.backends.tensorrt.compat import RunningEnvironment, check_plan_compatibility
 from runtime.backends.tensorrt.shapes import resolve_dims
-from runtime.ecar_contract import config_of, graph_specs
 from runtime.errors import BackendUnavailableError, ECARWarning, EngineError, InvalidRequestError, ManifestError
 from runtime.graphs import Call, Kind, profile_shapes
 from runtime.images import to_uint8

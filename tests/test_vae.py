@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from ecar_export import checkpoint
 from ecar_export.cli import app as export_app
-from ecar_export.model import ECAR
-from ecar_export.model.tokenizer import autoencoder_kl_config
-from runtime import ecar_contract
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.model import ECAR
+from ecar_export.tokenizer import autoencoder_kl_config
 from runtime import manifest as manifest_io
 from runtime import plan as plan_module
-from runtime.config import ECARConfig
 from runtime.graphs import Kind
 from runtime.images import to_uint8
 from runtime.pipeline import Pipeline

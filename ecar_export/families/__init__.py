@@ -21,14 +21,15 @@ The runtime sees none of this: it reads the plan, the specs and the constants fr
 family's name and config only as data (:class:`runtime.manifest.ModelCard`).
 
 ====================  ==============================================================================
-``ecar``              :mod:`ecar_export.families.ecar`: the ECAR model this repository defines
-                      (:mod:`ecar_export.model`, its contract in :mod:`runtime.ecar_contract`)
+``ecar``              :mod:`ecar_export.families.ecar`: the ECAR model this repository defines (its
+                      config, schedule, graph contract and torch model; the entry in ``ecar/family.py``)
 ``flowar``            :mod:`ecar_export.families.flowar`: FlowAR (Ren et al. 2024), the authors'
                       released checkpoints converted by ``ecar-export convert --flowar``
 ====================  ==============================================================================
 
-A third family (a user's own ECAR variant) is one more module that defines a :class:`Family` and one
-more line in :data:`FAMILIES`.
+A third family (a user's own ECAR variant) is one more package beside these two whose ``family`` module
+defines a :class:`Family`, and one more line in :data:`FAMILIES`; its config derives from
+:class:`ecar_export.families.config.ModelConfig`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from runtime.plan import RequestPlan
 @dataclass(frozen=True)
 class Family:
     """One model family's answers to what a build asks (module doc). ``model_type``: its torch module class,
-    whose instances carry their config as ``.config`` (a :class:`runtime.config.ModelConfig` with ``to_dict``)."""
+    whose instances carry their config as ``.config`` (a :class:`ecar_export.families.config.ModelConfig`
+    with ``to_dict``)."""
 
     name: str
     model_type: type[nn.Module]
@@ -69,7 +71,7 @@ class Family:
 
 # family name -> the module that defines it (as FAMILY); imported on first use
 FAMILIES: Mapping[str, str] = {
-    "ecar": "ecar_export.families.ecar",
+    "ecar": "ecar_export.families.ecar.family",
     "flowar": "ecar_export.families.flowar.family",
 }
 
@@ -87,7 +89,7 @@ def all_families() -> list[Family]:
 
 
 def config_of(model: nn.Module) -> Any:
-    """A model's config (a family's :class:`runtime.config.ModelConfig`; ``nn.Module`` hides its type)."""
+    """A model's config (a family's :class:`ecar_export.families.config.ModelConfig`; ``nn.Module`` hides its type)."""
     return model.config
 
 

@@ -7,7 +7,7 @@ which nodes stay in float32. Kept in float32 (see README "Precision" for the mea
 * ``LayerNormalization``, ``InstanceNormalization``, ``GroupNormalization`` and ``Softmax`` —
   normalisation statistics and attention weights;
 * the statistics of normalisations written as plain ops (the decoder's GroupNorms,
-  :class:`ecar_export.model.tokenizer.StatisticsGroupNorm`): every ``ReduceMean`` with the
+  :class:`ecar_export.tokenizer.StatisticsGroupNorm`): every ``ReduceMean`` with the
   elementwise ops that feed it (the squares) and those that use its result up to the
   normalised values (variance, square root, division) — a float16 mean square overflows once
   a group's values pass 256;
@@ -43,7 +43,7 @@ STATE_OUTPUTS = ("x", "x_next", "x_end", "image")
 # ops that end the backward walk from a state output (the heavy compute stays fp16)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 RESAMPLING_PREFIXES = ("up_", "fresh_", "down_", "model.up_", "model.fresh_", "model.down_")
-RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (runtime.ecar_contract.stage_inputs)
+RESAMPLING_INPUTS = ("up", "fresh")  # graph inputs of the backbone (ecar_export.families.ecar.contract.stage_inputs)
 
 
 # the recipe's fp32 islands, each switchable for measurements (benchmarks/fp16_recipe.py)

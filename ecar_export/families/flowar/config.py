@@ -1,13 +1,13 @@
 """FlowAR's configuration: the architecture and the reference sampling settings of one model.
 
-Plain data like :class:`runtime.config.ECARConfig`: a frozen dataclass with a JSON round trip (it
+Plain data like :class:`ecar_export.families.ecar.config.ECARConfig`: a frozen dataclass with a JSON round trip (it
 travels in a converted checkpoint's metadata) and a validation that names the offending field.
 The presets carry the numbers of the authors' FlowAR-S, -L and -H.
 
 The decoder (MAR's KL-16 VAE) is laid out by the fields every family shares
-(:class:`runtime.config.TokenizerLayout`: ``tokenizer_channels``, ``tokenizer_layers``,
+(:class:`ecar_export.families.config.TokenizerLayout`: ``tokenizer_channels``, ``tokenizer_layers``,
 ``tokenizer_groups``, ``tokenizer_attention``, ``image_output``) and built by
-:class:`ecar_export.model.tokenizer.KLTokenizer`, as ECAR's ``kl`` tokenizer is; the properties
+:class:`ecar_export.tokenizer.KLTokenizer`, as ECAR's ``kl`` tokenizer is; the properties
 ``image_channels``, ``latent_size``, ``latent_channels``, ``latent_shift`` and ``tokenizer_factor``
 give it FlowAR's geometry under the names it reads.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from runtime.config import (
+from ecar_export.families.config import (
     CFG_LIMIT,
+    MAX_CLASSES,
     MAX_PARAMETERS,
     MAX_STEPS,
     TOKENIZER_INT_LIMITS,
@@ -39,7 +40,7 @@ INT_LIMITS = {
     "heads": 1024,
     "head_width": 32768,
     "head_depth": 1024,
-    "num_classes": 1_000_000,
+    "num_classes": MAX_CLASSES,
     "steps": MAX_STEPS,
     "resample_size": 1024,
     "rope_grid": 1024,
@@ -100,7 +101,7 @@ class FlowARConfig(ModelConfig, TokenizerLayout):
         """Side of the final token grid."""
         return self.image_size // self.vae_stride
 
-    # the decoder's geometry under the names the KL tokenizer reads (ecar_export.model.tokenizer.KLLayoutConfig)
+    # the decoder's geometry under the names the KL tokenizer reads (ecar_export.tokenizer.KLLayoutConfig)
     @property
     def image_channels(self) -> int:
         return 3

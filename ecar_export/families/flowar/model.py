@@ -3,7 +3,7 @@
 The generator's state dict uses the authors' key names, less their persistent buffers (the unused
 training mask and the RoPE frequencies, which are recomputed here). The decoder is MAR's KL-16 VAE,
 a diffusers ``AutoencoderKL`` under ``tokenizer.vae.`` built by
-:class:`ecar_export.model.tokenizer.KLTokenizer` from the config's layout fields, as ECAR's ``kl``
+:class:`ecar_export.tokenizer.KLTokenizer` from the config's layout fields, as ECAR's ``kl``
 tokenizer is.
 
 ``backbone_graph``, ``flow_step`` and ``decode_tokens`` are the graphs of graph contract 3
@@ -21,7 +21,7 @@ from ecar_export.families.flowar.backbone import Backbone
 from ecar_export.families.flowar.config import FlowARConfig
 from ecar_export.families.flowar.head import FlowHead
 from ecar_export.families.flowar.layers import KVCache
-from ecar_export.model.tokenizer import KLTokenizer
+from ecar_export.tokenizer import KLTokenizer
 
 
 class FlowAR(Backbone):

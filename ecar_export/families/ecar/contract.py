@@ -5,7 +5,7 @@ manifest's graph entries, :func:`request_plan` as the manifest's ``plan``,
 :func:`stage_constants` as the stages file); the calibration capture and the torch
 reference sampler use it too. The runtime's request path never does: it reads all of it back
 from the build (:mod:`runtime.graphs`, :mod:`runtime.plan`, :mod:`runtime.stage_constants`).
-Every number comes from ECAR's formulas in :mod:`runtime.schedule`.
+Every number comes from ECAR's formulas in :mod:`ecar_export.families.ecar.schedule`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ecar_export.families.ecar import schedule
+from ecar_export.families.ecar.config import ECARConfig
 from runtime import plan as plan_module
-from runtime import schedule
-from runtime.config import ECARConfig
 from runtime.errors import ConfigError, ManifestError
 from runtime.graphs import Dim, GraphSpec, Kind, TensorSpec
 from runtime.plan import RequestPlan, StagePlan, f32
@@ -173,8 +173,8 @@ def _stage_inputs(config: ECARConfig, stage: int) -> tuple[tuple[str, np.ndarray
 def stage_inputs(config: ECARConfig, stage: int) -> dict[str, np.ndarray]:
     """The backbone's stage constants at a 1-based stage (read-only arrays).
 
-    ``up`` [N, P] nearest upsampling and ``fresh`` [N, N] = I - U·D (:mod:`runtime.schedule`),
-    ``renoise`` the two coefficients of :func:`runtime.schedule.renoise`, ``positions`` the
+    ``up`` [N, P] nearest upsampling and ``fresh`` [N, N] = I - U·D (:mod:`ecar_export.families.ecar.schedule`),
+    ``renoise`` the two coefficients of :func:`ecar_export.families.ecar.schedule.renoise`, ``positions`` the
     stage's rows of the position table, ``level`` its index, ``kv_tokens`` the tokens whose
     keys/values it emits. Stage 1: ``up`` one zero column, ``fresh`` the identity and
     coefficients (0, 1), so its start state is its noise.

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ecar_export.model.layers import TanhGELU, modulate, zero_
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.layers import TanhGELU, modulate, zero_
 
 
 class Attention(nn.Module):

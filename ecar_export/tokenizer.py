@@ -10,7 +10,7 @@ the model's ``latent_scale`` / ``latent_shift``) and back (``decode``, images in
   layouts of it. Published weights are converted into it by :mod:`ecar_export.vae`.
 
 The ``kl`` tokenizer is built here for every model family: its layout is the config's
-:class:`runtime.config.TokenizerLayout` fields plus the geometry :class:`KLLayoutConfig` names
+:class:`ecar_export.families.config.TokenizerLayout` fields plus the geometry :class:`KLLayoutConfig` names
 (ECAR's config has them as fields, FlowAR's derives them from its own).
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from runtime.config import ECARConfig
+from ecar_export.families.ecar.config import ECARConfig
 
 
 class KLLayoutConfig(Protocol):

@@ -1,7 +1,7 @@
 """ECAR's multistage flow schedule (DESIGN §3) and the per-sample noise (DESIGN §4).
 
 This module is the single home of the schedule's formulas. The torch reference
-model, the exported graphs and ECAR's build data (:mod:`runtime.ecar_contract`) call these
+model, the exported graphs and ECAR's build data (:mod:`ecar_export.families.ecar.contract`) call these
 functions.
 Resampling between stage grids is expressed as small constant matrices acting on
 the token axis (``tokens [.., N, C]``, row-major over the r×r grid), so every
@@ -11,7 +11,7 @@ on numpy arrays and on torch tensors (the caller passes matrices of its own kind
 The per-sample noise is :mod:`runtime.noise`'s: stage by stage for s = 1..S, one array
 ``standard_normal((r_s * r_s, C), dtype=float32)`` per sample, ``ε_1`` for the first stage and
 ``η_s`` for every later one. The runtime's request path uses none of this module: the build
-writes what it needs as data (:mod:`runtime.ecar_contract`).
+writes what it needs as data (:mod:`ecar_export.families.ecar.contract`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ecar_export.families.ecar.config import ECARConfig
 from runtime import noise
-from runtime.config import ECARConfig
 from runtime.noise import MAX_SEED, check_keys, noise_keys  # noqa: F401  (the export side's imports)
 from runtime.plan import check_cfg  # noqa: F401
 

@@ -1,6 +1,6 @@
-"""The ECAR family: the model this repository defines (:mod:`ecar_export.model`) and its contract.
+"""The ECAR family: the model this repository defines (:mod:`ecar_export.families.ecar.model`) and its contract.
 
-Its graph specs, request plan and stage constants are :mod:`runtime.ecar_contract`'s (the calibration
+Its graph specs, request plan and stage constants are :mod:`ecar_export.families.ecar.contract`'s (the calibration
 capture computes them from a manifest's config too, which is why they sit in ``runtime``); its
 checkpoints are :mod:`ecar_export.checkpoint`'s. See :mod:`ecar_export.families` for the interface.
 """
@@ -15,8 +15,8 @@ import torch
 
 from ecar_export import checkpoint
 from ecar_export.families import Family
-from ecar_export.model import ECAR
-from runtime import ecar_contract
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar.model import ECAR
 from runtime.graphs import Kind
 
 

@@ -2,9 +2,9 @@
 
 ``backbone_graph``, ``flow_step`` and ``decode_tokens`` are exactly the graphs of the
 contract (:mod:`runtime.graphs`); the sampler below walks ECAR's request plan
-(:func:`runtime.ecar_contract.request_plan`) with them, feeding the stage constants a build
+(:func:`ecar_export.families.ecar.contract.request_plan`) with them, feeding the stage constants a build
 writes, so the exported graphs and the torch reference cannot drift apart. All schedule
-arithmetic comes from :mod:`runtime.schedule`.
+arithmetic comes from :mod:`ecar_export.families.ecar.schedule`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecar_export.model.backbone import Backbone
-from ecar_export.model.flow_head import FlowHead
-from ecar_export.model.tokenizer import make_tokenizer
-from runtime import ecar_contract, schedule
-from runtime.config import ECARConfig
+from ecar_export.families.ecar import contract as ecar_contract
+from ecar_export.families.ecar import schedule
+from ecar_export.families.ecar.backbone import Backbone
+from ecar_export.families.ecar.config import ECARConfig
+from ecar_export.families.ecar.flow_head import FlowHead
+from ecar_export.tokenizer import make_tokenizer
 from runtime.errors import InvalidRequestError
 from runtime.graphs import Call, Kind
 from runtime.request import RequestInputs, RequestState, walk
@@ -91,7 +92,7 @@ class ECAR(nn.Module):
         """The ``backbone`` graph, every stage: -> z [2B, N, D], start state x = P_s [B, N, C], emitted kv.
 
         ``prev`` [B, P, C] is the previous stage's end state; the stage itself is data
-        (:func:`runtime.ecar_contract.stage_inputs`), so one traced graph serves every stage.
+        (:func:`ecar_export.families.ecar.contract.stage_inputs`), so one traced graph serves every stage.
         """
         cond = self.condition(labels)
         start = schedule.renoise_with(prev, noise, up, fresh, renoise[0], renoise[1])
@@ -172,7 +173,7 @@ class ECAR(nn.Module):
         cfg: float | None = None,
         use_cache: bool = True,
     ) -> SampleResult:
-        """Generate images; noise per sample from :func:`runtime.schedule.draw_noise`.
+        """Generate images; noise per sample from :func:`ecar_export.families.ecar.schedule.draw_noise`.
 
         Walks the request plan as the runtime does. ``use_cache=False``
         recomputes the whole prefix under the block-causal mask at every stage instead of using
