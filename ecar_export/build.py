@@ -39,7 +39,7 @@ from torch import nn
 
 from ecar_export import checkpoint, export, families, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.precision import Precision, RecipeInputs
-from ecar_export.precision.int8 import op_types_for
+from ecar_export.precision.int8 import calibration_batches, op_types_for
 from runtime import manifest as manifest_io
 from runtime import stage_constants
 from runtime.backends import selection
@@ -94,7 +94,7 @@ def build_engines(
 
     Args:
         model_or_checkpoint_path: a model of a known family (:mod:`ecar_export.families`: an
-            :class:`~ecar_export.model.ECAR`, a FlowAR), a safetensors checkpoint (its metadata names
+            :class:`~ecar_export.families.ecar.model.ECAR`, a FlowAR), a safetensors checkpoint (its metadata names
             its family), or None for the bundled ``ecar-digits`` demo.
         out_dir: the engine directory (created; an earlier build in it stays loadable until
             this one commits).
@@ -155,8 +155,13 @@ def build_engines(
                     "calibration_requests": requests,
                     "int8_op_types": list(op_types_for(chosen)),  # the recipe's coverage follows the target
                 }
+
+            def graph_options(spec: GraphSpec) -> dict[str, object]:
+                batches = calibration_batches(spec.kind) if recipe.calibrated else None
+                return options if batches is None else {**options, "calibration_batches": batches}
+
             keys = {
-                spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, options)
+                spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, graph_options(spec))
                 for spec in specs
             }
             reusable = {} if force else graph_keys.reusable_graphs(out, keys)

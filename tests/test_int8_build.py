@@ -13,8 +13,9 @@ from conftest import BuildCache, needs_demo
 from ecar_export import precision
 from ecar_export.check import check_build
 from ecar_export.evaluate import evaluate
-from ecar_export.precision import qdq
+from ecar_export.precision import int8, qdq
 from runtime import manifest as manifest_io
+from runtime.graphs import Kind
 from runtime.pipeline import Pipeline
 
 TINY = "tiny-1-2-4"
@@ -33,6 +34,9 @@ def test_int8_build_is_calibrated_checked_and_keeps_its_calibration(build_cache:
             assert records, f"{name} has no Q/DQ pairs"
         cosines = entry.builder["held_out_cosine"]
         assert min(cosines.values()) >= 0.99, (name, cosines)
+        # the decoder (a 250 GFLOP call at 256²) is calibrated on a spread of 16 batches, the rest on every one
+        wanted = int8.CALIBRATION_BATCHES[Kind.DECODER] if entry.spec.kind == Kind.DECODER else "all"
+        assert entry.builder["calibration_batches"] == wanted, (name, entry.builder)
     results, _ = check_build(build.dir, build.model)
     assert all(r.ok for r in results), [(r.graph, r.cosine, r.error) for r in results]
     assert {r.inputs for r in results} == {"held-out"}

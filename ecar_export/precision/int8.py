@@ -56,6 +56,7 @@ from ecar_export.precision import CALIBRATION_METHODS, RecipeInputs
 from ecar_export.precision.fp16 import _name_unnamed_nodes, fp32_nodes
 from ecar_export.precision.qdq import CONV_OP_TYPES, DEFAULT_OP_TYPES, check_qdq, compare_graphs
 from ecar_export.quiet import quiet
+from runtime.graphs import Kind
 
 METHODS = CALIBRATION_METHODS
 DEFAULT_PERCENTILE = 99.999
@@ -64,10 +65,20 @@ ENTROPY_QUANTIZED_BINS = 128  # candidate thresholds quantize |x| into 128 level
 # Held-out batches per row group that judge a quantized graph (a build records their cosine): ecar-b's decoder on
 # all 240 held-out images took over 25 minutes of a build on two cores; 4 batches of 8 per group record it.
 HELD_OUT_BATCHES = 4
+# Calibration batches a graph kind is quantized on, where fewer than the whole set: a 256² KL-16 decode is 250
+# GFLOP, and ecar-b's decoder on all 1712 calibration images (one calibration thread) ran for over an hour of a
+# build; 16 batches of 8 spread over the set (benchmarks/decoder_speed.py calibrates on 32 images at an image
+# cosine of 0.998). The cap is part of the graph's build key (:func:`calibration_batches`).
+CALIBRATION_BATCHES: dict[Kind, int] = {Kind.DECODER: 16}
 
 
 # Targets whose INT8 convolutions are faster than their float ones (module doc).
 QUANTIZED_CONV_BACKENDS = ("openvino", "tensorrt")
+
+
+def calibration_batches(kind: Kind) -> int | None:
+    """How many calibration batches quantize a graph of ``kind`` (spread evenly over the set); None: all."""
+    return CALIBRATION_BATCHES.get(kind)
 
 
 def op_types_for(backend: str) -> tuple[str, ...]:
@@ -360,7 +371,9 @@ def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[
     method = inputs.calibration_method
     fp32_graph = onnx.load(str(source))
     op_types = op_types_for(inputs.backend)
-    quantized = quantize(fp32_graph, GraphReader(inputs.calibration, graph), method, op_types=op_types, threads=1)
+    batches = calibration_batches(inputs.calibration.spec(graph).kind)
+    reader = GraphReader(inputs.calibration, graph, max_batches=batches)
+    quantized = quantize(fp32_graph, reader, method, op_types=op_types, threads=1)
     records = check_qdq(quantized)
     held_out = held_out_feeds(inputs.calibration, graph, max_batches=HELD_OUT_BATCHES)
     agreement = compare_graphs(fp32_graph, quantized, held_out)
@@ -370,6 +383,7 @@ def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[
         "recipe": "int8",
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric int8, per-channel weights)",
         "calibration_method": method,
+        "calibration_batches": "all" if batches is None else batches,
         "quantized_op_types": list(op_types),
         "qdq_nodes": len(records),
         "held_out_cosine": {name: round(a.cosine, 7) for name, a in agreement.items()},
