@@ -269,9 +269,18 @@ def build_key(options: dict[str, Any]) -> str:
 
 
 def build(
-    preset: str, key: str, model: Any, max_batch: int, options: dict[str, Any], threads: int, engine: str
-) -> tuple[Pipeline, float]:
-    """Build (or reuse) one variant under ``benchmarks/.cache/engines/<preset>/<key>``; its pipeline."""
+    preset: str,
+    key: str,
+    model: Any,
+    max_batch: int,
+    options: dict[str, Any],
+    threads: int,
+    engine: str,
+    open_pipeline: bool = True,
+) -> tuple[Pipeline | None, float]:
+    """Build (or reuse) one variant under ``benchmarks/.cache/engines/<preset>/<key>``; its pipeline, unless
+    ``open_pipeline`` is false (``--build-only``: every open pipeline holds its weights, and an int8 build's
+    quantization beside all of them ran ecar-b out of 24 GB)."""
     out = CACHE / "engines" / preset / key
     start = time.perf_counter()
     if options["precision"] == "int8" and not out.exists():
@@ -284,6 +293,8 @@ def build(
                 break
     build_engines(model, out, max_batch=max_batch, **options)
     seconds = time.perf_counter() - start
+    if not open_pipeline:
+        return None, seconds
     manifest = manifest_io.load(out)
     if engine == "openvino":
         from runtime.backends.openvino_backend import OpenVINOBackend
@@ -397,14 +408,17 @@ def main() -> None:
         if options["precision"] == "int8":
             options = {**options, "calibration_requests": args.calibration_requests}
         directory = build_key(options)
-        pipes[name], build_seconds[name] = build(
-            args.preset, directory, model, max(batches), options, args.threads, engine
+        pipe, build_seconds[name] = build(
+            args.preset, directory, model, max(batches), options, args.threads, engine, not args.build_only
         )
         print(f"built (or reused) {name} in {build_seconds[name]:.1f} s", flush=True)
+        if pipe is None:
+            continue
+        pipes[name] = pipe
         if engine == "openvino":
-            executions[name] = openvino_execution(pipes[name])
+            executions[name] = openvino_execution(pipe)
     if args.build_only:
-        print(f"built {len(pipes)} variant(s) under {CACHE / 'engines' / args.preset}; nothing timed")
+        print(f"built {len(build_seconds)} variant(s) under {CACHE / 'engines' / args.preset}; nothing timed")
         return
     twins = {
         TORCH_COMPILE: compiled_walk(model, bf16=False, dynamic=args.compile_dynamic)
