@@ -192,11 +192,22 @@ class CalibrationSet:
         ``fixed``: every call of a group has the same row count (see :func:`calibration.layout.batches`).
         ``group``: only that group.
         """
-        spec = self.spec(graph)
-        size = batch_rows or self.default_batch_rows(graph)
         for name in [group] if group is not None else self.groups(graph):
-            rows = self.rows(graph, split, name)
-            yield from layout.batches(spec, rows, size, fixed, self.constants(graph, name), self.model.token_rows)
+            for index in self.batch_indices(graph, split, batch_rows, fixed, name):
+                yield self.feed(graph, split, name, index)
+
+    def batch_indices(
+        self, graph: str, split: str, batch_rows: int | None = None, fixed: bool = False, group: str | None = None
+    ) -> list[np.ndarray]:
+        """The rows of each of :meth:`feeds`' calls for one group, without making the feeds (see :meth:`feed`)."""
+        size = batch_rows or self.default_batch_rows(graph)
+        rows = self.rows(graph, split, group)
+        return layout.batch_indices(self.spec(graph), rows, size, fixed, self.model.token_rows)
+
+    def feed(self, graph: str, split: str, group: str, index: np.ndarray) -> dict[str, Any]:
+        """One call's feed: the rows ``index`` of a group (one of :meth:`batch_indices`) with its constants."""
+        rows = layout.select(self.rows(graph, split, group), index)
+        return layout.from_rows(self.spec(graph), rows, self.constants(graph, group), self.model.token_rows)
 
     def stage_feeds(
         self, graph: str, stage: int, split: str = "held_out", batch_rows: int | None = None

@@ -203,7 +203,16 @@ def batches(
     constants: Mapping[str, np.ndarray] | None = None,
     tokens: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds of ``batch_rows`` rows each, from the rows of one group.
+    """Feeds of ``batch_rows`` rows each, from the rows of one group (the rows :func:`batch_indices` picks)."""
+    inputs = {t.name: rows[t.name] for t in stored_inputs(spec, tokens)}
+    for index in batch_indices(spec, rows, batch_rows, fixed, tokens):
+        yield from_rows(spec, select(inputs, index), constants, tokens)
+
+
+def batch_indices(
+    spec: GraphSpec, rows: Mapping[str, np.ndarray], batch_rows: int, fixed: bool = False, tokens: bool = True
+) -> list[np.ndarray]:
+    """The rows of each batch of ``batch_rows`` rows, from the rows of one group; nothing is copied.
 
     Rows are grouped by their scalar inputs (a flow graph's ``t``, ``dt``, ``cfg``), in
     order of first appearance, so every batch is one valid call of the graph. The last
@@ -216,7 +225,7 @@ def batches(
     inputs = {t.name: rows[t.name] for t in stored_inputs(spec, tokens)}
     count = row_count(inputs)
     if count == 0:
-        return
+        return []
     scalars = scalar_inputs(spec, tokens)
     if scalars:
         keys = np.stack([inputs[name].astype(np.float64) for name in scalars], axis=1)
@@ -226,9 +235,11 @@ def batches(
         groups = [np.arange(count)]
     if fixed:
         batch_rows = min(batch_rows, *(len(group) for group in groups))
+    picked = []
     for group in groups:
         for start in range(0, len(group), batch_rows):
             index = group[start : start + batch_rows]
             if fixed and len(index) < batch_rows:
                 index = np.concatenate([index, group[: batch_rows - len(index)]])
-            yield from_rows(spec, select(inputs, index), constants, tokens)
+            picked.append(index)
+    return picked

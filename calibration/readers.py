@@ -8,12 +8,14 @@ graph on inputs its calibration never saw. :class:`FeedList` feeds a fixed list 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.dataset import CalibrationSet
+
+T = TypeVar("T")
 
 
 class FeedList(CalibrationDataReader):
@@ -42,9 +44,14 @@ class GraphReader(CalibrationDataReader):
     graphs get ``batch_rows`` token rows of one (stage, step) per call (default: the
     plan's batch × the largest stage's tokens). Feeds come group by group (the backbone's
     stages); within a group every call has the same shapes. ``max_batches`` caps the calls
-    per group, ``group`` reads one group only. :meth:`parts` gives one reader per group: ORT's
-    histogram calibrators stack a tensor's values over one ``collect_data`` call, which needs
-    one shape. Supports ``len`` and ``set_range`` (ORT's strided calibration) and ``rewind``.
+    per group, spread evenly over it; ``group`` reads one group only. :meth:`parts` gives one
+    reader per group: ORT's histogram calibrators stack a tensor's values over one
+    ``collect_data`` call, which needs one shape. Supports ``len`` and ``set_range`` (ORT's
+    strided calibration) and ``rewind``.
+
+    Each feed is made when it is asked for and not kept: the reader holds only which rows
+    each call takes. (Holding every feed of ecar-b's backbone, KV caches included, beside the
+    set's own arrays took an int8 build to 18 GB.)
     """
 
     def __init__(
@@ -60,12 +67,13 @@ class GraphReader(CalibrationDataReader):
         self.batch_rows = batch_rows or calibration.default_batch_rows(graph)
         self.max_batches = max_batches
         self.group_names = [group] if group is not None else calibration.groups(graph)
-        feeds: list[dict[str, np.ndarray]] = []
+        calls: list[tuple[str, np.ndarray]] = []
         for name in self.group_names:
-            part = list(calibration.feeds(graph, "calibration", self.batch_rows, fixed=True, group=name))
-            feeds += _spread(part, max_batches) if max_batches is not None else part
-        self._feeds = feeds
-        self._start, self._stop, self._next = 0, len(feeds), 0
+            indices = calibration.batch_indices(graph, "calibration", self.batch_rows, fixed=True, group=name)
+            part = [(name, index) for index in indices]
+            calls += _spread(part, max_batches) if max_batches is not None else part
+        self._calls = calls
+        self._start, self._stop, self._next = 0, len(calls), 0
 
     def parts(self) -> list[GraphReader]:
         """One reader per group (the same batches, split by shape), each at its start."""
@@ -80,19 +88,19 @@ class GraphReader(CalibrationDataReader):
     def get_next(self) -> dict[str, Any] | None:
         if self._next >= self._stop:
             return None
-        feed = self._feeds[self._next]
+        group, index = self._calls[self._next]
         self._next += 1
-        return feed
+        return self.calibration.feed(self.graph, "calibration", group, index)
 
     def __len__(self) -> int:
-        return len(self._feeds)
+        return len(self._calls)
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._start, self._stop = max(0, start_index), min(len(self._feeds), end_index)
+        self._start, self._stop = max(0, start_index), min(len(self._calls), end_index)
         self._next = self._start
 
     def rewind(self) -> None:
-        self._start, self._stop, self._next = 0, len(self._feeds), 0
+        self._start, self._stop, self._next = 0, len(self._calls), 0
 
 
 def held_out_feeds(
@@ -107,8 +115,8 @@ def held_out_feeds(
     return feeds
 
 
-def _spread(feeds: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
-    """``count`` feeds spread evenly over the list (every group of a flow graph keeps some)."""
+def _spread(feeds: list[T], count: int) -> list[T]:
+    """``count`` feeds (or calls) spread evenly over the list (every group of a flow graph keeps some)."""
     if count < 1:
         raise ValueError(f"max_batches must be at least 1, got {count}")
     if count >= len(feeds):

@@ -368,6 +368,15 @@ def test_readers_feed_calibration_rows_only(captured: tuple[Pipeline, Calibratio
         reader.set_range(1, 2)
         assert reader.get_next() is not None and reader.get_next() is None
         assert len(list(GraphReader(result, name, max_batches=2))) <= 2 * len(result.groups(name))
+        # the reader makes each feed when asked, and makes exactly the feeds the set's own feeds() makes
+        again = list(GraphReader(result, name, batch_rows=4))
+        made = list(result.feeds(name, "calibration", 4, fixed=True))
+        assert [sorted(f) for f in again] == [sorted(f) for f in made]
+        assert all(np.array_equal(f[k], g[k]) for f, g in zip(again, made, strict=True) for k in f)
+        reader.rewind()
+        first = reader.get_next()
+        reader.rewind()
+        assert reader.get_next() is not first, "a feed is made when asked for, never kept by the reader"
         # validation reads a few held-out batches of every group (every stage of the backbone)
         few = held_out_feeds(result, name, max_batches=1)
         assert len(few) == len(result.groups(name)) and len(few) <= len(held_out_feeds(result, name))
