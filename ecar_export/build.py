@@ -169,8 +169,10 @@ def build_engines(
             if recipe.calibrated:
                 if not force:
                     calibration.kept = calibration.previous()
-                if calibration.kept is None or set(reusable) != set(keys):
-                    reusable = {}  # calibration runs the whole fp32 pipeline: requantize every graph together
+                if calibration.kept is None:
+                    # a new capture: every graph is quantized again from it (a graph kept from an older build was
+                    # calibrated on another capture); with the kept set, only the graphs whose key changed
+                    reusable = {}
             records = _export_all(
                 model, staging, out, recipe, calibration, calibration_method, chosen, specs, keys, reusable, progress
             )

@@ -125,6 +125,17 @@ def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
     assert all(entry.reused for entry in unchanged.graphs.values())
     assert unchanged.calibration is not None and unchanged.calibration.reused
     assert (out / "calibration" / "calibration.json").read_bytes() == kept
+    # one graph's key changes (the decoder's calibration cap) and the kept set still serves: only that graph is
+    # quantized again (ecar-b's backbone alone takes minutes)
+    monkeypatch.setitem(precision.int8.CALIBRATION_BATCHES, Kind.DECODER, 1)
+    build_model(first.model, out, max_batch=first.max_batch, precision="int8")
+    one = manifest_io.load(out)
+    assert {name: entry.reused for name, entry in one.graphs.items()} == {
+        name: name != "decoder" for name in one.graphs
+    }
+    assert one.calibration is not None and one.calibration.reused
+    results, _ = check_build(out, first.model)
+    assert all(r.ok for r in results), [(r.graph, r.cosine, r.error) for r in results]
     # a different plan, --force, or a calibration set that fails its checksums (even with every
     # graph unchanged): capture again
     with pytest.raises(_CaptureCalled):
