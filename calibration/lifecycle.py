@@ -66,7 +66,9 @@ def previous(engine_dir: Path, key: CaptureKey) -> CalibrationSet | None:
         or old.calibration.requests != key.requests
         or old.opset != key.opset
         or old.export_version != key.export_version
-        or old.toolchain != dict(key.toolchain)
+        # the export tools only: a build's manifest adds its target's versions (OpenVINO, TensorRT), and the capture
+        # runs the fp32 graphs on ONNX Runtime whatever the target
+        or {tool: old.toolchain.get(tool) for tool in key.toolchain} != dict(key.toolchain)
     ):
         return None
     try:

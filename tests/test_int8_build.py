@@ -148,6 +148,31 @@ def test_rebuild_after_a_recipe_change_requantizes_from_the_kept_calibration(
         build_model(first.model, out, max_batch=first.max_batch, precision="int8")
 
 
+def test_an_openvino_int8_build_keeps_reusing_its_calibration(
+    build_cache: BuildCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build for OpenVINO records OpenVINO's version beside the export tools; its rebuild must still find its
+    kept set (the capture runs on ONNX Runtime whatever the target; ecar-b's takes two hours)."""
+    pytest.importorskip("openvino")
+    from conftest import build_model
+
+    import calibration
+
+    first = build_cache.get(TINY, precision="int8")
+    out = tmp_path / "engines"
+    shutil.copytree(first.dir, out)
+
+    def no_capture(*args: object, **kwargs: object) -> None:
+        raise _CaptureCalled
+
+    monkeypatch.setattr(calibration, "capture", no_capture)
+    for _ in range(2):  # from the ONNX Runtime build's set, then from the OpenVINO build's own
+        build_model(first.model, out, max_batch=first.max_batch, precision="int8", backend="openvino")
+        manifest = manifest_io.load(out)
+        assert manifest.backend == "openvino" and "openvino" in manifest.toolchain
+        assert manifest.calibration is not None and manifest.calibration.reused
+
+
 def test_fp16_build_checked_on_held_out_calibration_inputs(build_cache: BuildCache) -> None:
     """`ecar-export check --calibration DIR`: an fp16 build judged on an int8 build's held-out stage inputs."""
     calibration = build_cache.get(TINY, precision="int8").dir / "calibration"
