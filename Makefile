@@ -43,11 +43,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_speed.py
 	$(BIN)/python benchmarks/pipeline_speed.py --preset ecar-b --batches 8,1 --repeats 5 --calibration-requests 245 \
 		--variants torch,torch-bf16,torch-compile,torch-compile-bf16,fp32,fused,fp16,int8,ov-fp32,ov-fp16,ov-fused-fp16,ov-int8,ov-fused-int8
+	$(BIN)/python benchmarks/image_agreement.py --preset ecar-b
+	$(BIN)/python benchmarks/calibration_reader_memory.py
 	$(BIN)/python benchmarks/flops_compare.py
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
 	$(BIN)/python benchmarks/openvino_memory.py
 	$(BIN)/python benchmarks/decoder_speed.py
+	$(BIN)/python benchmarks/decoder_memory.py
 	$(BIN)/python benchmarks/demo_quality.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/runtime_install.py
