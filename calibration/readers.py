@@ -110,8 +110,9 @@ def held_out_feeds(
     that many per group, spread evenly over it (every stage keeps some)."""
     feeds: list[dict[str, np.ndarray]] = []
     for group in calibration.groups(graph):
-        part = list(calibration.feeds(graph, "held_out", batch_rows, group=group))
-        feeds += _spread(part, max_batches) if max_batches is not None else part
+        indices = calibration.batch_indices(graph, "held_out", batch_rows, group=group)
+        picked = _spread(indices, max_batches) if max_batches is not None else indices
+        feeds += [calibration.feed(graph, "held_out", group, index) for index in picked]  # only the picked ones
     return feeds
 
 
