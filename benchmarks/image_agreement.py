@@ -10,6 +10,11 @@ request failed with non-finite values (the pipeline refuses NaN/inf latents and 
 returning a black image). The bounds are the ones ``ecar-export check`` demands of each precision's
 graphs (``ecar_export.precision.PRECISIONS``: fp16 0.999, int8 0.99), here per image, worst case.
 
+The torch peers of ``pipeline_speed.py`` (``torch``, ``torch-bf16``, ``torch-compile-bf16``: the same
+model, seeds and labels, decoder included) are measured the same way, so a reduced-precision variant's
+agreement can be read beside the agreement the peer it is timed against reaches; the bf16 peers are held
+to the fp16 bound, the half-precision path they are compared with.
+
 Builds are shared with ``pipeline_speed.py`` (``benchmarks/.cache/engines/<preset>/``: run its
 ``--build-only`` first for ecar-b, whose int8 calibration capture takes most of an hour).
 
@@ -26,15 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from _common import RESULTS, begin_run, benchmark_model, machine, write_json
-from pipeline_speed import VARIANTS, build, build_key
+from pipeline_speed import VARIANTS, autocast_bf16, build, build_key, compiled_walk
 
 from ecar_export import presets
 from ecar_export.precision import PRECISIONS
+from ecar_export.torch_walk import TorchWalk
 from runtime.errors import EngineError
+from runtime.images import to_uint8
 from runtime.pipeline import Pipeline
 
 REFERENCE = "fp32"  # ONNX Runtime, the fp32 build
+# the torch peers: --variants key -> the precision whose bound they are held to
+TORCH_PEERS = {"torch": "fp32", "torch-bf16": "fp16", "torch-compile-bf16": "fp16"}
 
 
 def centred(images: np.ndarray) -> np.ndarray:
@@ -52,6 +62,15 @@ def generate(pipe: Pipeline, labels: np.ndarray, seeds: list[int], batch: int) -
             return None, str(exc)
         parts.append(result.images)
     return np.concatenate(parts), ""
+
+
+def torch_images(walk: TorchWalk, labels: np.ndarray, seeds: list[int], batch: int) -> np.ndarray:
+    """The torch walk's uint8 images of every seed, in batches of ``batch`` (pixels as the pipeline makes them)."""
+    parts = []
+    for start in range(0, len(labels), batch):
+        result = walk.generate(labels[start : start + batch].tolist(), seed=seeds[start : start + batch])
+        parts.append(to_uint8(result.images.float().numpy()))
+    return np.concatenate(parts)
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
@@ -75,16 +94,20 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="fp16,int8,ov-fp32,ov-fp16,ov-int8",
-        help="pipeline_speed.py build variants compared with ONNX Runtime fp32",
+        help="pipeline_speed.py build variants (and torch peers: torch, torch-bf16, torch-compile-bf16) "
+        "compared with ONNX Runtime fp32",
     )
     parser.add_argument("--calibration-requests", type=int, default=None, help="as pipeline_speed.py's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/image_agreement_<preset>.json)")
     args = parser.parse_args()
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
-    bad = [k for k in keys if k not in VARIANTS or VARIANTS[k][1] is None or k == REFERENCE]
+    bad = [k for k in keys if k not in TORCH_PEERS and (k not in VARIANTS or VARIANTS[k][1] is None or k == REFERENCE)]
     if bad:
-        parser.error(f"--variants: {', '.join(bad)} is not a build variant of pipeline_speed.py other than fp32")
+        parser.error(
+            f"--variants: {', '.join(bad)} is neither a build variant of pipeline_speed.py other than fp32 nor a "
+            f"torch peer ({', '.join(TORCH_PEERS)})"
+        )
     if not 1 <= args.seeds <= 10_000 or not 1 <= args.batch <= 64:
         parser.error("--seeds must be in [1, 10000] and --batch in [1, 64]")
     begin_run()
@@ -106,12 +129,24 @@ def main() -> None:
     if reference is None:
         raise SystemExit(f"the fp32 reference failed: {failure}")
     rows = []
+    peers = {
+        "torch": TorchWalk(model),
+        "torch-bf16": TorchWalk(model, {k: autocast_bf16(f) for k, f in TorchWalk.eager_functions(model).items()}),
+    }
     for key in keys:
         name, options, _ = VARIANTS[key]
-        assert options is not None
-        images, failure = generate(pipeline(key), labels, seeds, args.batch)
-        bound = PRECISIONS[str(options["precision"])].check_min_cosine
-        row: dict[str, Any] = {"variant": name, "precision": options["precision"], "min_cosine_bound": bound}
+        if key in TORCH_PEERS:
+            precision = TORCH_PEERS[key]
+            walk = peers.get(key) or compiled_walk(model, bf16=True, dynamic=False)
+            with torch.no_grad():
+                images: np.ndarray | None = torch_images(walk, labels, seeds, args.batch)
+            failure = ""
+        else:
+            assert options is not None
+            precision = str(options["precision"])
+            images, failure = generate(pipeline(key), labels, seeds, args.batch)
+        bound = PRECISIONS[precision].check_min_cosine
+        row: dict[str, Any] = {"variant": name, "precision": precision, "min_cosine_bound": bound}
         if images is None:
             row.update(non_finite=True, error=failure, holds=False)
         else:

@@ -91,7 +91,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "ov-fused": ("openvino fp32 fused loop", {"precision": "fp32", "fuse_flow_loop": True}, "openvino"),
     "ov-fp16": ("openvino fp16 build", {"precision": "fp16"}, "openvino"),
     "ov-fused-fp16": ("openvino fp16 build fused loop", {"precision": "fp16", "fuse_flow_loop": True}, "openvino"),
-    # int8 builds for OpenVINO also quantize convolutions (ecar_export.precision.int8.op_types_for)
+    # the same int8 recipe as ONNX Runtime's, built for OpenVINO (its toolchain in the key; ecar_export.precision.int8)
     "ov-int8": ("openvino int8", {"precision": "int8", "backend": "openvino"}, "openvino"),
     "ov-fused-int8": (
         "openvino int8 fused loop",

@@ -150,15 +150,14 @@ def build_engines(
             toolchain = graph_keys.toolchain_versions()
             options: dict[str, object] = {}
             if recipe.calibrated:
-                options = {
-                    "calibration_method": calibration_method,
-                    "calibration_requests": requests,
-                    "int8_op_types": list(op_types_for(chosen)),  # the recipe's coverage follows the target
-                }
+                options = {"calibration_method": calibration_method, "calibration_requests": requests}
 
             def graph_options(spec: GraphSpec) -> dict[str, object]:
-                batches = calibration_batches(spec.kind) if recipe.calibrated else None
-                return options if batches is None else {**options, "calibration_batches": batches}
+                if not recipe.calibrated:
+                    return options
+                batches = calibration_batches(spec.kind)
+                covered = {**options, "int8_op_types": list(op_types_for(spec.kind))}  # the recipe's coverage
+                return covered if batches is None else {**covered, "calibration_batches": batches}
 
             keys = {
                 spec.name: graph_keys.graph_key(spec, weights_digest, model, recipe, toolchain, graph_options(spec))
@@ -435,7 +434,7 @@ def _export_all(
         work = staging / spec.name
         work.mkdir()
         target = work / f"{spec.name}.onnx"
-        inputs = RecipeInputs(calibration.get() if recipe.calibrated else None, calibration_method, backend)
+        inputs = RecipeInputs(calibration.get() if recipe.calibrated else None, calibration_method)
         record = recipe.apply(fp32_dir / f"{traced.name}.onnx", target, traced.name, inputs)
         if spec.kind == Kind.FLOW_LOOP:
             weights_io.save_graph(flow_loop.wrap(weights_io.load_graph(target), spec), target)

@@ -79,16 +79,20 @@ def test_calibration_keeps_whole_token_grids_per_stage(int8_build: dict[str, Any
 
 
 def test_int8_graphs_are_quantized_and_pass_check_on_both_engines(int8_build: dict[str, Any]) -> None:
-    """Q/DQ in every graph (the decoder's convolutions too: an OpenVINO build), each graph within the INT8
-    tolerance of today's check against the torch model, on held-out calibration inputs, on both engines."""
+    """Q/DQ where int8 builds quantize (``int8.op_types_for``: the backbone's products; the flow head and every
+    convolution stay float, also in a build for OpenVINO), each graph within the INT8 tolerance of today's
+    check against the torch model, on held-out calibration inputs, on both engines."""
     manifest = manifest_io.load(int8_build["out"])
     for name, entry in manifest.graphs.items():
         graph = onnx.load(str(manifest.path(entry.file)))
-        assert qdq.check_qdq(graph), f"{name} has no Q/DQ pairs"
+        producer = {out: node.op_type for node in graph.graph.node for out in node.output}
+        assert not any(n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear" for n in graph.graph.node)
+        if entry.spec.kind == "flow_step":
+            assert not any(n.op_type in qdq.QDQ_OPS for n in graph.graph.node), name
+            continue
+        if entry.spec.kind == "backbone":
+            assert qdq.check_qdq(graph), f"{name} has no Q/DQ pairs"
         assert min(entry.builder["held_out_cosine"].values()) >= 0.99, (name, entry.builder["held_out_cosine"])
-    convs = onnx.load(str(manifest.path(manifest.graphs["decoder"].file)))
-    quantized_convs = [n for n in convs.graph.node if n.op_type == "Conv" and "DequantizeLinear" in n.input[1]]
-    assert quantized_convs, "an OpenVINO int8 build quantizes the decoder's convolutions"
     for backend in ("onnxruntime", "openvino"):
         argv = ["check", "--engine-dir", str(int8_build["out"]), "--checkpoint", str(int8_build["checkpoint"])]
         result = CliRunner().invoke(export_app, [*argv, "--json", "--backend", backend])
@@ -103,10 +107,10 @@ def test_int8_graphs_are_quantized_and_pass_check_on_both_engines(int8_build: di
 
 def test_int8_build_generates_on_both_engines(int8_build: dict[str, Any], rng: np.random.Generator) -> None:
     """`Pipeline` on ONNX Runtime and OpenVINO: finite images and latents closer to the torch model's than
-    another label's are. Measured on random flowar-tiny weights: 31 to
-    49 % of what the labels change (latent cosine 0.98 to fp32; the held-out x_next cosine per call is
-    0.9997, but the velocity's relative error is 25-30 % per call: 16 quantized products of a 64-wide head,
-    5-12 % each, over 5 stages x 24 steps); README "FlowAR" gives the numbers."""
+    another label's are. Measured on random flowar-tiny weights: 17 % of what the labels change on both
+    engines, with the flow head float (``int8.FLOAT_KINDS``); when it was quantized, 31 to 49 % (latent
+    cosine 0.98 to fp32: the held-out x_next cosine per call was 0.9997, but the velocity's relative error
+    25-30 % per call, 16 quantized products of a 64-wide head over 5 stages x 24 steps)."""
     model = convert.load(int8_build["checkpoint"])
     labels = [int(v) for v in rng.integers(0, CONFIG.num_classes, size=2)]
     seed = int(rng.integers(0, 2**62))
@@ -120,6 +124,6 @@ def test_int8_build_generates_on_both_engines(int8_build: dict[str, Any], rng: n
         assert np.isfinite(result.latents).all() and result.images.dtype == np.uint8
         got = torch.from_numpy(result.latents)
         share = float((got - want).norm()) / effect
-        assert share <= 0.75, (backend, share)
+        assert share <= 0.4, (backend, share)
         found[backend] = share
     print(f"int8 latents' distance to torch fp32 over the labels' effect: {found}")

@@ -35,12 +35,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 @dataclass(frozen=True)
 class RecipeInputs:
-    """What a recipe needs besides the graph: the calibration set and method (INT8 only) and the
-    backend the build is for (the INT8 recipe's coverage follows it: ``int8.op_types_for``)."""
+    """What a recipe needs besides the graph: the calibration set and method (INT8 only)."""
 
     calibration: CalibrationSet | None = None
     calibration_method: str = "minmax"
-    backend: str = "onnxruntime"
 
 
 @dataclass(frozen=True)
