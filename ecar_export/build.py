@@ -424,9 +424,11 @@ def _export_all(
             export.export_graph(model, traced, fp32_dir / f"{traced.name}.onnx")
         moment(f"export:{spec.name}")
     result: dict[str, dict[str, Any]] = {}
+    bf16_unsafe = families.of(model).bf16_unsafe
     for spec in specs:
         if spec.name in reusable:  # the ONNX side of the old record only: plans are this build's to add
-            result[spec.name] = manifest_io.reused_record(spec, reusable[spec.name])
+            safe = spec.kind not in bf16_unsafe
+            result[spec.name] = manifest_io.reused_record(spec, reusable[spec.name], bf16_safe=safe)
     for done, spec in enumerate(todo):
         traced = traced_spec(spec, model)
         if progress:
@@ -449,7 +451,7 @@ def _export_all(
             data_files=dict(files["data_files"]),  # type: ignore[call-overload]
             precision=recipe.name,
             build_key=keys[spec.name],
-            bf16_safe=spec.kind not in families.of(model).bf16_unsafe,
+            bf16_safe=spec.kind not in bf16_unsafe,
             builder={
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": export.OPSET,

@@ -212,8 +212,11 @@ def graph_record(
     return record
 
 
-def reused_record(spec: GraphSpec, entry: GraphEntry) -> dict[str, Any]:
-    """A previous build's graph, unchanged, as this build's record (its ONNX side only: plans are this build's)."""
+def reused_record(spec: GraphSpec, entry: GraphEntry, bf16_safe: bool) -> dict[str, Any]:
+    """A previous build's graph, unchanged, as this build's record (its ONNX side only: plans are this build's).
+
+    ``bf16_safe`` is this build's: it says how backends may run the graph, not how it was made, so a
+    family that changes its mind reaches reused graphs too."""
     return graph_record(
         spec,
         file=entry.file,
@@ -223,7 +226,7 @@ def reused_record(spec: GraphSpec, entry: GraphEntry) -> dict[str, Any]:
         build_key=entry.build_key,
         builder=entry.builder,
         reused=True,
-        bf16_safe=entry.bf16_safe,
+        bf16_safe=bf16_safe,
     )
 
 

@@ -22,6 +22,7 @@ from ecar_export import checkpoint, export
 from ecar_export.build import KILL_AT, build_engines
 from runtime import manifest as manifest_io
 from runtime.errors import ECARError, ManifestError
+from runtime.graphs import Kind
 from runtime.pipeline import Pipeline
 
 TESTS = Path(__file__).resolve().parent
@@ -179,6 +180,28 @@ def test_unchanged_graphs_are_reused_and_force_rebuilds(
     third = json.loads((engines / "manifest.json").read_text())
     assert not any(r["reused"] for r in third["graphs"].values()) and sorted(exported) == sorted(files)
     assert unnamed_files(engines) == []
+
+
+def test_a_reused_graph_takes_the_family_s_current_bf16_decision(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bf16_safe`` tells backends how to run a graph, not how it was made: when the family's
+    ``bf16_unsafe`` changes, a rebuild that reuses every graph writes the new flags."""
+    import dataclasses
+
+    from ecar_export import families
+
+    engines = tmp_path / "engines"
+    build_engines(checkpoints["a"], engines, max_batch=4, precision="fp16")
+    family = families.of(checkpoint.load(checkpoints["a"]))
+    before = manifest_io.load(engines).graphs
+    assert not before["flow_step"].bf16_safe and before["backbone"].bf16_safe  # ECAR's flow step: off bf16
+    changed = dataclasses.replace(family, bf16_unsafe=frozenset({Kind.BACKBONE}))
+    monkeypatch.setattr(families, "of", lambda model: changed)
+    build_engines(checkpoints["a"], engines, max_batch=4, precision="fp16")
+    after = manifest_io.load(engines).graphs
+    assert all(entry.reused for entry in after.values())
+    assert {name: entry.bf16_safe for name, entry in after.items()} == {name: name != "backbone" for name in after}
 
 
 def test_a_second_build_into_the_same_directory_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:

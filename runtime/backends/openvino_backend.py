@@ -8,9 +8,9 @@ choice; what OpenVINO runs at (its ``INFERENCE_PRECISION_HINT``) follows from it
   explicitly, so an fp32 build is an fp32 computation);
 * fp16 builds run at the CPU's best half precision: ``bf16`` where the CPU reports BF16, else
   ``f16`` where it reports FP16, else ``f32``; a graph the build marks as not ``bf16_safe``
-  (:class:`runtime.manifest.GraphEntry`: FlowAR's flow head, whose error at bf16 — OpenVINO runs the
-  recipe's fp32 islands at bf16 too — grew to 35-48 % of what the labels change over a request's 120
-  steps) skips ``bf16``;
+  (:class:`runtime.manifest.GraphEntry`; the family decides: ECAR's flow step, whose bf16 error took
+  ecar-b's worst image cosine to 0.993, and FlowAR's backbone and flow head, 35-48 % of what the labels
+  change over a request's 120 steps) skips ``bf16``;
 * int8 builds run their Q/DQ-marked products on OpenVINO's integer kernels; the rest of the
   graph at the same half precision as fp16 builds.
 
