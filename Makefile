@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/paper_claim.py
 	$(BIN)/python benchmarks/startup_memory.py
 	$(BIN)/python benchmarks/openvino_memory.py
+	$(BIN)/python benchmarks/openvino_shapes.py
 	$(BIN)/python benchmarks/decoder_speed.py
 	$(BIN)/python benchmarks/decoder_memory.py
 	$(BIN)/python benchmarks/demo_quality.py

@@ -69,12 +69,14 @@ print(json.dumps({"load_s": load_s, "loaded": loaded, "after": after, "seconds":
 
 
 def engine_dir(preset: str, precision: str, max_batch: int) -> tuple[Path, dict[str, Any]]:
-    """The cached build of ``preset`` (benchmark weights), built when missing; and how its weights were made."""
+    """The cached build of ``preset`` (benchmark weights), built when missing or made for smaller batches (the
+    graphs are reused: only the manifest's profile changes); and how its weights were made."""
     from ecar_export.build import build_engines
+    from runtime import manifest as manifest_io
 
     directory = CACHE / "engines" / preset / precision
     model, weights = benchmark_model(preset, seed=0)
-    if not (directory / "manifest.json").is_file():
+    if not (directory / "manifest.json").is_file() or manifest_io.load(directory).max_batch < max_batch:
         build_engines(model, directory, max_batch=max_batch, precision=precision)
     return directory, weights
 

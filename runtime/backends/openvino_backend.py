@@ -34,7 +34,10 @@ Memory: a compiled model's infer request keeps the intermediate buffers of the l
 has run, and all three graphs keep theirs at once; on ecar-b at batch 8 (fp32) a process holds
 4.9 GB after a request and peaks at 5.1 GB, where ONNX Runtime peaks at 1.7 GB. The weights are
 not the cause: OpenVINO maps the ONNX external-data file (file-backed pages the kernel can drop)
-and its CPU kernels hold one repacked copy. With ``release_idle`` (``$ECAR_OPENVINO_RELEASE=1``),
+and its CPU kernels hold one repacked copy. Most of it is the backbone's dynamic-shape buffers (2.2 of
+the 2.8 GB the graphs release after a request of 8): compiled for the last stage's static shapes it
+held 780 MB instead of 3.2 GB, but every compiled model repacks its own copy of the weights, so a model per stage shape
+would hold as much again (``benchmarks/openvino_shapes.py``). With ``release_idle`` (``$ECAR_OPENVINO_RELEASE=1``),
 when a call of one graph starts, every *other* graph that has no call in flight and has run
 since its last release gives its intermediate memory back (``CompiledModel.release_memory``),
 and glibc's ``malloc_trim`` returns the freed heap to the system: the peak falls to 3.9 GB and
