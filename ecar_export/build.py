@@ -39,7 +39,7 @@ from torch import nn
 
 from ecar_export import checkpoint, export, families, flow_loop, graph_keys, precision, presets, weights_io
 from ecar_export.precision import Precision, RecipeInputs
-from ecar_export.precision.int8 import calibration_batches, op_types_for
+from ecar_export.precision.int8 import FLOAT_KINDS, calibration_batches, float_recipe_for, op_types_for
 from runtime import manifest as manifest_io
 from runtime import stage_constants
 from runtime.backends import selection
@@ -157,6 +157,8 @@ def build_engines(
                     return options
                 batches = calibration_batches(spec.kind)
                 covered = {**options, "int8_op_types": list(op_types_for(spec.kind))}  # the recipe's coverage
+                if spec.kind in FLOAT_KINDS and float_recipe_for(chosen) != "fp32":  # fp32 builds keep their keys
+                    covered["int8_float_recipe"] = float_recipe_for(chosen)
                 return covered if batches is None else {**covered, "calibration_batches": batches}
 
             keys = {
@@ -436,7 +438,9 @@ def _export_all(
         work = staging / spec.name
         work.mkdir()
         target = work / f"{spec.name}.onnx"
-        inputs = RecipeInputs(calibration.get() if recipe.calibrated else None, calibration_method)
+        inputs = RecipeInputs(
+            calibration.get() if recipe.calibrated else None, calibration_method, float_recipe_for(backend)
+        )
         record = recipe.apply(fp32_dir / f"{traced.name}.onnx", target, traced.name, inputs)
         if spec.kind == Kind.FLOW_LOOP:
             weights_io.save_graph(flow_loop.wrap(weights_io.load_graph(target), spec), target)

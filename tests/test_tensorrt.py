@@ -651,6 +651,42 @@ def test_tensorrt_then_onnxruntime_then_tensorrt_builds_each_describe_themselves
         assert np.array_equal(result.images, expected), backend
 
 
+def test_int8_build_for_tensorrt_gives_the_float_graphs_the_fp16_recipe(
+    fake_trt: tuple[ModuleType, FakeCuda], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """int8 builds keep the flow step float (``int8.FLOAT_KINDS``). TensorRT builds strongly typed networks, so an
+    fp32 graph there is an fp32 engine: a build for TensorRT gives the flow step the fp16 recipe, a build for a CPU
+    engine keeps it fp32; the backbone is quantized alike in both. The flow step's build key says which, so a
+    rebuild for the other engine redoes that graph. The TensorRT build (fake plans over its ONNX graphs) generates
+    what the CPU build generates, within the flow head's fp16 rounding."""
+    import onnx
+
+    model = engine_model(TINY)
+    manifests = {}
+    for backend in ("tensorrt", "onnxruntime"):
+        build_model(model, tmp_path / backend, backend=backend, precision="int8", max_batch=4, calibration_requests=9)
+        manifests[backend] = manifest_io.load(tmp_path / backend)
+    for backend, manifest in manifests.items():
+        for name, entry in manifest.graphs.items():
+            graph = onnx.load(str(manifest.path(entry.file)), load_external_data=False)
+            halves = [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+            quantized = any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+            if entry.spec.kind == Kind.FLOW_STEP:
+                assert not quantized and bool(halves) == (backend == "tensorrt"), (backend, name, len(halves))
+                assert ("float_recipe" in entry.builder) == (backend == "tensorrt"), entry.builder
+            elif entry.spec.kind == Kind.BACKBONE:
+                assert quantized and not halves, (backend, name)
+    trt_graphs, cpu_graphs = manifests["tensorrt"].graphs, manifests["onnxruntime"].graphs
+    assert trt_graphs["flow_step"].build_key != cpu_graphs["flow_step"].build_key
+    assert trt_graphs["backbone"].build_key == cpu_graphs["backbone"].build_key
+    labels, seed = request(rng, model.config.num_classes, 3)
+    got = Pipeline.from_dir(tmp_path / "tensorrt", backend="tensorrt").generate(labels, seed=seed).latents
+    want = reference(tmp_path / "onnxruntime").generate(labels, seed=seed).latents
+    assert np.isfinite(got).all()
+    cosine = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert 0.999 <= cosine and not np.array_equal(got, want), cosine
+
+
 def test_probe_really_starts_tensorrt_and_auto_falls_back_with_one_line(
     monkeypatch: pytest.MonkeyPatch, build_cache: BuildCache, tmp_path: Path
 ) -> None:

@@ -35,10 +35,13 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 @dataclass(frozen=True)
 class RecipeInputs:
-    """What a recipe needs besides the graph: the calibration set and method (INT8 only)."""
+    """What a recipe needs besides the graph: the calibration set and method, and the recipe of the graphs an
+    INT8 build keeps float (:func:`ecar_export.precision.int8.float_recipe_for`: "fp32", or "fp16" for
+    TensorRT); all three INT8 only."""
 
     calibration: CalibrationSet | None = None
     calibration_method: str = "minmax"
+    float_recipe: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ Measured on the demo (held-out captured inputs, minmax), deciding the defaults:
   quantize the backbone's products and the decoder's attention products; the flow graphs and
   every convolution stay float, on every backend (TensorRT's choice is not measured: no
   TensorRT on our machines). :func:`quantize` still takes any ``op_types`` for measurements.
+* "float" depends on the engine (:func:`float_recipe_for`): a build for TensorRT gives the flow
+  graphs the fp16 recipe, since TensorRT builds strongly typed networks and an fp32 graph would be
+  an fp32 engine on a GPU; the CPU engines keep them fp32.
 
 Calibration methods (ORT's calibrators, :func:`calibrate`): "minmax" (default),
 "entropy" (KL-optimal threshold over a 2048-bin histogram, TensorRT's recipe; slow, about
@@ -77,6 +80,18 @@ CALIBRATION_BATCHES: dict[Kind, int] = {Kind.DECODER: 16}
 
 # Graph kinds whose products stay float in int8 builds: their error accumulates over a request (module doc).
 FLOAT_KINDS = frozenset({Kind.FLOW_STEP, Kind.FLOW_LOOP})
+
+
+def float_recipe_for(backend: str) -> str:
+    """The recipe an int8 build for ``backend`` gives the graphs it keeps float (:data:`FLOAT_KINDS`).
+
+    TensorRT builds strongly typed networks (the only mode of TensorRT 11), so the graph's types are the
+    engine's: fp32 graphs would run the flow head in fp32 on a GPU. It gets the fp16 recipe, whose whole
+    requests kept ecar-b's images (worst image cosine 0.99998 against fp32 on ONNX Runtime, 64 seeds) where
+    the quantized head did not. The CPU engines keep the fp32 graphs: ONNX Runtime has few fp16 CPU kernels
+    (an fp16 graph runs through inserted casts, slower than fp32), and OpenVINO chooses the precision of a
+    graph itself (the build's ``bf16_safe``). Never run on TensorRT here (no TensorRT on our machines)."""
+    return "fp16" if backend == "tensorrt" else "fp32"
 
 
 def calibration_batches(kind: Kind) -> int | None:
@@ -375,11 +390,22 @@ def apply(source: Path, target: Path, graph: str, inputs: RecipeInputs) -> dict[
     fp32_graph = onnx.load(str(source))
     kind = inputs.calibration.spec(graph).kind
     op_types = op_types_for(kind)
-    if not op_types:  # a graph kind int8 builds keep float (FLOAT_KINDS): the fp32 graph, as it is
+    if not op_types:  # a graph kind int8 builds keep float (FLOAT_KINDS): the fp32 graph, or its fp16 recipe
+        kept = f"{kind} graphs stay float"
+        record: dict[str, object] = {"recipe": "int8", "quantized_op_types": [], "qdq_nodes": 0, "kept_float": kept}
+        props = {"ecar.precision": "int8", "ecar.int8.calibration": f"none: {kind} graphs stay float"}
+        if inputs.float_recipe == "fp16":
+            from ecar_export.precision import fp16
+
+            record["float_recipe"] = fp16.apply(source, target, graph, inputs)
+            float_graph = weights_io.load_graph(target)  # the weights stay where the fp16 recipe wrote them
+            _tag(float_graph, props)
+            weights_io.save_graph(float_graph, target)
+            return record
         float_graph = onnx.load(str(source))
-        _tag(float_graph, {"ecar.precision": "int8", "ecar.int8.calibration": f"none: {kind} graphs stay float"})
+        _tag(float_graph, props)
         weights_io.save_with_external_data(float_graph, target)
-        return {"recipe": "int8", "quantized_op_types": [], "qdq_nodes": 0, "kept_float": f"{kind} graphs stay float"}
+        return record
     batches = calibration_batches(kind)
     reader = GraphReader(inputs.calibration, graph, max_batches=batches)
     quantized = quantize(fp32_graph, reader, method, op_types=op_types, threads=1)
