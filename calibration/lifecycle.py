@@ -35,7 +35,8 @@ class CaptureKey:
     """Everything the captured inputs depend on: equal keys, equal captures.
 
     ``model``: the card a build of the model writes (:func:`calibration.model.card_of`);
-    ``token_rows``: how its flow head's inputs are stored (:class:`calibration.model.CapturedModel`).
+    ``token_rows``: how its flow head's inputs are stored (:class:`calibration.model.CapturedModel`);
+    ``every_class``: whether the requests must hold every class (:class:`~calibration.plan.CalibrationPlan`).
     """
 
     model: manifest_io.ModelCard
@@ -45,9 +46,12 @@ class CaptureKey:
     export_version: int
     toolchain: Mapping[str, Any]
     token_rows: bool = True
+    every_class: bool = True
 
     def plan(self) -> CalibrationPlan:
-        return CalibrationPlan(num_classes=self.model.num_classes, num_requests=self.requests)
+        return CalibrationPlan(
+            num_classes=self.model.num_classes, num_requests=self.requests, every_class=self.every_class
+        )
 
 
 def previous(engine_dir: Path, key: CaptureKey) -> CalibrationSet | None:

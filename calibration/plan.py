@@ -23,6 +23,11 @@ class CalibrationPlan:
     deterministic. Every ``holdout_every``-th request (r mod holdout_every = holdout_every - 1)
     is held out: its inputs are stored for validation and never given to a quantizer.
 
+    ``every_class`` (the default): the calibration requests must hold every class, so that each class's
+    activations shape the ranges; False lets a plan hold fewer (:meth:`covered_classes` says which), for
+    models whose classes are too many to cover at the capture's cost (the classes it misses are quantized
+    with the ranges of the others).
+
     Stored size is bounded per graph and split: at most ``max_samples`` samples of each
     batch graph (backbones, decoder) and ``max_rows`` token rows of ``flow_step`` per
     (stage, Euler step), both lowered further so that no graph's split exceeds
@@ -38,6 +43,7 @@ class CalibrationPlan:
     max_samples: int = 256
     max_rows: int = 512
     max_mib: float = 8.0
+    every_class: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "num_requests", "batch", "max_samples", "max_rows"):
@@ -59,12 +65,18 @@ class CalibrationPlan:
             raise InvalidRequestError(f"calibration plan: cfg must be a number or None, got {self.cfg!r}")
         if not isinstance(self.max_mib, (int, float)) or isinstance(self.max_mib, bool) or not self.max_mib > 0:
             raise InvalidRequestError(f"calibration plan: max_mib must be positive, got {self.max_mib!r}")
-        seen = {label for index in self.indices("calibration") for label in self.labels(index)}
-        if len(seen) < self.num_classes:
+        if not isinstance(self.every_class, bool):
+            raise InvalidRequestError(f"calibration plan: every_class must be true or false, got {self.every_class!r}")
+        seen = self.covered_classes()
+        if self.every_class and len(seen) < self.num_classes:
             raise InvalidRequestError(
                 f"calibration plan: its calibration requests cover {len(seen)} of {self.num_classes} classes; "
                 "use more requests or a larger batch"
             )
+
+    def covered_classes(self) -> set[int]:
+        """The classes the calibration requests (not the held-out ones) hold."""
+        return {label for index in self.indices("calibration") for label in self.labels(index)}
 
     @staticmethod
     def covering(num_classes: int, at_least: int = 64, batch: int = 8, holdout_every: int = 8) -> int:

@@ -89,6 +89,7 @@ def build_engines(
     calibration_method: str = "minmax",
     calibration_requests: int | None = None,
     on_backend: Callable[[str], None] | None = None,
+    calibration_every_class: bool = True,
 ) -> Path:
     """Export (and, for TensorRT, compile) every graph of a model into an engine directory; returns the manifest's path.
 
@@ -113,6 +114,9 @@ def build_engines(
             fewest whose calibration part holds every class, at least :data:`CALIBRATION_REQUESTS`
             (:meth:`calibration.plan.CalibrationPlan.covering`; 245 for 1000 classes).
         on_backend: called once with the backend the build writes for, before any export.
+        calibration_every_class: int8 only: the calibration requests must hold every class (the
+            default); False lets ``calibration_requests`` hold fewer (default then
+            :data:`CALIBRATION_REQUESTS`), for models with more classes than the capture can afford.
 
     Examples:
         >>> from ecar_export.build import build_engines
@@ -138,7 +142,10 @@ def build_engines(
             f"--precision {recipe.name}: the INT8 calibration capture does not serve model family "
             f"'{family.name}' yet; build it at fp32 or fp16"
         )
-    requests = requests_for(families.config_of(model).num_classes, calibration_requests) if recipe.calibrated else 0
+    if not isinstance(calibration_every_class, bool):
+        raise InvalidRequestError(f"calibration_every_class must be True or False, got {calibration_every_class!r}")
+    num_classes = families.config_of(model).num_classes
+    requests = requests_for(num_classes, calibration_requests, calibration_every_class) if recipe.calibrated else 0
     specs = family.graph_specs(model.config, fuse_flow_loop)  # refuses what the family cannot build, before output
     out = output_dir(out_dir, "--out")
     with _build_lock(out):
@@ -151,6 +158,8 @@ def build_engines(
             options: dict[str, object] = {}
             if recipe.calibrated:
                 options = {"calibration_method": calibration_method, "calibration_requests": requests}
+                if not calibration_every_class:  # builds that cover every class keep their keys
+                    options["calibration_every_class"] = False
 
             def graph_options(spec: GraphSpec) -> dict[str, object]:
                 if not recipe.calibrated:
@@ -166,7 +175,9 @@ def build_engines(
                 for spec in specs
             }
             reusable = {} if force else graph_keys.reusable_graphs(out, keys)
-            calibration = _Calibration(out, staging, model, weights_digest, toolchain, requests)
+            calibration = _Calibration(
+                out, staging, model, weights_digest, toolchain, requests, calibration_every_class
+            )
             if recipe.calibrated:
                 if not force:
                     calibration.kept = calibration.previous()
@@ -257,18 +268,22 @@ def precision_of(name: str, calibration_method: str, calibration_requests: int |
     return recipe
 
 
-def requests_for(num_classes: int, asked: int | None) -> int:
+def requests_for(num_classes: int, asked: int | None, every_class: bool = True) -> int:
     """The calibration capture's request count: ``asked``, or the default for ``num_classes`` classes; an
-    ``asked`` count whose calibration requests miss a class is refused naming the count that covers them."""
+    ``asked`` count whose calibration requests miss a class is refused naming the count that covers them,
+    unless ``every_class`` is False (then the default is :data:`CALIBRATION_REQUESTS`)."""
     from calibration.plan import CalibrationPlan
 
+    if not every_class:
+        return CALIBRATION_REQUESTS if asked is None else asked
     needed = CalibrationPlan.covering(num_classes, at_least=1)
     if asked is None:
         return max(CALIBRATION_REQUESTS, needed)
     if asked < needed:
         raise InvalidRequestError(
             f"--calibration-requests {asked}: the calibration requests of 8 samples must hold each of the model's "
-            f"{num_classes} classes at least once; use at least {needed} (or leave the option out)"
+            f"{num_classes} classes at least once; use at least {needed}, leave the option out, or add "
+            "--calibration-some-classes to calibrate on the classes those requests hold"
         )
     return asked
 
@@ -351,7 +366,14 @@ class _Calibration:
     """
 
     def __init__(
-        self, out: Path, staging: Path, model: nn.Module, weights: str, toolchain: dict[str, str | None], requests: int
+        self,
+        out: Path,
+        staging: Path,
+        model: nn.Module,
+        weights: str,
+        toolchain: dict[str, str | None],
+        requests: int,
+        every_class: bool = True,
     ) -> None:
         from calibration.lifecycle import CaptureKey
         from calibration.model import card_of
@@ -360,7 +382,7 @@ class _Calibration:
         family = families.of(model)
         card = card_of(family.name, families.config_of(model).to_dict())
         self.key = CaptureKey(
-            card, weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain, family.token_rows
+            card, weights, requests, export.OPSET, export.EXPORT_VERSION, toolchain, family.token_rows, every_class
         )
         self.kept: Any = None  # calibration.CalibrationSet, the previous build's
         self.captured: Any = None  # calibration.CalibrationSet, this build's new capture

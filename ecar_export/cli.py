@@ -160,6 +160,15 @@ def build_cmd(
             show_default=False,
         ),
     ] = None,
+    calibration_some_classes: Annotated[
+        bool,
+        typer.Option(
+            "--calibration-some-classes",
+            help="INT8 only: let --calibration-requests hold fewer than every class (default then 64 requests). "
+            "For models with many classes: the classes it misses are quantized with the ranges measured on the "
+            "others, so check the build (`ecar-export check`) and look at images of those classes.",
+        ),
+    ] = False,
 ) -> None:
     """Trace every stage of a model into ONNX graphs (and engines) plus a manifest, in --out."""
     from ecar_export.build import build_engines
@@ -193,6 +202,7 @@ def build_cmd(
             calibration_method=calibration_method,
             calibration_requests=calibration_requests,
             on_backend=announce,
+            calibration_every_class=not calibration_some_classes,
         )
     sys.stdout.write(f"{path.parent}\n")
     written = manifest_io.load(path.parent, verify_files=False)

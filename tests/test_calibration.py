@@ -113,6 +113,26 @@ def test_covering_is_the_fewest_requests_whose_calibration_part_holds_every_clas
     assert CalibrationPlan.covering(1000) == 245  # ecar-b, FlowAR: held-out label blocks come round after a wrap
 
 
+def test_a_plan_may_hold_some_classes_only_when_asked() -> None:
+    """``every_class=False`` (``ecar-export build --calibration-some-classes``): 8 requests of a 1000-class model
+    calibrate on the 56 classes of their 7 calibration requests; the default refuses them, naming the way out."""
+    with pytest.raises(InvalidRequestError, match="cover 56 of 1000 classes"):
+        CalibrationPlan(num_classes=1000, num_requests=8)
+    plan = CalibrationPlan(num_classes=1000, num_requests=8, every_class=False)
+    assert plan.covered_classes() == set(range(56))
+    assert CalibrationPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert plan != CalibrationPlan(num_classes=1000, num_requests=245), "a kept set of the other kind is not reused"
+    with pytest.raises(InvalidRequestError, match="every_class must be true or false"):
+        CalibrationPlan(num_classes=10, every_class="no")  # type: ignore[arg-type]
+
+    from ecar_export.build import requests_for
+
+    with pytest.raises(InvalidRequestError, match="--calibration-some-classes"):
+        requests_for(1000, 8)
+    assert requests_for(1000, 8, every_class=False) == 8
+    assert requests_for(1000, None, every_class=False) == 64 and requests_for(1000, None) == 245
+
+
 # ---------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("fused", [False, True])
 def test_row_layout_round_trips_every_graph(build_cache: BuildCache, rng: np.random.Generator, fused: bool) -> None:
