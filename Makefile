@@ -63,6 +63,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/runtime_install.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/serve_failover.py
+	# the paper-scale cases of the test suite (full-size KL-16 decoders, FlowAR-S end to end): about 45 min
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) out engines/*.onnx engines/*.weights engines/manifest.json

@@ -431,7 +431,7 @@ def convert_cmd(
 
     ECAR (--backbone): every VAE tensor is mapped to diffusers' AutoencoderKL names and checked against the layout
     the backbone's config describes. FlowAR (--flowar): the authors' .pth and MAR's kl16.ckpt become one checkpoint
-    holding the generator, the KL-16 decoder and the config (building engines from it is not supported yet). Names,
+    holding the generator, the KL-16 decoder and the config, which `ecar-export build` takes like an ECAR one. Names,
     shapes, floating-point dtypes, finite values and the latent grid are checked; a misfit is refused naming the
     tensor and both shapes, and nothing is written. Examples:
 
@@ -463,7 +463,7 @@ def convert_cmd(
     assert flowar is not None
     path = flowar_convert.convert(flowar, vae, out, PRESETS[config] if config is not None else None)
     sys.stdout.write(f"{path}\n")
-    console().print(f"wrote {path} (FlowAR with its KL-16 decoder); `ecar-export build` cannot build FlowAR models yet")
+    console().print(f"wrote {path} (FlowAR, KL-16 decoder); build it with `ecar-export build --checkpoint {path}`")
 
 
 # What `ecar-export` needs beyond the runtime layer (the `export` extra), as import names.

@@ -48,11 +48,12 @@ class Payload:
         return (Path.touch, (str(self.target),))  # type: ignore[return-value]
 
 
-def official_state(config: FlowARConfig = FLOWAR_TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+def official_state(config: FlowARConfig = FLOWAR_TINY, seed: int = 0, jitter: float = 0.1) -> dict[str, torch.Tensor]:
     """A state dict as the authors' model writes it: this package's tensors plus their persistent buffers, every
-    weight random and non-zero (the reference initialisation's zero biases and unit norms jittered)."""
+    weight random and non-zero (the reference initialisation's zero biases and unit norms jittered by N(0,
+    ``jitter``); 0.02, a trained transformer's scale, keeps a full-width model's activations in range)."""
     torch.manual_seed(seed)
-    state = {k: v + 0.1 * torch.randn_like(v) for k, v in FlowAR(config, tokenizer=False).state_dict().items()}
+    state = {k: v + jitter * torch.randn_like(v) for k, v in FlowAR(config, tokenizer=False).state_dict().items()}
     for key, shape in convert.buffer_shapes(config).items():
         if key == convert.MASK_KEY:
             state[key] = torch.ones(shape)
@@ -514,19 +515,24 @@ def test_ecar_export_check_compares_every_flowar_graph_with_the_torch_model(
         assert max(c["max_abs"] for c in checks) > 0.0  # compared for real: no graph is bit-identical to torch
 
 
-def test_ecar_run_draws_a_flowar_grid(flowar_builds: dict[str, Path], tmp_path: Path) -> None:
+def assert_ecar_run_draws_a_grid(engine_dir: Path, labels: str, out: Path, image_size: int) -> None:
+    """`ecar-run --engine-dir ENGINE_DIR --labels LABELS` writes a PNG grid of at least one image's size that is
+    not flat (more than 16 grey levels)."""
+    from PIL import Image
+
     from runtime.cli import app as run_app
 
-    out = tmp_path / "out"
-    argv = ["--engine-dir", str(flowar_builds["fp32"]), "--labels", "1,2,3", "--seed", "5", "--out", str(out)]
+    argv = ["--engine-dir", str(engine_dir), "--labels", labels, "--seed", "5", "--out", str(out)]
     result = CliRunner().invoke(run_app, argv)
     assert result.exit_code == 0, result.output
     grids = list(out.glob("*.png"))
     assert grids, sorted(p.name for p in out.iterdir())
-    from PIL import Image
-
     with Image.open(grids[0]) as grid:
-        assert min(grid.size) >= FLOWAR_TINY.image_size and len(np.unique(np.asarray(grid.convert("L")))) > 16
+        assert min(grid.size) >= image_size and len(np.unique(np.asarray(grid.convert("L")))) > 16
+
+
+def test_ecar_run_draws_a_flowar_grid(flowar_builds: dict[str, Path], tmp_path: Path) -> None:
+    assert_ecar_run_draws_a_grid(flowar_builds["fp32"], "1,2,3", tmp_path / "out", FLOWAR_TINY.image_size)
 
 
 def test_torch_sampling_commands_name_the_family_they_serve(converted: dict[str, Any], tmp_path: Path) -> None:
