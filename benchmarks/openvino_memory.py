@@ -73,10 +73,15 @@ def engine_dir(preset: str, precision: str, max_batch: int) -> tuple[Path, dict[
     graphs are reused: only the manifest's profile changes); and how its weights were made."""
     from ecar_export.build import build_engines
     from runtime import manifest as manifest_io
+    from runtime.errors import ECARError
 
     directory = CACHE / "engines" / preset / precision
     model, weights = benchmark_model(preset, seed=0)
-    if not (directory / "manifest.json").is_file() or manifest_io.load(directory).max_batch < max_batch:
+    try:
+        fits = manifest_io.load(directory, verify_files=False).max_batch >= max_batch
+    except ECARError:  # missing, stale or damaged: build it (again)
+        fits = False
+    if not fits:
         build_engines(model, directory, max_batch=max_batch, precision=precision)
     return directory, weights
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ecar_export import checkpoint, export, families, flow_loop, graph_keys, precision, presets, weights_io
-from ecar_export.precision import Precision, RecipeInputs
+from ecar_export.precision import PRECISIONS, Precision, RecipeInputs
 from ecar_export.precision.int8 import FLOAT_KINDS, calibration_batches, float_recipe_for, op_types_for
 from runtime import manifest as manifest_io
 from runtime import stage_constants
@@ -145,7 +145,9 @@ def build_engines(
     if not isinstance(calibration_every_class, bool):
         raise InvalidRequestError(f"calibration_every_class must be True or False, got {calibration_every_class!r}")
     num_classes = families.config_of(model).num_classes
-    requests = requests_for(num_classes, calibration_requests, calibration_every_class) if recipe.calibrated else 0
+    requests, calibration_every_class = (
+        requests_for(num_classes, calibration_requests, calibration_every_class) if recipe.calibrated else (0, True)
+    )
     specs = family.graph_specs(model.config, fuse_flow_loop)  # refuses what the family cannot build, before output
     out = output_dir(out_dir, "--out")
     with _build_lock(out):
@@ -166,8 +168,9 @@ def build_engines(
                     return options
                 batches = calibration_batches(spec.kind)
                 covered = {**options, "int8_op_types": list(op_types_for(spec.kind))}  # the recipe's coverage
-                if spec.kind in FLOAT_KINDS and float_recipe_for(chosen) != "fp32":  # fp32 builds keep their keys
-                    covered["int8_float_recipe"] = float_recipe_for(chosen)
+                float_recipe = float_recipe_for(chosen)
+                if spec.kind in FLOAT_KINDS and float_recipe != "fp32":  # fp32 builds keep their keys
+                    covered["int8_float_recipe"] = f"{float_recipe}/v{PRECISIONS[float_recipe].recipe_version}"
                 return covered if batches is None else {**covered, "calibration_batches": batches}
 
             keys = {
@@ -268,24 +271,27 @@ def precision_of(name: str, calibration_method: str, calibration_requests: int |
     return recipe
 
 
-def requests_for(num_classes: int, asked: int | None, every_class: bool = True) -> int:
-    """The calibration capture's request count: ``asked``, or the default for ``num_classes`` classes; an
-    ``asked`` count whose calibration requests miss a class is refused naming the count that covers them,
-    unless ``every_class`` is False (then the default is :data:`CALIBRATION_REQUESTS`)."""
+def requests_for(num_classes: int, asked: int | None, every_class: bool = True) -> tuple[int, bool]:
+    """The calibration capture's request count and whether its requests hold every class: ``asked``, or the
+    default for ``num_classes`` classes. An ``asked`` count whose calibration requests miss a class is refused
+    naming the count that covers them, unless ``every_class`` is False (then the default count is
+    :data:`CALIBRATION_REQUESTS`); requests that hold every class anyway capture what a default build
+    captures, so they are that build's plan (and reuse its kept set)."""
     from calibration.plan import CalibrationPlan
 
-    if not every_class:
-        return CALIBRATION_REQUESTS if asked is None else asked
     needed = CalibrationPlan.covering(num_classes, at_least=1)
+    if not every_class:
+        requests = CALIBRATION_REQUESTS if asked is None else asked
+        return requests, requests >= needed
     if asked is None:
-        return max(CALIBRATION_REQUESTS, needed)
+        return max(CALIBRATION_REQUESTS, needed), True
     if asked < needed:
         raise InvalidRequestError(
             f"--calibration-requests {asked}: the calibration requests of 8 samples must hold each of the model's "
             f"{num_classes} classes at least once; use at least {needed}, leave the option out, or add "
             "--calibration-some-classes to calibrate on the classes those requests hold"
         )
-    return asked
+    return asked, True
 
 
 def _backend_versions(backend: str) -> dict[str, str | None]:

@@ -121,7 +121,8 @@ def test_a_plan_may_hold_some_classes_only_when_asked() -> None:
     plan = CalibrationPlan(num_classes=1000, num_requests=8, every_class=False)
     assert plan.covered_classes() == set(range(56))
     assert CalibrationPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    assert plan != CalibrationPlan(num_classes=1000, num_requests=245), "a kept set of the other kind is not reused"
+    other = CalibrationPlan(num_classes=1000, num_requests=245, every_class=False)
+    assert other != CalibrationPlan(num_classes=1000, num_requests=245), "a kept set of the other kind is not reused"
     with pytest.raises(InvalidRequestError, match="every_class must be true or false"):
         CalibrationPlan(num_classes=10, every_class="no")  # type: ignore[arg-type]
 
@@ -129,8 +130,11 @@ def test_a_plan_may_hold_some_classes_only_when_asked() -> None:
 
     with pytest.raises(InvalidRequestError, match="--calibration-some-classes"):
         requests_for(1000, 8)
-    assert requests_for(1000, 8, every_class=False) == 8
-    assert requests_for(1000, None, every_class=False) == 64 and requests_for(1000, None) == 245
+    assert requests_for(1000, 8, every_class=False) == (8, False)
+    assert requests_for(1000, None, every_class=False) == (64, False) and requests_for(1000, None) == (245, True)
+    # requests that hold every class anyway are the default build's plan, so its kept set stays reusable
+    assert requests_for(1000, 245, every_class=False) == (245, True) == requests_for(1000, 245)
+    assert requests_for(10, None, every_class=False) == (64, True)
 
 
 # ---------------------------------------------------------------------------------- layout
