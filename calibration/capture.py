@@ -79,6 +79,7 @@ class RecordingBackend:
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.activation_budget: int | None = None  # whole calls are recorded, as the request makes them
         self._lock = threading.Lock()
         self._calls: list[RecordedCall] = []
         self._sequence = 0

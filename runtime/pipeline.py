@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime import manifest as manifest_io
-from runtime import noise
+from runtime import noise, sub_batches
 from runtime.backends import Backend, DeviceResidentBackend, StageCallback, selection
 from runtime.errors import ECARError, EngineError, InvalidRequestError, ManifestError, shown
 from runtime.graphs import Call, Kind
@@ -310,10 +310,7 @@ class Pipeline:
             start = time.perf_counter()
             if call.graph == Kind.BACKBONE:
                 stage_begin = start
-            if call.graph == Kind.DECODER:
-                outputs = self._decode(call, feeds)
-            else:
-                outputs = self.backend.run(call, feeds)
+            outputs = self._call(call, feeds, len(labels))
             end = time.perf_counter()
             timings.graphs[str(call.graph)] += end - start
             timings.calls[str(call.graph)] += 1
@@ -334,15 +331,20 @@ class Pipeline:
         timings.total = time.perf_counter() - begin
         return GenerateResult(images, state.latents, timings)
 
-    def _decode(self, call: Call, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The decoder call in sub-batches of the plan's ``decoder_batch`` images: its activations are the
-        request's largest, and a batch of 8 at 256² in one call would hold them all at once."""
-        x = feeds["x"]
-        step = self.plan.decoder_batch
-        if len(x) <= step:
-            return self.backend.run(call, feeds)
-        parts = [self.backend.run(call, {**feeds, "x": x[i : i + step]}) for i in range(0, len(x), step)]
-        return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
+    def _call(self, call: Call, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        """``call`` on the backend, cut along its batch where it is large (:mod:`runtime.sub_batches`): the
+        decoder into the plan's ``decoder_batch`` images (its activations are a request's largest), a
+        backbone or flow call, on a backend with an ``activation_budget`` (the CPU backends), into as many
+        samples as keep its conditioning within that budget."""
+        spec = self.manifest.specs[call.graph]
+        if call.graph == Kind.DECODER:
+            step = self.plan.decoder_batch
+        else:
+            budget = getattr(self.backend, "activation_budget", None)
+            if budget is None:
+                return self.backend.run(call, feeds)
+            step = sub_batches.samples_per_call(spec, self.plan.dims(call.stage, 1), budget)
+        return sub_batches.run_cut(spec, feeds, batch, step, lambda part: self.backend.run(call, part))
 
 
 def _check_finite(values: np.ndarray, where: str, what: str = "latents") -> None:

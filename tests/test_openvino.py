@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from conftest import ENGINE_CONFIGS, BuildCache, needs_demo, run_concurrently
+from conftest import ENGINE_CONFIGS, BuildCache, demo_checkpoint_present, needs_demo, run_concurrently
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
@@ -373,3 +373,40 @@ def test_eval_runs_an_engine_directory_on_the_backend_it_is_asked_for(build_cach
     assert results["openvino"]["accuracy"] == pytest.approx(results["onnxruntime"]["accuracy"], abs=0.05)
     refused = CliRunner().invoke(app, ["eval", "--backend", "openvino", "--per-class", "1"])
     assert refused.exit_code != 0 and "--backend applies to --engine-dir only" in refused.output
+
+
+def _resident_kb_of(files: set[str]) -> list[int]:
+    """Resident kB of each of this process's mappings of ``files`` (from /proc/self/smaps)."""
+    sizes, current = [], None
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current in files:
+                sizes.append(int(fields[1]))
+    return sizes
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_mapped_weights_pages_are_handed_back_and_results_stay(  # type: ignore[no-untyped-def]
+    build_cache: BuildCache, rng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.backends import openvino_backend
+
+    build = build_cache.get("demo" if demo_checkpoint_present() else TINY)
+    manifest = manifest_io.load(build.dir)
+    files = {str((build.dir / f).resolve()) for entry in manifest.graphs.values() for f in entry.data_files}
+    labels = rng.integers(0, manifest.model.num_classes, size=build.max_batch).tolist()
+    seed = int(rng.integers(0, 2**62))
+    with monkeypatch.context() as patch:  # OpenVINO as it behaves by itself: its reads of the files stay resident
+        patch.setattr(openvino_backend, "_mapped_pages_dropper", lambda files: lambda: None)
+        keeping = Pipeline(manifest, OpenVINOBackend(manifest))
+    expected = keeping.generate(labels, seed=seed).latents
+    assert sum(_resident_kb_of(files)) > 0, "OpenVINO no longer maps the weights files: the release is moot"
+    dropping = Pipeline(manifest, OpenVINOBackend(manifest))  # hands back every mapping of the files it reads
+    first = dropping.generate(labels, seed=seed).latents
+    assert _resident_kb_of(files) and sum(_resident_kb_of(files)) == 0
+    for pipe in (dropping, keeping, dropping):  # pages read again from the file where needed: the same numbers
+        assert np.array_equal(pipe.generate(labels, seed=seed).latents, expected)
+    assert np.array_equal(first, expected)

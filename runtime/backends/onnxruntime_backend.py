@@ -17,6 +17,7 @@ import numpy as np
 from runtime.errors import BackendUnavailableError, EngineError
 from runtime.graphs import Call
 from runtime.manifest import Manifest
+from runtime.sub_batches import HOST_ACTIVATION_BYTES
 
 
 def _ort() -> Any:
@@ -108,6 +109,8 @@ class OnnxRuntimeBackend:
             self.sessions[name] = session
             self.output_names[name] = entry.spec.output_names()
         self.providers = providers
+        # on the CPU, a call's activations are allocated per call: cut the large ones (runtime.sub_batches)
+        self.activation_budget = HOST_ACTIVATION_BYTES if providers[0] == "CPUExecutionProvider" else None
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -117,4 +120,9 @@ class OnnxRuntimeBackend:
         return list(session.run(outputs, dict(feeds)))
 
     def describe(self) -> dict[str, object]:
-        return {"backend": self.name, "providers": self.providers, "onnxruntime": _ort().__version__}
+        return {
+            "backend": self.name,
+            "providers": self.providers,
+            "onnxruntime": _ort().__version__,
+            "activation_budget": self.activation_budget,
+        }

@@ -31,21 +31,23 @@ them and doubles the demo's backbone time). So every new infer request of a grap
 than one stage first runs one warm-up inference at the last stage it runs at, the largest grid.
 
 Memory: a compiled model's infer request keeps the intermediate buffers of the largest shape it
-has run, and all three graphs keep theirs at once; on ecar-b at batch 8 (fp32) a process holds
-4.9 GB after a request and peaks at 5.1 GB, where ONNX Runtime peaks at 1.7 GB. The weights are
-not the cause: OpenVINO maps the ONNX external-data file (file-backed pages the kernel can drop)
-and its CPU kernels hold one repacked copy. Most of it is the backbone's dynamic-shape buffers (2.2 of
-the 2.8 GB the graphs release after a request of 8): compiled for the last stage's static shapes it
-held 780 MB instead of 3.2 GB, but every compiled model repacks its own copy of the weights, so a model per stage shape
-would hold as much again (``benchmarks/openvino_shapes.py``). With ``release_idle`` (``$ECAR_OPENVINO_RELEASE=1``),
-when a call of one graph starts, every *other* graph that has no call in flight and has run
-since its last release gives its intermediate memory back (``CompiledModel.release_memory``),
-and glibc's ``malloc_trim`` returns the freed heap to the system: the peak falls to 3.9 GB and
-the memory held between requests to 2.7 GB, but a request takes 14 % longer (the buffers are
-allocated and faulted in again every stage; releasing after every call instead was 16 %
-slower, and releasing without the trim 8 % slower for a 4.4 GB peak). So it is off by default,
-for speed; where memory is short, turn it on, or use ONNX Runtime, which runs fp32 builds at
-about the released OpenVINO's speed. ``benchmarks/openvino_memory.py`` measures all three.
+has run, for every layer of a dynamic-shape graph side by side, and all three graphs keep theirs at
+once; and OpenVINO maps each weights file, reads it while compiling and preparing kernels, and then
+runs on its own repacked copy. As OpenVINO behaves by itself, ecar-b at batch 8 (fp32) peaked at
+5.1 GB where ONNX Runtime peaked at 1.7 GB. Two things bring that down at no measurable cost
+(``benchmarks/openvino_memory.py``): the Pipeline cuts large backbone and flow calls along the batch
+(:attr:`activation_budget`, :mod:`runtime.sub_batches`; the backbone's buffers after ecar-b's last
+stage fall from 3.2 GB to 0.4 GB), and the backend hands the mapped weights' pages back after
+compiling and after each call at a new shape (:func:`_mapped_pages_dropper`; 0.7 GB on ecar-b):
+peak 2.3 GB, 1.6x ONNX Runtime's on the same runtime. With ``release_idle``
+(``$ECAR_OPENVINO_RELEASE=1``), when a call of one graph starts, every *other* graph that has no call
+in flight and has run since its last release gives its intermediate memory back
+(``CompiledModel.release_memory``), and glibc's ``malloc_trim`` returns the freed heap to the system:
+peak 1.9 GB (1.3x), but a request takes about 4 % longer (the buffers are allocated and faulted in
+again every stage), no faster than ONNX Runtime at fp32. So it is off by default, for speed; where
+memory is short, turn it on, or use ONNX Runtime. What stays is OpenVINO's own: its repacked weights
+(about 1.5x the weights file, after the first calls) and each graph's buffers at a one-sample
+call.
 
 Compiled models can be cached on disk (OpenVINO's ``CACHE_DIR``: ``cache_dir`` or
 ``$ECAR_OPENVINO_CACHE``); off by default: measured on ecar-b, compiling every graph takes 0.6 s,
@@ -71,6 +73,7 @@ from runtime import graphs
 from runtime.errors import BackendUnavailableError, EngineError
 from runtime.graphs import Call
 from runtime.manifest import Manifest
+from runtime.sub_batches import HOST_ACTIVATION_BYTES
 
 CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
 RELEASE_ENV = "ECAR_OPENVINO_RELEASE"  # "1": release idle graphs' intermediate memory (see the module doc)
@@ -116,6 +119,39 @@ def _heap_trimmer() -> Callable[[], object]:
         return lambda: None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return functools.partial(trim, 0)
+
+
+MADV_DONTNEED = 4  # Linux madvise(2): drop a range's pages from this process (a file mapping re-reads them)
+
+
+def _mapped_pages_dropper(files: set[str]) -> Callable[[], None]:
+    """A function that hands back this process's resident pages of its read-only mappings of ``files``
+    (real paths): ``madvise(MADV_DONTNEED)`` on each. OpenVINO maps a graph's weights file and reads it
+    only while it prepares kernels for a new shape (it runs on its own repacked copy), so the mapped pages
+    are a second copy of the weights in the process's resident memory until the kernel reclaims them.
+    Dropping them loses nothing: a later read faults them in again from the file. A no-op where Linux's
+    ``/proc/self/maps`` or glibc's ``madvise`` is missing."""
+    try:
+        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+
+    def drop() -> None:
+        try:
+            with open("/proc/self/maps") as handle:
+                lines = handle.readlines()
+        except OSError:  # not Linux
+            return
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            # address range, permissions, offset, device, inode, path ("... (deleted)" once replaced)
+            if len(fields) < 6 or "w" in fields[1] or fields[5].strip().removesuffix(" (deleted)") not in files:
+                continue
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            madvise(low, high - low, MADV_DONTNEED)
+
+    return drop
 
 
 def default_cache_dir() -> Path | None:
@@ -197,6 +233,10 @@ class OpenVINOBackend:
         self._holding: dict[str, bool] = {}  # has run since its last release (same lock)
         self._graph_locks: dict[str, threading.Lock] = {}
         self._trim_heap = _heap_trimmer()
+        self.activation_budget: int | None = HOST_ACTIVATION_BYTES  # large calls come cut (runtime.sub_batches)
+        weights = {os.path.realpath(manifest.path(f)) for entry in manifest.graphs.values() for f in entry.data_files}
+        self._drop_mapped_weights = _mapped_pages_dropper(weights)
+        self._shapes_run: dict[str, set[tuple[tuple[int, ...], ...]]] = {}  # input shapes each graph has run
         for name, entry in manifest.graphs.items():
             compiled = compile_graph(manifest.path(entry.file), entry.precision, name, core, threads, entry.bf16_safe)
             self.compiled[name] = compiled
@@ -213,12 +253,14 @@ class OpenVINOBackend:
                 )
             self.output_index[name] = indices
             self._pools[name] = queue.SimpleQueue()
+            self._shapes_run[name] = set()
             self._in_flight[name] = 0
             self._holding[name] = False
             self._graph_locks[name] = threading.Lock()
             stages = manifest.plan.graph_stages(entry.spec.kind)
             if len(stages) > 1:  # its first stage's shapes are degenerate (module doc)
                 self._warm_up[name] = _warm_up_feeds(entry.spec, manifest, stages[-1])
+        self._drop_mapped_weights()  # compiling read every weight into OpenVINO's own copy
 
     def _request(self, graph: str) -> Any:
         try:
@@ -241,7 +283,12 @@ class OpenVINOBackend:
         try:
             request = self._request(graph)  # creating one (and its warm-up) can fail too
             request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
-            return [np.array(request.get_output_tensor(i).data, copy=True) for i in self.output_index[graph]]
+            outputs = [np.array(request.get_output_tensor(i).data, copy=True) for i in self.output_index[graph]]
+            shapes = tuple(np.shape(value) for value in feeds.values())
+            if shapes not in self._shapes_run[graph]:  # kernels made for a new shape: the weights file was read
+                self._shapes_run[graph].add(shapes)
+                self._drop_mapped_weights()
+            return outputs
         except EngineError:
             raise
         except Exception as exc:
@@ -281,6 +328,7 @@ class OpenVINOBackend:
             "threads": self.threads,
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
             "release_idle": self.release_idle,
+            "activation_budget": self.activation_budget,
         }
 
 
