@@ -7,17 +7,24 @@ anonymous memory (heap: what the process really holds) and file-backed pages (th
 files, which the kernel can drop under pressure), plus the median seconds per batch after the
 first. Variants, round-robin over ``--repeats`` processes each:
 
-* ``onnxruntime`` — the reference;
-* ``openvino`` — the backend's default, OpenVINO as it behaves by itself: every compiled model's
-  infer request keeps the buffers of the largest shape it ran;
-* ``openvino-release`` — ``release_idle=True`` (``ECAR_OPENVINO_RELEASE=1``): an idle graph's
-  intermediate memory released when another graph starts.
+* ``onnxruntime-whole`` — ONNX Runtime with every call whole (``activation_budget = None``): the
+  runtime before large calls were cut;
+* ``onnxruntime`` — the backend's default: backbone and flow calls cut along the batch to keep their
+  activations within ``runtime.sub_batches.HOST_ACTIVATION_BYTES``;
+* ``openvino-whole`` — OpenVINO as it behaves by itself: every call whole, every compiled model's infer
+  request keeping the buffers of the largest shape it ran, and the weights files' pages it read during
+  compiling and its first calls left resident (the backend before this round);
+* ``openvino-cut`` — calls cut as on ONNX Runtime, the weights files' pages left resident;
+* ``openvino`` — the backend's default: calls cut, and the mapped weights' pages handed back after
+  compiling and after each call at a new shape (OpenVINO runs on its own repacked copy);
+* ``openvino-release`` — the default plus ``release_idle=True`` (``ECAR_OPENVINO_RELEASE=1``): an
+  idle graph's intermediate memory released when another graph starts.
 
 The build is ``benchmarks/.cache/engines/<preset>/<precision>`` (shared with pipeline_speed.py;
 benchmark weights without zero tensors, see ``_common.benchmark_model``), built when missing.
-Writes benchmarks/results/openvino_memory_<preset>.json.
+Writes benchmarks/results/openvino_memory_<preset>.json (``_<precision>`` added for fp16).
 
-    python benchmarks/openvino_memory.py [--preset ecar-b] [--precision fp32] [--batch 8] [--repeats 3]
+    python benchmarks/openvino_memory.py [--preset ecar-b] [--precision fp32] [--batch 8] [--repeats 3] [--variants ...]
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 
 from _common import CACHE, RESULTS, begin_run, benchmark_model, machine, write_json
 
-VARIANTS = ("onnxruntime", "openvino", "openvino-release")
+VARIANTS = ("onnxruntime-whole", "onnxruntime", "openvino-whole", "openvino-cut", "openvino", "openvino-release")
 
 MEASURE = """
 import json, sys, time
@@ -47,12 +54,16 @@ from runtime import manifest as manifest_io
 from runtime.pipeline import Pipeline
 start = time.perf_counter()
 manifest = manifest_io.load(directory)
-if variant == "onnxruntime":
+if variant.startswith("onnxruntime"):
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     backend = OnnxRuntimeBackend(manifest, device="cpu")
 else:
-    from runtime.backends.openvino_backend import OpenVINOBackend
-    backend = OpenVINOBackend(manifest, release_idle=variant == "openvino-release")
+    from runtime.backends import openvino_backend
+    if variant in ("openvino-whole", "openvino-cut"):  # the weights files' pages left resident
+        openvino_backend._mapped_pages_dropper = lambda files: (lambda: None)
+    backend = openvino_backend.OpenVINOBackend(manifest, release_idle=variant == "openvino-release")
+if variant.endswith("-whole"):
+    backend.activation_budget = None
 pipe = Pipeline(manifest, backend)
 load_s = time.perf_counter() - start
 loaded = status()
@@ -121,32 +132,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3, help="batches per process (the first is the warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per variant, round-robin")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.requests < 2:
         parser.error("--requests must be at least 2 (the first request is a warm-up)")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "onnxruntime" not in variants:
+        parser.error(f"--variants: unknown {unknown}; onnxruntime (the reference) must be one of them")
     begin_run()  # the start of the run, before any build of ours loads the machine
     directory, weights = engine_dir(args.preset, args.precision, args.batch)
-    runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             runs[variant].append(measure(directory, variant, args.batch, args.requests))
             print(f"repeat {repeat + 1}/{args.repeats}: {variant} done", file=sys.stderr, flush=True)
     rows = {variant: summarise(found) for variant, found in runs.items()}
-    reference = rows["onnxruntime"]
+    reference = rows["onnxruntime"]  # the same runtime on the other engine
     for row in rows.values():
         row["peak_vs_onnxruntime"] = round(row["peak_rss_mb"] / reference["peak_rss_mb"], 3)
         row["speed_vs_onnxruntime"] = round(reference["seconds_per_batch"] / row["seconds_per_batch"], 3)
+        if "onnxruntime-whole" in rows:
+            whole = rows["onnxruntime-whole"]["peak_rss_mb"]
+            row["peak_vs_onnxruntime_whole"] = round(row["peak_rss_mb"] / whole, 3)
     print(f"\n{args.preset} {args.precision}, batch {args.batch}, median of {args.repeats} processes (MB, s):")
-    print(f"{'variant':<15}{'after load':>11}{'peak':>8}{'after reqs':>11}{'(anon)':>8}{'s/batch':>9}{'peak/ORT':>9}")
+    print(f"{'variant':<18}{'after load':>11}{'peak':>8}{'after reqs':>11}{'(anon)':>8}{'s/batch':>9}{'peak/ORT':>9}")
     for variant, row in rows.items():
         print(
-            f"{variant:<15}{row['rss_after_load_mb']:>11.0f}{row['peak_rss_mb']:>8.0f}"
+            f"{variant:<18}{row['rss_after_load_mb']:>11.0f}{row['peak_rss_mb']:>8.0f}"
             f"{row['rss_after_requests_mb']:>11.0f}{row['anon_after_requests_mb']:>8.0f}"
             f"{row['seconds_per_batch']:>9.2f}{row['peak_vs_onnxruntime']:>9.2f}"
         )
     write_json(
-        args.out or RESULTS / f"openvino_memory_{args.preset}.json",
+        args.out
+        or RESULTS / f"openvino_memory_{args.preset}{'' if args.precision == 'fp32' else '_' + args.precision}.json",
         {
             "preset": args.preset,
             "precision": args.precision,
