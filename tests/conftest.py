@@ -10,7 +10,7 @@ import os
 import secrets
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ecar_export.families.ecar.config import ECARConfig
+from runtime.graphs import Call, Kind
 
 # Tests share the machine with other work; one intra-op thread keeps runs light and deterministic.
 torch.set_num_threads(1)
@@ -272,3 +273,20 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+class BatchRecorder:
+    """A backend wrapped to record the batch of every call it runs, by graph, with its own ``activation_budget``
+    (the budget the Pipeline cuts calls by: runtime.sub_batches)."""
+
+    def __init__(self, backend: Any, budget: int | None) -> None:
+        self.inner, self.name, self.activation_budget = backend, backend.name, budget
+        self.batches: dict[str, list[int]] = {}
+
+    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        samples = feeds["labels"] if call.graph == Kind.BACKBONE else feeds["x"]  # every other kind's x is [B, ...]
+        self.batches.setdefault(str(call.graph), []).append(len(samples))
+        return list(self.inner.run(call, feeds))
+
+    def describe(self) -> dict[str, object]:
+        return dict(self.inner.describe())

@@ -495,6 +495,33 @@ def test_converted_flowar_builds_and_generates_like_the_torch_model(
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_flowar_calls_cut_one_sample_each_give_the_whole_calls_results(
+    flowar_builds: dict[str, Path], backend: str, rng: np.random.Generator
+) -> None:
+    """FlowAR's graphs keep their samples apart too (its flow head attends over a sample's own tokens), so
+    the CPU backends may cut its calls along the batch (runtime.sub_batches): every call one sample, the
+    decoder one image, against every call whole."""
+    import dataclasses
+
+    from conftest import BatchRecorder
+
+    from runtime.pipeline import Pipeline
+
+    engine = Pipeline.from_dir(flowar_builds["fp32"], backend=backend)
+    manifest, batch = engine.manifest, engine.max_batch
+    whole, one_each = BatchRecorder(engine.backend, None), BatchRecorder(engine.backend, 1)
+    single = dataclasses.replace(manifest, plan=dataclasses.replace(manifest.plan, decoder_batch=1))
+    labels = [int(v) for v in rng.integers(0, FLOWAR_TINY.num_classes, size=batch)]
+    seed = int(rng.integers(0, 2**62))
+    want = Pipeline(manifest, whole).generate(labels, seed=seed)
+    got = Pipeline(single, one_each).generate(labels, seed=seed)
+    for graph, sizes in whole.batches.items():
+        assert set(sizes) == {batch} and one_each.batches[graph] == [1] * (batch * len(sizes)), graph
+    np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5)
+    assert np.abs(got.images.astype(int) - want.images.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_ecar_export_check_compares_every_flowar_graph_with_the_torch_model(
     converted: dict[str, Any], flowar_builds: dict[str, Path], backend: str, rng: np.random.Generator
 ) -> None:

@@ -13,17 +13,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BuildCache
+from conftest import BatchRecorder, BuildCache
 
 from runtime import manifest as manifest_io
 from runtime import sub_batches
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from runtime.graphs import Call, Kind
+from runtime.graphs import Kind
 from runtime.pipeline import Pipeline
 
 TINY = "tiny-1-2-4"
@@ -89,22 +88,6 @@ def test_samples_per_call_keeps_z_within_the_budget(build_cache: BuildCache) -> 
     assert sub_batches.samples_per_call(decoder, plan.dims(plan.num_stages, 1), 1) > 10**9
 
 
-class _Recording:
-    """A backend wrapped to record the batch of every call it runs, by graph."""
-
-    def __init__(self, backend: Any, budget: int | None) -> None:
-        self.inner, self.name, self.activation_budget = backend, backend.name, budget
-        self.batches: dict[str, list[int]] = {}
-
-    def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        first = next(iter(feeds.values())) if call.graph == Kind.DECODER else feeds.get("labels", feeds.get("x"))
-        self.batches.setdefault(str(call.graph), []).append(len(first) if first is not None else -1)
-        return list(self.inner.run(call, feeds))
-
-    def describe(self) -> dict[str, object]:
-        return dict(self.inner.describe())
-
-
 def _open(backend: str, manifest: manifest_io.Manifest) -> Any:
     if backend == "openvino":
         from runtime.backends.openvino_backend import OpenVINOBackend
@@ -124,8 +107,8 @@ def test_cut_requests_give_the_whole_requests_results(
     from runtime.sub_batches import HOST_ACTIVATION_BYTES
 
     assert engine.activation_budget == HOST_ACTIVATION_BYTES  # a CPU backend cuts large calls by default
-    whole = _Recording(engine, None)
-    one_each = _Recording(engine, 1)  # under one sample's z: every backbone and flow call takes one sample
+    whole = BatchRecorder(engine, None)
+    one_each = BatchRecorder(engine, 1)  # under one sample's z: every backbone and flow call takes one sample
     # and the decoder one image (the plan's decoder_batch)
     single = dataclasses.replace(manifest, plan=dataclasses.replace(manifest.plan, decoder_batch=1))
     batch = build.max_batch
