@@ -14,22 +14,45 @@ after its last stage at batch 8 (16 rows of 256 tokens) and 0.4 GB after the sam
 time. ONNX Runtime on the CPU allocates them during each call. A product of one sample's 512 token rows
 already runs at the CPU's full GEMM speed, so a cut costs a few extra calls and nothing else:
 :func:`samples_per_call` keeps a call's conditioning ``z`` — ``[2B, N, d]`` float32, as wide as the
-backbone's activations — under a backend's ``activation_budget`` (:data:`HOST_ACTIVATION_BYTES` for
-the CPU backends; ``benchmarks/openvino_memory.py`` measures both engines with and without). The
-decoder is cut by the build's own ``decoder_batch`` instead (:mod:`runtime.plan`).
+backbone's activations — under a backend's ``activation_budget`` (:func:`host_activation_budget` for
+the CPU backends: :data:`HOST_ACTIVATION_BYTES`, measured on a 2-core Zen 4 by
+``benchmarks/openvino_memory.py``, both engines with and without; ``$ECAR_ACTIVATION_BUDGET`` sets
+another, 0 none). The decoder is cut by the build's own ``decoder_batch`` instead (:mod:`runtime.plan`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.errors import ConfigError
 from runtime.graphs import GraphSpec, TensorSpec
 
 # What one call's conditioning z ([2B, N, d] float32) may take on a CPU backend before the call is cut:
 # ecar-b (d = 768) then runs its last stage (256 tokens) one sample per call and its fourth (64) five.
 HOST_ACTIVATION_BYTES = 2 << 20
+BUDGET_ENV = "ECAR_ACTIVATION_BUDGET"  # bytes, overriding HOST_ACTIVATION_BYTES; 0: never cut
+
+
+def host_activation_budget() -> int | None:
+    """The CPU backends' ``activation_budget``: ``$ECAR_ACTIVATION_BUDGET`` where set (a whole number of
+    bytes; 0 turns cutting off, for machines where the measured default does not suit), else
+    :data:`HOST_ACTIVATION_BYTES`. :class:`ConfigError` naming the variable for anything else."""
+    raw = os.environ.get(BUDGET_ENV)
+    if raw is None or not raw.strip():
+        return HOST_ACTIVATION_BYTES
+    try:
+        value = int(raw.strip()) if len(raw) <= 32 and raw.strip().isdigit() else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(
+            f"{BUDGET_ENV} must be a whole number of bytes (0: never cut calls; default {HOST_ACTIVATION_BYTES}), "
+            f"got {raw[:40]!r}; fix or unset it"
+        )
+    return value or None
 
 
 def samples_per_call(spec: GraphSpec, dims: Mapping[str, int], budget: int) -> int:

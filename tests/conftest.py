@@ -282,10 +282,12 @@ class BatchRecorder:
     def __init__(self, backend: Any, budget: int | None) -> None:
         self.inner, self.name, self.activation_budget = backend, backend.name, budget
         self.batches: dict[str, list[int]] = {}
+        self.calls: list[tuple[str, int, int]] = []  # (graph, stage, samples) of every call, in order
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         samples = feeds["labels"] if call.graph == Kind.BACKBONE else feeds["x"]  # every other kind's x is [B, ...]
         self.batches.setdefault(str(call.graph), []).append(len(samples))
+        self.calls.append((str(call.graph), call.stage, len(samples)))
         return list(self.inner.run(call, feeds))
 
     def describe(self) -> dict[str, object]:

@@ -22,6 +22,7 @@ from conftest import BatchRecorder, BuildCache
 from runtime import manifest as manifest_io
 from runtime import sub_batches
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from runtime.errors import ConfigError
 from runtime.graphs import Kind
 from runtime.pipeline import Pipeline
 
@@ -103,23 +104,46 @@ def test_cut_requests_give_the_whole_requests_results(
 ) -> None:
     build = build_cache.get("two-stage-2-6", fuse_flow_loop=True) if fused else build_cache.get(TINY)
     manifest = manifest_io.load(build.dir)
+    plan, batch = manifest.plan, build.max_batch
     engine = _open(backend, manifest)
-    from runtime.sub_batches import HOST_ACTIVATION_BYTES
-
-    assert engine.activation_budget == HOST_ACTIVATION_BYTES  # a CPU backend cuts large calls by default
-    whole = BatchRecorder(engine, None)
-    one_each = BatchRecorder(engine, 1)  # under one sample's z: every backbone and flow call takes one sample
-    # and the decoder one image (the plan's decoder_batch)
-    single = dataclasses.replace(manifest, plan=dataclasses.replace(manifest.plan, decoder_batch=1))
-    batch = build.max_batch
+    assert engine.activation_budget == sub_batches.HOST_ACTIVATION_BYTES  # a CPU backend cuts large calls
     labels = rng.integers(0, manifest.model.num_classes, size=batch).tolist()
     seed = int(rng.integers(0, 2**62))
+    whole = BatchRecorder(engine, None)
     reference = Pipeline(manifest, whole).generate(labels, seed=seed)
-    cut = Pipeline(single, one_each).generate(labels, seed=seed)
-    assert set(whole.batches) == set(one_each.batches)
-    for graph, sizes in whole.batches.items():
-        assert set(sizes) == {batch}, graph  # uncut: one call per graph call of the request
-        assert one_each.batches[graph] == [1] * (batch * len(sizes)), graph  # cut: one call per sample
-    np.testing.assert_allclose(cut.latents, reference.latents, rtol=0, atol=1e-5)
-    assert np.abs(cut.images.astype(int) - reference.images.astype(int)).max() <= 1
-    assert Counter(cut.timings.calls) == Counter(reference.timings.calls)  # timings count the request's calls
+    assert all(size == batch for _, _, size in whole.calls)  # uncut: one call per graph call of the request
+    width = int(manifest.specs["backbone"].tensor("z").shape[-1])
+
+    def z_bytes(stage: int) -> int:  # one sample's z: its two guidance rows of N tokens, d float32 each
+        return 2 * plan.stage(stage).tokens * width * 4
+
+    # budgets: under one sample everywhere; two samples of the last stage (uneven parts: 2 + 2 + 1 of 5);
+    # then the decoder one image per call (the plan's decoder_batch)
+    single = dataclasses.replace(manifest, plan=dataclasses.replace(plan, decoder_batch=1))
+    for budget in (1, 2 * z_bytes(plan.num_stages)):
+        recorded = BatchRecorder(engine, budget)
+        cut = Pipeline(single, recorded).generate(labels, seed=seed)
+        for graph, stage in dict.fromkeys((g, s) for g, s, _ in whole.calls):
+            step = 1 if graph == Kind.DECODER else max(1, budget // z_bytes(stage))
+            parts = [min(step, batch - start) for start in range(0, batch, step)]
+            logical = sum(1 for g, s, _ in whole.calls if (g, s) == (graph, stage))
+            got = [size for g, s, size in recorded.calls if (g, s) == (graph, stage)]
+            assert got == parts * logical, (graph, stage, budget, got[: len(parts) + 1])
+        np.testing.assert_allclose(cut.latents, reference.latents, rtol=0, atol=1e-5)
+        assert np.abs(cut.images.astype(int) - reference.images.astype(int)).max() <= 1
+        assert Counter(cut.timings.calls) == Counter(reference.timings.calls)  # timings count the request's calls
+
+
+@pytest.mark.parametrize(("value", "budget"), [("", sub_batches.HOST_ACTIVATION_BYTES), ("4096", 4096), (" 0 ", None)])
+def test_the_budget_can_be_set_or_turned_off(value: str, budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sub_batches.BUDGET_ENV, value)
+    assert sub_batches.host_activation_budget() == budget
+
+
+@pytest.mark.parametrize("value", ["-1", "2MiB", "1e6", "4.5", "9" * 5000, "0x10"])
+def test_an_absurd_budget_is_an_error_naming_the_variable(
+    value: str, build_cache: BuildCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(sub_batches.BUDGET_ENV, value)
+    with pytest.raises(ConfigError, match=f"{sub_batches.BUDGET_ENV} must be a whole number of bytes"):
+        Pipeline.from_dir(build_cache.get(TINY).dir, backend="onnxruntime", device="cpu")

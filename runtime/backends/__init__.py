@@ -22,13 +22,16 @@ StageCallback = Callable[[int, int], None]  # (stages done, stages in all)
 
 
 class Backend(Protocol):
-    """What the Pipeline needs from a backend. ``run`` must be safe to call from several threads."""
+    """What the Pipeline needs from a backend. ``run`` must be safe to call from several threads.
+
+    Optional: an ``activation_budget`` attribute, the bytes a backbone or flow call's conditioning ``z``
+    ([2B, N, d] float32) may take before the Pipeline cuts the call along its batch
+    (:mod:`runtime.sub_batches`). The CPU backends, whose memory grows with a call's rows, set it; a
+    backend without it (or with None) gets those calls whole. The decoder is cut by the plan's
+    ``decoder_batch`` on every backend.
+    """
 
     name: str
-    # Optional: bytes a backbone or flow call's conditioning z ([2B, N, d] float32) may take before the
-    # Pipeline cuts the call along its batch (runtime.sub_batches): the CPU backends, whose memory grows with
-    # a call's rows, set it; a backend without it (or None) gets every call whole.
-    activation_budget: int | None
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs of ``call``'s graph, in the contract's output order."""

@@ -17,7 +17,7 @@ import numpy as np
 from runtime.errors import BackendUnavailableError, EngineError
 from runtime.graphs import Call
 from runtime.manifest import Manifest
-from runtime.sub_batches import HOST_ACTIVATION_BYTES
+from runtime.sub_batches import host_activation_budget
 
 
 def _ort() -> Any:
@@ -110,7 +110,7 @@ class OnnxRuntimeBackend:
             self.output_names[name] = entry.spec.output_names()
         self.providers = providers
         # on the CPU, a call's activations are allocated per call: cut the large ones (runtime.sub_batches)
-        self.activation_budget = HOST_ACTIVATION_BYTES if providers[0] == "CPUExecutionProvider" else None
+        self.activation_budget = host_activation_budget() if providers[0] == "CPUExecutionProvider" else None
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:

@@ -34,17 +34,19 @@ Memory: a compiled model's infer request keeps the intermediate buffers of the l
 has run, for every layer of a dynamic-shape graph side by side, and all three graphs keep theirs at
 once; and OpenVINO maps each weights file, reads it while compiling and preparing kernels, and then
 runs on its own repacked copy. As OpenVINO behaves by itself, ecar-b at batch 8 (fp32) peaked at
-5.1 GB where ONNX Runtime peaked at 1.7 GB. Two things bring that down at no measurable cost
+5.1 GB where ONNX Runtime peaked at 1.7 GB. Two things bring that down at little cost
 (``benchmarks/openvino_memory.py``): the Pipeline cuts large backbone and flow calls along the batch
 (:attr:`activation_budget`, :mod:`runtime.sub_batches`; the backbone's buffers after ecar-b's last
 stage fall from 3.2 GB to 0.4 GB), and the backend hands the mapped weights' pages back after
-compiling and after each call at a new shape (:func:`_mapped_pages_dropper`; 0.7 GB on ecar-b):
-peak 2.3 GB, 1.6x ONNX Runtime's on the same runtime. With ``release_idle``
+compiling, after an infer request's warm-up and after each call at a new shape
+(:func:`_mapped_pages_dropper`; 0.7 GB on ecar-b; not measured with the model cache on, which reads
+compiled blobs instead):
+peak 2.3 GB, 1.6x ONNX Runtime's on the same runtime, 1-3 % slower. With ``release_idle``
 (``$ECAR_OPENVINO_RELEASE=1``), when a call of one graph starts, every *other* graph that has no call
 in flight and has run since its last release gives its intermediate memory back
 (``CompiledModel.release_memory``), and glibc's ``malloc_trim`` returns the freed heap to the system:
-peak 1.9 GB (1.3x), but a request takes about 4 % longer (the buffers are allocated and faulted in
-again every stage), no faster than ONNX Runtime at fp32. So it is off by default, for speed; where
+peak 1.9 GB (1.4x), but a request takes 4-7 % longer (the buffers are allocated and faulted in
+again every stage), about as fast as ONNX Runtime at fp32. So it is off by default, for speed; where
 memory is short, turn it on, or use ONNX Runtime. What stays is OpenVINO's own: its repacked weights
 (about 1.5x the weights file, after the first calls) and each graph's buffers at a one-sample
 call.
@@ -73,7 +75,7 @@ from runtime import graphs
 from runtime.errors import BackendUnavailableError, EngineError
 from runtime.graphs import Call
 from runtime.manifest import Manifest
-from runtime.sub_batches import HOST_ACTIVATION_BYTES
+from runtime.sub_batches import host_activation_budget
 
 CACHE_ENV = "ECAR_OPENVINO_CACHE"  # a directory: OpenVINO keeps compiled blobs there (off when unset)
 RELEASE_ENV = "ECAR_OPENVINO_RELEASE"  # "1": release idle graphs' intermediate memory (see the module doc)
@@ -121,35 +123,41 @@ def _heap_trimmer() -> Callable[[], object]:
     return functools.partial(trim, 0)
 
 
-MADV_DONTNEED = 4  # Linux madvise(2): drop a range's pages from this process (a file mapping re-reads them)
+MADV_PAGEOUT = 21  # Linux >= 5.4 madvise(2): reclaim a range's pages now (a file's clean pages are just freed)
 
 
 def _mapped_pages_dropper(files: set[str]) -> Callable[[], None]:
     """A function that hands back this process's resident pages of its read-only mappings of ``files``
-    (real paths): ``madvise(MADV_DONTNEED)`` on each. OpenVINO maps a graph's weights file and reads it
+    (real paths): ``madvise(MADV_PAGEOUT)`` on each. OpenVINO maps a graph's weights file and reads it
     only while it prepares kernels for a new shape (it runs on its own repacked copy), so the mapped pages
-    are a second copy of the weights in the process's resident memory until the kernel reclaims them.
-    Dropping them loses nothing: a later read faults them in again from the file. A no-op where Linux's
-    ``/proc/self/maps`` or glibc's ``madvise`` is missing."""
+    are a second copy of the weights in memory until the kernel reclaims them. Reclaiming them loses
+    nothing: a later read faults them in again from the file. ``MADV_PAGEOUT`` rather than
+    ``MADV_DONTNEED``: the ranges are read from ``/proc/self/maps`` before they are advised, and should a
+    range be unmapped and its addresses reused by another thread in between, a page-out of live memory
+    only moves it to swap where DONTNEED would zero it. The price: pages another mapping shares (a second
+    backend of the same build in this process, or another process) stay resident. Never raises (a
+    cleanup must not fail a call); a no-op where Linux's ``/proc/self/maps`` or glibc's ``madvise`` is
+    missing or the kernel predates ``MADV_PAGEOUT``."""
     try:
         madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
     except (OSError, AttributeError):  # not glibc
         return lambda: None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    wanted = {os.fsencode(path) for path in files}
 
     def drop() -> None:
         try:
-            with open("/proc/self/maps") as handle:
-                lines = handle.readlines()
-        except OSError:  # not Linux
+            with open("/proc/self/maps", "rb") as handle:  # paths are bytes: any encoding, spaces included
+                lines = handle.read().splitlines()
+            for line in lines:
+                fields = line.split(maxsplit=5)
+                # address range, permissions, offset, device, inode, path ("... (deleted)" once replaced)
+                if len(fields) < 6 or b"w" in fields[1] or fields[5].removesuffix(b" (deleted)") not in wanted:
+                    continue
+                low, high = (int(address, 16) for address in fields[0].split(b"-"))
+                madvise(low, high - low, MADV_PAGEOUT)  # EINVAL on an older kernel: the pages simply stay
+        except Exception:  # not Linux, or an unexpected maps line: keep the pages, never fail the call
             return
-        for line in lines:
-            fields = line.split(maxsplit=5)
-            # address range, permissions, offset, device, inode, path ("... (deleted)" once replaced)
-            if len(fields) < 6 or "w" in fields[1] or fields[5].strip().removesuffix(" (deleted)") not in files:
-                continue
-            low, high = (int(address, 16) for address in fields[0].split("-"))
-            madvise(low, high - low, MADV_DONTNEED)
 
     return drop
 
@@ -233,7 +241,7 @@ class OpenVINOBackend:
         self._holding: dict[str, bool] = {}  # has run since its last release (same lock)
         self._graph_locks: dict[str, threading.Lock] = {}
         self._trim_heap = _heap_trimmer()
-        self.activation_budget: int | None = HOST_ACTIVATION_BYTES  # large calls come cut (runtime.sub_batches)
+        self.activation_budget = host_activation_budget()  # large calls come cut (runtime.sub_batches)
         weights = {os.path.realpath(manifest.path(f)) for entry in manifest.graphs.values() for f in entry.data_files}
         self._drop_mapped_weights = _mapped_pages_dropper(weights)
         self._shapes_run: dict[str, set[tuple[tuple[int, ...], ...]]] = {}  # input shapes each graph has run
@@ -269,6 +277,7 @@ class OpenVINOBackend:
             request = self.compiled[graph].create_infer_request()
             if graph in self._warm_up:  # see the module doc: never an empty input first
                 request.infer(self._warm_up[graph])
+                self._drop_mapped_weights()  # its kernels may have read the weights files
             return request
 
     def run(self, call: Call, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -92,7 +92,7 @@ class TensorRTBackend:
     """Runs a build's TensorRT plans. See the module docstring for threading and the device path."""
 
     name = "tensorrt"
-    activation_budget: int | None = None  # the build's profiles size the device memory: calls stay whole
+    activation_budget: int | None = None  # the profiles size the device memory: backbone and flow calls stay whole
 
     def __init__(
         self,
