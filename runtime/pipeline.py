@@ -336,7 +336,7 @@ class Pipeline:
         decoder into the plan's ``decoder_batch`` images (its activations are a request's largest), a
         backbone or flow call, on a backend with an ``activation_budget`` (the CPU backends), into as many
         samples as keep its conditioning within that budget."""
-        spec = self.manifest.specs[call.graph]
+        spec = self.manifest.graphs[call.graph].spec  # not manifest.specs: that builds a dict on every call
         if call.graph == Kind.DECODER:
             step = self.plan.decoder_batch
         else:
